@@ -1,0 +1,16 @@
+"""jupyter_ckpt: snapshot and restore live Jupyter kernels with CRIU."""
+
+from ._version import __version__
+
+
+def _jupyter_server_extension_points() -> list[dict]:
+    from .app import CheckpointApp
+
+    return [{"module": "jupyter_ckpt", "app": CheckpointApp}]
+
+
+def _jupyter_labextension_paths() -> list[dict]:
+    return [{"src": "labextension", "dest": "jupyter-ckpt"}]
+
+
+__all__ = ["__version__"]

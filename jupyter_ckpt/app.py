@@ -1,0 +1,77 @@
+"""The server extension: settings, wiring, lifecycle. Behaviour lives elsewhere."""
+
+from __future__ import annotations
+
+import os
+
+from jupyter_client.provisioning import KernelProvisionerFactory
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Int, Unicode, default
+
+from .engine import CriuEngine
+from .handlers import default_handlers
+from .manager import CheckpointManager
+from .store import LocalSnapshotStore
+
+PROVISIONER_NAME = "ckpt-provisioner"
+KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
+
+
+class CheckpointApp(ExtensionApp):
+    name = "jupyter_ckpt"
+
+    store_root = Unicode(
+        config=True,
+        help="Directory that holds the snapshots (created 0700). Default: <jupyter data dir>/ckpt.",
+    )
+
+    @default("store_root")
+    def _default_store_root(self) -> str:
+        return os.path.join(jupyter_data_dir(), "ckpt")
+
+    criu_path = Unicode(
+        "",
+        config=True,
+        help="The criu binary (4.2 or newer). Default: the first criu on PATH, /usr/local/sbin or /usr/sbin.",
+    )
+    criu_log_level = Int(4, config=True, help="CRIU's log level (0-4) for the logs kept with each operation.")
+    use_provisioner_by_default = Bool(
+        True,
+        config=True,
+        help="Start kernels whose kernelspec names no provisioner with jupyter_ckpt's provisioner, "
+        "so that they can be snapshotted. Without it, only kernelspecs that name "
+        f"'{PROVISIONER_NAME}' can be.",
+    )
+
+    def initialize_settings(self) -> None:
+        engine = CriuEngine(self.criu_path or None, log_level=self.criu_log_level)
+        health = engine.health()
+        if health.available:
+            self.log.info("jupyter_ckpt: CRIU %s at %s", health.version, health.path)
+        else:
+            self.log.warning("jupyter_ckpt: snapshots are disabled: %s", health.reason)
+        self.manager = CheckpointManager(
+            kernel_manager=self.serverapp.kernel_manager,
+            engine=engine,
+            store=LocalSnapshotStore(self.store_root),
+            session_manager=self.serverapp.session_manager,
+            log=self.log,
+        )
+        self.settings.update(ckpt_manager=self.manager)
+        self.serverapp.event_logger.add_listener(schema_id=KERNEL_ACTIONS_SCHEMA, listener=self._on_kernel_action)
+        if self.use_provisioner_by_default:
+            factory = KernelProvisionerFactory.instance(parent=self.serverapp)
+            factory.default_provisioner_name = PROVISIONER_NAME
+
+    async def _on_kernel_action(self, logger: object, schema_id: str, data: dict) -> None:
+        if data.get("status") == "success" and data.get("kernel_id"):
+            self.manager.kernel_action(data["kernel_id"], data.get("action", ""))
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(default_handlers)
+
+    async def stop_extension(self) -> None:
+        manager = getattr(self, "manager", None)
+        if manager is not None:
+            manager.close()

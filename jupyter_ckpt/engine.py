@@ -1,0 +1,237 @@
+"""CRIU, driven through pycriu's RPC (``criu swrk``).
+
+Knows processes and image directories, nothing of Jupyter: the CLI and the tests
+use it directly. Every call blocks; the server runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from .errors import CriuUnavailable, DumpFailed, RestoreFailed
+
+# Oldest CRIU known to work on current kernels: 3.17 cannot read the vDSO layout
+# of Linux >= 6.16 and 4.1 fails on every TCP socket there.
+MIN_CRIU_VERSION = (4, 2)
+
+DUMP_LOG = "dump.log"
+RESTORE_LOG = "restore.log"
+
+_ERROR_LINE = re.compile(r"Error \([^)]*\):\s*(.*)")
+
+
+@dataclass
+class CriuHealth:
+    """Whether CRIU can be used here, and if not, why (shown to users as is)."""
+
+    available: bool
+    version: str | None = None
+    path: str | None = None
+    reason: str = ""
+
+
+@dataclass
+class DumpResult:
+    freeze_seconds: float  # how long the process tree was frozen
+    total_seconds: float  # the whole dump, freeze included
+    memory_bytes: int  # memory pages written to the images
+
+
+@dataclass
+class RestoreResult:
+    pid: int  # host pid of the restored root process
+    seconds: float
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def errors_from_log(log_path: Path, limit: int = 3) -> str:
+    """CRIU's own reasons, from its log: pycriu only ever says 'Error(0): Unknown'."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"CRIU wrote no log at {log_path}"
+    reasons: list[str] = []
+    for line in lines:
+        m = _ERROR_LINE.search(line)
+        if m and m.group(1).strip() and m.group(1).strip() not in reasons:
+            reasons.append(m.group(1).strip())
+    if not reasons:
+        return "CRIU failed without an error line in its log"
+    # The first errors are the cause; later ones are the unwinding.
+    return "; ".join(reasons[:limit])
+
+
+class CriuEngine:
+    """Dump and restore process trees with CRIU.
+
+    ``criu_path`` is the binary to run; by default the first ``criu`` on PATH or
+    in /usr/local/sbin and /usr/sbin (where set-up installs it).
+    """
+
+    def __init__(self, criu_path: str | None = None, log_level: int = 4):
+        self.criu_path = criu_path or _find_criu()
+        self.log_level = log_level
+        self._health: CriuHealth | None = None
+
+    # -- health -----------------------------------------------------------------
+
+    def health(self, refresh: bool = False) -> CriuHealth:
+        if self._health is None or refresh:
+            self._health = self._check()
+        return self._health
+
+    def require(self) -> None:
+        """Raise CriuUnavailable with the reason unless CRIU is usable."""
+        h = self.health()
+        if not h.available:
+            raise CriuUnavailable(h.reason)
+
+    def _check(self) -> CriuHealth:
+        path = self.criu_path
+        if not path or not os.path.exists(path):
+            return CriuHealth(False, path=path, reason=f"CRIU is not installed (no criu binary at {path or 'PATH'})")
+        try:
+            import pycriu  # noqa: F401
+        except ImportError as e:
+            return CriuHealth(False, path=path, reason=f"pycriu cannot be imported: {e}")
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+        except OSError as e:
+            return CriuHealth(False, path=path, reason=f"{path} cannot run: {e}")
+        m = re.search(r"Version:\s*(\S+)", out.stdout)
+        version = m.group(1) if m else None
+        if not version or parse_version(version) < MIN_CRIU_VERSION:
+            need = ".".join(map(str, MIN_CRIU_VERSION))
+            return CriuHealth(False, version, path, f"CRIU {version or '?'} at {path} is too old; {need} or newer is needed")
+        if os.geteuid() != 0:
+            return CriuHealth(False, version, path, "CRIU needs root: the Jupyter server is not running as root")
+        chk = subprocess.run([path, "check"], capture_output=True, text=True, timeout=60)
+        if chk.returncode != 0:
+            detail = (chk.stderr or chk.stdout).strip().splitlines()[-1:] or ["no output"]
+            return CriuHealth(False, version, path, f"'criu check' fails: {detail[0]}")
+        return CriuHealth(True, version, path)
+
+    # -- dump and restore -------------------------------------------------------
+
+    def _rpc(self):
+        import pycriu
+
+        c = pycriu.criu()
+        c.use_binary(self.criu_path)
+        return c
+
+    def dump(
+        self,
+        pid: int,
+        images_dir: Path,
+        *,
+        external: tuple[str, ...] = (),
+    ) -> DumpResult:
+        """Dump the process tree rooted at ``pid`` into ``images_dir``; the tree
+        resumes afterwards, and also when the dump fails.
+
+        Always leave-running: a dump that kills its tree keeps CRIU's nftables
+        lock on the tree's TCP connections (it expects a restore of the same
+        images to lift it), so their peers, the server's ZMQ sockets among them,
+        would never see them close. To stop a tree, dump it, then kill it.
+        """
+        import pycriu
+
+        self.require()
+        started = time.monotonic()
+        dir_fd = os.open(images_dir, os.O_DIRECTORY)
+        try:
+            c = self._rpc()
+            c.opts.images_dir_fd = dir_fd
+            c.opts.pid = pid
+            c.opts.leave_running = True
+            # The server's ZMQ connections to the kernel: dumped, then closed on
+            # restore, after which ZMQ reconnects by itself.
+            c.opts.tcp_established = True
+            c.opts.network_lock = pycriu.rpc.NFTABLES  # no iptables binary on Debian 12+
+            c.opts.log_file = DUMP_LOG
+            c.opts.log_level = self.log_level
+            c.opts.external.extend(external)
+            try:
+                c.dump()
+            except pycriu.CRIUException as e:
+                raise DumpFailed(errors_from_log(images_dir / DUMP_LOG) or str(e)) from None
+        finally:
+            os.close(dir_fd)
+        total = time.monotonic() - started
+        stats = _load_stats(images_dir / "stats-dump", "dump")
+        freeze = (stats.get("freezing_time", 0) + stats.get("frozen_time", 0)) / 1e6
+        memory = stats.get("pages_written", 0) * os.sysconf("SC_PAGE_SIZE")
+        return DumpResult(freeze_seconds=freeze or total, total_seconds=total, memory_bytes=memory)
+
+    def restore(
+        self,
+        images_dir: Path,
+        *,
+        work_dir: Path,
+        inherit_fds: Mapping[str, int] = {},
+    ) -> RestoreResult:
+        """Restore the tree dumped in ``images_dir`` as a child of this process.
+
+        ``inherit_fds`` maps CRIU's name of an external resource (``pipe:[1234]``,
+        ``socket:[5678]``) to an inheritable fd of this process that takes its place.
+        The log goes to ``work_dir``.
+        """
+        import pycriu
+
+        self.require()
+        started = time.monotonic()
+        dir_fd = os.open(images_dir, os.O_DIRECTORY)
+        work_fd = os.open(work_dir, os.O_DIRECTORY)
+        try:
+            c = self._rpc()
+            c.opts.images_dir_fd = dir_fd
+            c.opts.work_dir_fd = work_fd
+            c.opts.log_file = RESTORE_LOG
+            c.opts.log_level = self.log_level
+            c.opts.tcp_close = True
+            # The restored root becomes our child, so we can wait for it and
+            # reap it like any kernel we launched.
+            c.opts.rst_sibling = True
+            for key, fd in inherit_fds.items():
+                entry = c.opts.inherit_fd.add()
+                entry.key = key
+                entry.fd = fd
+            try:
+                resp = c.restore()
+            except pycriu.CRIUException as e:
+                raise RestoreFailed(errors_from_log(work_dir / RESTORE_LOG) or str(e)) from None
+        finally:
+            os.close(dir_fd)
+            os.close(work_fd)
+        return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started)
+
+
+def _find_criu() -> str | None:
+    found = shutil.which("criu")
+    if found:
+        return found
+    for candidate in ("/usr/local/sbin/criu", "/usr/sbin/criu"):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def _load_stats(path: Path, kind: str) -> dict:
+    import pycriu
+
+    try:
+        with open(path, "rb") as f:
+            return pycriu.images.load(f)["entries"][0][kind]
+    except Exception:  # stats are informative; a missing one must not fail a dump
+        return {}

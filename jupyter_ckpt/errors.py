@@ -1,0 +1,49 @@
+"""Exceptions raised by the engine, the store and the checkpoint manager.
+
+Each names what went wrong in words a notebook user can act on. The server layer
+maps them to HTTP statuses in one place (handlers.py); the CLI to exit codes.
+"""
+
+
+class CheckpointError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class CriuUnavailable(CheckpointError):
+    """CRIU is missing or unusable on this machine (binary, pycriu, privileges)."""
+
+
+class DumpFailed(CheckpointError):
+    """CRIU refused or failed to dump a kernel. The kernel keeps running."""
+
+
+class RestoreFailed(CheckpointError):
+    """CRIU failed to restore a snapshot."""
+
+
+class SnapshotNotFound(CheckpointError):
+    """No snapshot has this id."""
+
+
+class SnapshotNotRestorable(CheckpointError):
+    """The snapshot exists but cannot be restored (failed, incomplete, damaged)."""
+
+
+class KernelNotFound(CheckpointError):
+    """No running kernel has this id."""
+
+
+class KernelNotCheckpointable(CheckpointError):
+    """The kernel exists but was not started in a way CRIU can dump and restore."""
+
+
+class OperationInProgress(CheckpointError):
+    """Another snapshot or restore of the same kernel is running."""
+
+
+class NotSupported(CheckpointError):
+    """The request is valid but this server does not offer it (yet)."""
+
+
+class InvalidRequest(CheckpointError):
+    """The request itself is malformed (bad mode, bad label, ...)."""

@@ -1,0 +1,258 @@
+"""Snapshots and restores of the kernels of a running server.
+
+Glues the server's kernel manager (which kernel, which processes), the CRIU engine
+and the store. Knows nothing of HTTP: handlers.py translates requests into these
+calls. Blocking CRIU work runs in worker threads; one operation per kernel at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from .activity import ActivityTracker
+from .engine import CriuEngine
+from .errors import (
+    CheckpointError,
+    DumpFailed,
+    InvalidRequest,
+    KernelNotCheckpointable,
+    KernelNotFound,
+    NotSupported,
+    OperationInProgress,
+    RestoreFailed,
+    SnapshotNotRestorable,
+)
+from .provisioner import CheckpointableProvisioner, KernelStdio
+from .store import LocalSnapshotStore, SnapshotRecord, new_snapshot_id, validate_label
+
+TRIGGERS = ("manual", "magic", "auto")
+
+
+@dataclass
+class RestoreOutcome:
+    snapshot_id: str
+    kernel_id: str
+    mode: str
+    restore_seconds: float  # CRIU's restore of the snapshot
+    total_seconds: float  # the whole replacement, saving the previous state included
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class CheckpointManager:
+    def __init__(
+        self,
+        kernel_manager: Any,
+        engine: CriuEngine,
+        store: LocalSnapshotStore,
+        session_manager: Any = None,
+        log: logging.Logger | None = None,
+    ):
+        self.kernel_manager = kernel_manager
+        self.engine = engine
+        self.store = store
+        self.session_manager = session_manager
+        self.log = log or logging.getLogger(__name__)
+        self.activity = ActivityTracker(kernel_manager, self.log)
+        self._busy: set[str] = set()  # kernel ids with an operation running
+        self._lineage: dict[str, str] = {}  # kernel id -> snapshot it last came from or saved
+
+    # -- kernels ------------------------------------------------------------------
+
+    def _kernel(self, kernel_id: str) -> tuple[Any, CheckpointableProvisioner]:
+        try:
+            km = self.kernel_manager.get_kernel(kernel_id)
+        except KeyError:
+            raise KernelNotFound(f"no running kernel with id {kernel_id!r}") from None
+        prov = km.provisioner
+        if not isinstance(prov, CheckpointableProvisioner):
+            raise KernelNotCheckpointable(
+                f"kernel {kernel_id} was started by the {type(prov).__name__}, not by jupyter_ckpt's "
+                "provisioner; restart it to make it checkpointable"
+            )
+        if not prov.checkpointable:
+            raise KernelNotCheckpointable(f"kernel {kernel_id} cannot be snapshotted: {prov.not_checkpointable_reason}")
+        return km, prov
+
+    async def _notebook_path(self, kernel_id: str) -> str | None:
+        if self.session_manager is None:
+            return None
+        try:
+            for session in await self.session_manager.list_sessions():
+                if session.get("kernel", {}).get("id") == kernel_id:
+                    return session.get("path")
+        except Exception:  # a broken session database must not block a snapshot
+            self.log.debug("jupyter_ckpt: cannot list sessions", exc_info=True)
+        return None
+
+    @asynccontextmanager
+    async def _exclusive(self, kernel_id: str) -> AsyncIterator[None]:
+        if kernel_id in self._busy:
+            raise OperationInProgress(f"a snapshot or restore of kernel {kernel_id} is already running")
+        self._busy.add(kernel_id)
+        try:
+            yield
+        finally:
+            self._busy.discard(kernel_id)
+
+    def kernel_action(self, kernel_id: str, action: str) -> None:
+        """The server started, restarted or shut down a kernel."""
+        if action == "start":
+            try:
+                self.activity.watch(kernel_id)
+            except KeyError:
+                pass  # already gone
+        elif action == "shutdown":
+            self.activity.forget(kernel_id)
+            self._lineage.pop(kernel_id, None)
+        elif action == "restart":
+            self._lineage.pop(kernel_id, None)  # a fresh process: no longer from any snapshot
+
+    def restored_from(self, kernel_id: str) -> str | None:
+        try:
+            km = self.kernel_manager.get_kernel(kernel_id)
+        except KeyError:
+            return None
+        tree = getattr(km.provisioner, "tree", None)
+        return tree.restored_from if tree else None
+
+    # -- snapshot -------------------------------------------------------------------
+
+    async def snapshot(self, kernel_id: str, label: str | None = "", trigger: str = "manual") -> SnapshotRecord:
+        """Dump the kernel's processes while they keep running (also mid-cell)."""
+        label = validate_label(label)
+        if trigger not in TRIGGERS:
+            raise InvalidRequest(f"trigger must be one of {', '.join(TRIGGERS)}")
+        self.engine.require()
+        km, prov = self._kernel(kernel_id)
+        if await prov.poll() is not None:
+            raise KernelNotFound(f"kernel {kernel_id} is not running (it exited)")
+        self.activity.watch(kernel_id)
+        async with self._exclusive(kernel_id):
+            assert prov.tree is not None
+            activity = self.activity.get(kernel_id)
+            record = SnapshotRecord(
+                id=new_snapshot_id(),
+                kernel_id=kernel_id,
+                kernel_name=km.kernel_name,
+                path=await self._notebook_path(kernel_id),
+                label=label,
+                trigger=trigger,
+                parent_id=self._parent_for(kernel_id),
+                status="dumping",
+                execution_count=activity.execution_count,
+                criu_version=self.engine.health().version,
+                stdio_keys=dict(prov.tree.stdio.keys),
+            )
+            images = self.store.create(record)
+            try:
+                result = await asyncio.to_thread(self.engine.dump, prov.tree.init_pid, images)
+            except Exception as e:
+                reason = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+                self.store.discard_images(record.id)
+                record.status, record.error = "failed", reason
+                self.store.save(record)
+                self.log.warning("jupyter_ckpt: snapshot of kernel %s failed: %s", kernel_id, reason)
+                raise DumpFailed(f"snapshot failed, the kernel keeps running: {reason}") from None
+            record.stored_bytes = self.store.seal(record.id)
+            record.memory_bytes = result.memory_bytes
+            record.freeze_seconds = round(result.freeze_seconds, 4)
+            record.total_seconds = round(result.total_seconds, 4)
+            record.status = "complete"
+            self.store.save(record)
+            self._lineage[kernel_id] = record.id
+        self.log.info(
+            "jupyter_ckpt: snapshot %s of kernel %s: %.1f MiB, frozen %.3f s",
+            record.id, kernel_id, record.memory_bytes / 2**20, record.freeze_seconds,
+        )
+        return record
+
+    def _parent_for(self, kernel_id: str) -> str | None:
+        if kernel_id in self._lineage:
+            return self._lineage[kernel_id]
+        previous = [r for r in self.store.list(kernel_id=kernel_id) if r.restorable]
+        return previous[0].id if previous else None
+
+    # -- restore --------------------------------------------------------------------
+
+    async def restore(self, snapshot_id: str, kernel_id: str | None = None, mode: str = "replace") -> RestoreOutcome:
+        """Replace a kernel's processes with a snapshot's; the kernel id stays.
+
+        A failed restore brings the kernel back as it was just before: its
+        current state is dumped first and restored again if the snapshot fails.
+        """
+        if mode == "new":
+            raise NotSupported("restore as a new kernel (mode 'new') is not available on this server yet")
+        if mode != "replace":
+            raise InvalidRequest("mode must be 'replace' or 'new'")
+        record = self.store.get(snapshot_id)
+        if not record.restorable:
+            why = f": {record.error}" if record.error else ""
+            raise SnapshotNotRestorable(f"snapshot {snapshot_id} is {record.status}{why}")
+        images = self.store.images_dir(snapshot_id)
+        if not (images / "inventory.img").is_file():
+            raise SnapshotNotRestorable(f"snapshot {snapshot_id} has no CRIU images (inventory.img is missing)")
+        kernel_id = kernel_id or record.kernel_id
+        self.engine.require()
+        _, prov = self._kernel(kernel_id)
+        async with self._exclusive(kernel_id):
+            started = time.monotonic()
+            with prov.swapping():
+                seconds = await asyncio.to_thread(self._replace_processes, prov, record, images)
+            self._lineage[kernel_id] = snapshot_id
+        outcome = RestoreOutcome(snapshot_id, kernel_id, mode, round(seconds, 4), round(time.monotonic() - started, 4))
+        self.log.info("jupyter_ckpt: kernel %s restored from %s in %.3f s", kernel_id, snapshot_id, outcome.total_seconds)
+        return outcome
+
+    def _replace_processes(self, prov: CheckpointableProvisioner, record: SnapshotRecord, images: Path) -> float:
+        """Blocking: runs in a worker thread while the provisioner reports 'alive'."""
+        assert prov.tree is not None
+        current = prov.tree
+        with self.store.scratch_dir("restore-") as work:
+            rollback = work / "previous-state"
+            rollback.mkdir(mode=0o700)
+            try:
+                self.engine.dump(current.init_pid, rollback)
+            except DumpFailed as e:
+                raise RestoreFailed(f"nothing was changed: the kernel's current state could not be saved first ({e})") from None
+            # SIGKILL to pid 1 of the kernel's namespace ends every process in it.
+            os.kill(current.init_pid, signal.SIGKILL)
+            prov.reap_old()
+            try:
+                pid, stdio, seconds = self._restore_tree(images, work, record.stdio_keys)
+            except RestoreFailed as failure:
+                try:
+                    pid, stdio, _ = self._restore_tree(rollback, work, current.stdio.keys)
+                except RestoreFailed as second:
+                    raise RestoreFailed(
+                        f"restoring snapshot {record.id} failed ({failure}), and so did bringing back the "
+                        f"kernel's previous state ({second}): the kernel has stopped"
+                    ) from None
+                prov.adopt(pid, stdio, current.restored_from)
+                raise RestoreFailed(
+                    f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
+                ) from None
+            prov.adopt(pid, stdio, record.id)
+            return seconds
+
+    def _restore_tree(self, images: Path, work: Path, stdio_keys: dict[str, str]) -> tuple[int, KernelStdio, float]:
+        stdio = KernelStdio()
+        try:
+            inherit = {key: stdio.write_fds[name] for name, key in stdio_keys.items() if name in stdio.write_fds}
+            with stdio.inheritable():
+                result = self.engine.restore(images, work_dir=work, inherit_fds=inherit)
+        finally:
+            stdio.close_write_ends()
+        return result.pid, stdio, result.seconds
+
+    def close(self) -> None:
+        self.activity.close()
