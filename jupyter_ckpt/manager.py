@@ -203,12 +203,14 @@ class CheckpointManager:
             raise SnapshotNotRestorable(f"snapshot {snapshot_id} has no CRIU images (inventory.img is missing)")
         kernel_id = kernel_id or record.kernel_id
         self.engine.require()
-        _, prov = self._kernel(kernel_id)
+        km, prov = self._kernel(kernel_id)
         async with self._exclusive(kernel_id):
             started = time.monotonic()
+            subscribers = iopub_subscribers(km.iopub_port)
             with prov.swapping():
                 seconds = await asyncio.to_thread(self._replace_processes, prov, record, images)
             self._lineage[kernel_id] = snapshot_id
+            await self._wait_until_answering(km, subscribers)
         outcome = RestoreOutcome(snapshot_id, kernel_id, mode, round(seconds, 4), round(time.monotonic() - started, 4))
         self.log.info("jupyter_ckpt: kernel %s restored from %s in %.3f s", kernel_id, snapshot_id, outcome.total_seconds)
         return outcome
@@ -244,6 +246,40 @@ class CheckpointManager:
             prov.adopt(pid, stdio, record.id)
             return seconds
 
+    async def _wait_until_answering(self, km: Any, subscribers: int, timeout: float = 30.0) -> None:
+        """Return once the restored kernel answers on shell, publishes on IOPub,
+        and its IOPub subscribers of before the restore are connected again.
+
+        The subscribers (the notebook's, through the server) reconnect within
+        ZMQ's retry interval; a PUB socket drops what it publishes before they
+        are back, so a reply sent earlier would lose its output and its 'idle'
+        status and leave the notebook showing a busy kernel.
+        """
+        client = km.client()
+        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while loop.time() < deadline:
+                # Not kernel_info: IPython's banner draws a random "tip" from the
+                # user's global `random`, which would change the restored state.
+                msg_id = client.comm_info()
+                round_end = min(deadline, loop.time() + 1.0)
+                while loop.time() < round_end:
+                    try:
+                        msg = await client.get_iopub_msg(timeout=max(0.01, round_end - loop.time()))
+                    except Exception:  # queue.Empty: this round's request went unseen
+                        break
+                    if msg.get("parent_header", {}).get("msg_id") == msg_id:
+                        # Ours is one more subscriber than before.
+                        while iopub_subscribers(km.iopub_port) <= subscribers and loop.time() < deadline:
+                            await asyncio.sleep(0.02)
+                        await asyncio.sleep(0.05)  # their SUBSCRIBE, sent right after connecting
+                        return
+            self.log.warning("jupyter_ckpt: restored kernel did not answer within %.0f s", timeout)
+        finally:
+            client.stop_channels()
+
     def _restore_tree(self, images: Path, work: Path, stdio_keys: dict[str, str]) -> tuple[int, KernelStdio, float]:
         stdio = KernelStdio()
         try:
@@ -256,3 +292,19 @@ class CheckpointManager:
 
     def close(self) -> None:
         self.activity.close()
+
+
+def iopub_subscribers(port: int) -> int:
+    """Established TCP connections to a local port, counted from the clients' side."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == port:
+                        count += 1
+        except (OSError, StopIteration):
+            pass
+    return count

@@ -27,3 +27,130 @@ async def test_round_trip_keeps_kernel_id_and_connected_client(jp_fetch, start_k
     assert await sock.value("x") == "41"
     status, kernels = await api(jp_fetch, "GET", "api", "kernels")
     assert [k["id"] for k in kernels] == [kernel_id]
+
+
+LOOP = """
+import hashlib, time
+h = hashlib.sha256()
+for i in range(100):
+    h.update(str(i * i).encode())
+    time.sleep(0.1)
+    if i % 10 == 9:
+        print("progress", i + 1, flush=True)
+print("result", h.hexdigest(), flush=True)
+"""
+
+
+async def test_snapshot_mid_cell_then_restore_continues_the_loop(jp_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    run = await sock.send_execute(LOOP)
+    await sock.wait_until(lambda: "progress 30" in run.stdout, timeout=30)
+    snap = await snapshot(jp_fetch, kernel_id)  # while the cell runs
+    assert snap["status"] == "complete"
+    await sock.finish(run, timeout=60)
+    uninterrupted = run.stdout.split("result ")[1].strip()
+    progress_at_snapshot = max(int(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("progress"))
+    assert progress_at_snapshot == 100
+
+    # Restore: the same cell goes on from where the snapshot caught it, and its
+    # output after the restore reaches the client connected before.
+    run.stdout, run.status, run.idle = "", None, False
+    await restore(jp_fetch, snap["id"])
+    await sock.finish(run, timeout=60)
+    assert run.status == "ok"
+    assert "progress 100" in run.stdout
+    assert "progress 10\n" not in run.stdout  # it did not start over
+    assert run.stdout.split("result ")[1].strip() == uninterrupted
+
+
+ZOO_SETUP = r"""
+import io, mmap, os, random, socket, sqlite3, subprocess, sys, tempfile, threading, time
+import numpy as np
+
+def gen():
+    n = 0
+    while True:
+        yield n
+        n += 1
+g = gen(); [next(g) for _ in range(5)]
+
+counter = {"n": 0}
+def tick():
+    while True:
+        counter["n"] += 1
+        time.sleep(0.01)
+ticker = threading.Thread(target=tick, daemon=True); ticker.start()
+
+path = os.path.join(tempfile.mkdtemp(), "data.txt")
+with open(path, "w") as w:
+    w.write("0123456789abcdefghij")
+f = open(path); f.read(7)
+
+db = sqlite3.connect(":memory:")
+db.execute("create table t (k integer, v text)")
+db.executemany("insert into t values (?, ?)", [(i, str(i)) for i in range(1000)])
+
+child = subprocess.Popen([sys.executable, "-u", "-c",
+    "import sys\nfor line in sys.stdin: print(line.strip().upper(), flush=True)"],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+def make_acc():
+    total = [0]
+    def add(x):
+        total[0] += x
+        return total[0]
+    return add
+acc = make_acc(); acc(10)
+
+arr = np.random.default_rng(7).random((500, 500))
+random.seed(1234); random.random()
+m = mmap.mmap(-1, 4096); m.write(b"mapped-bytes")
+a, b = socket.socketpair(); a.sendall(b"unread-data")
+
+def probe():
+    # Consumes state on purpose: run once before and once after the restore,
+    # both must see the state of the snapshot.
+    child.stdin.write("ping\n"); child.stdin.flush()
+    c0 = counter["n"]; time.sleep(0.2)
+    return {
+        "gen": [next(g) for _ in range(3)],
+        "file": (f.tell(), f.read(5)),
+        "sqlite": db.execute("select count(*), sum(k) from t").fetchone(),
+        "child": (child.poll(), child.stdout.readline().strip()),
+        "closure": acc(5),
+        "numpy": round(float(arr.sum()), 6),
+        "random": random.random(),
+        "mmap": (m.seek(0), m.read(12))[1],
+        "socketpair": b.recv(100),
+        "thread": (ticker.is_alive(), counter["n"] > c0),
+    }
+"""
+
+
+async def test_zoo_of_state_that_pickling_cannot_save(jp_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    await sock.execute(ZOO_SETUP)
+    snap = await snapshot(jp_fetch, kernel_id, label="zoo")
+    before = await sock.value("probe()")
+    await restore(jp_fetch, snap["id"])
+    after = await sock.value("probe()")
+    assert after == before
+    assert "'child': (None, 'PING')" in after
+    assert "'thread': (True, True)" in after
+    assert "'socketpair': b'unread-data'" in after
+    assert "'gen': [5, 6, 7]" in after
+
+
+async def test_five_snapshot_restore_cycles(jp_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    parents = []
+    for i in range(5):
+        await sock.execute(f"x = {i}")
+        snap = await snapshot(jp_fetch, kernel_id)
+        parents.append(snap["parent_id"])
+        await sock.execute("x = -1")
+        await restore(jp_fetch, snap["id"])
+        assert await sock.value("x") == str(i)
+        last = snap["id"]
+    # Each snapshot's parent is the one the kernel was restored from.
+    assert parents[0] is None and parents[-1] is not None and parents[-1] != last
