@@ -25,6 +25,8 @@ DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 
 _ERROR_LINE = re.compile(r"Error \([^)]*\):\s*(.*)")
+# Printed on every run where criu cannot raise its own fd limit: not a cause.
+_HARMLESS = ("Can't setup RLIMIT_NOFILE",)
 
 
 @dataclass
@@ -63,8 +65,9 @@ def errors_from_log(log_path: Path, limit: int = 3) -> str:
     reasons: list[str] = []
     for line in lines:
         m = _ERROR_LINE.search(line)
-        if m and m.group(1).strip() and m.group(1).strip() not in reasons:
-            reasons.append(m.group(1).strip())
+        reason = m.group(1).strip() if m else ""
+        if reason and reason not in reasons and not any(h in reason for h in _HARMLESS):
+            reasons.append(reason)
     if not reasons:
         return "CRIU failed without an error line in its log"
     # The first errors are the cause; later ones are the unwinding.

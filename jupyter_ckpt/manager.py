@@ -36,6 +36,10 @@ from .store import LocalSnapshotStore, SnapshotRecord, new_snapshot_id, validate
 TRIGGERS = ("manual", "magic", "auto")
 
 
+class KernelPutBack(RestoreFailed):
+    """A restore failed and the kernel's previous state was restored instead."""
+
+
 @dataclass
 class RestoreOutcome:
     snapshot_id: str
@@ -207,8 +211,12 @@ class CheckpointManager:
         async with self._exclusive(kernel_id):
             started = time.monotonic()
             subscribers = iopub_subscribers(km.iopub_port)
-            with prov.swapping():
-                seconds = await asyncio.to_thread(self._replace_processes, prov, record, images)
+            try:
+                with prov.swapping():
+                    seconds = await asyncio.to_thread(self._replace_processes, prov, record, images)
+            except KernelPutBack as e:
+                await self._wait_until_answering(km, subscribers)
+                raise RestoreFailed(str(e)) from None
             self._lineage[kernel_id] = snapshot_id
             await self._wait_until_answering(km, subscribers)
         outcome = RestoreOutcome(snapshot_id, kernel_id, mode, round(seconds, 4), round(time.monotonic() - started, 4))
@@ -240,7 +248,7 @@ class CheckpointManager:
                         f"kernel's previous state ({second}): the kernel has stopped"
                     ) from None
                 prov.adopt(pid, stdio, current.restored_from)
-                raise RestoreFailed(
+                raise KernelPutBack(
                     f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
                 ) from None
             prov.adopt(pid, stdio, record.id)

@@ -137,6 +137,20 @@ class KernelSocket:
         assert run.status == "ok", f"{code!r} failed: {run.error}\n{run.stderr}"
         return run
 
+    async def wait_ready(self, timeout: float = 60) -> None:
+        """After a restart, as a frontend does: probe until the kernel answers
+        on shell and on IOPub (messages published before its subscribers
+        reconnect are lost, with any provisioner)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                await self.finish(await self.send_execute("None"), timeout=2)
+                return
+            except TimeoutError:
+                if loop.time() > deadline:
+                    raise
+
     async def value(self, expr: str, timeout: float = 60) -> str | None:
         return (await self.execute(expr, timeout)).result
 

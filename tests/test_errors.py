@@ -1,0 +1,122 @@
+"""Error paths a user can reach: each answers a clear status and message, the
+kernel keeps running, and nothing already saved is lost."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+
+from .conftest import api, needs_root, restore, snapshot
+
+pytestmark = needs_root
+
+UNKNOWN_KERNEL = "00000000-0000-0000-0000-000000000000"
+UNKNOWN_SNAPSHOT = "01M8G6NHZS1PKW09RTTN07H2K4"
+
+
+async def test_unknown_kernel_is_404(jp_fetch):
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "kernels", UNKNOWN_KERNEL, "snapshots")
+    assert status == 404
+    assert UNKNOWN_KERNEL in body["message"]
+
+
+async def test_unknown_snapshot_is_404(jp_fetch):
+    for snapshot_id in (UNKNOWN_SNAPSHOT, "not-an-id", "..%2F..%2Fetc"):
+        status, body = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", snapshot_id)
+        assert status == 404, snapshot_id
+        assert "no snapshot" in body["message"]
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", UNKNOWN_SNAPSHOT, "restore", body={"mode": "replace"})
+    assert status == 404
+
+
+async def test_unauthenticated_requests_are_refused(jp_serverapp, http_server_client, jp_http_port, jp_base_url):
+    client = AsyncHTTPClient()
+    for method, path, body in (
+        ("GET", "api/ckpt/status", None),
+        ("GET", "api/ckpt/snapshots", None),
+        ("POST", f"api/ckpt/kernels/{UNKNOWN_KERNEL}/snapshots", "{}"),
+        ("POST", f"api/ckpt/snapshots/{UNKNOWN_SNAPSHOT}/restore", "{}"),
+    ):
+        url = f"http://127.0.0.1:{jp_http_port}{jp_base_url}{path}"
+        try:
+            resp = await client.fetch(url, method=method, body=body, raise_error=False)
+        except HTTPClientError as e:
+            resp = e.response
+        assert resp.code == 403, (method, path, resp.code)
+
+
+async def test_bad_requests_are_400_or_501(jp_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots", body={"label": "a\nb"})
+    assert status == 400 and "label" in body["message"]
+    snap = await snapshot(jp_fetch, kernel_id)
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "sideways"})
+    assert status == 400 and "mode" in body["message"]
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new"})
+    assert status == 501 and "new kernel" in body["message"]
+
+
+async def test_dump_refused_by_criu_leaves_kernel_running(jp_fetch, start_kernel, tmp_path, store_root):
+    # A unix stream connection to a process outside the kernel: CRIU cannot
+    # dump half of it and refuses the whole dump.
+    server_path = str(tmp_path / "outside.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(server_path)
+    listener.listen(1)
+    kernel_id, sock = await start_kernel()
+    await sock.execute(f"import socket; x = 7; s = socket.socket(socket.AF_UNIX); s.connect({server_path!r})")
+    peer, _ = listener.accept()
+
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
+    assert status == 500
+    assert "the kernel keeps running" in body["message"]
+    assert "unix" in body["message"].lower()  # CRIU's own reason, from its log
+
+    assert await sock.value("x") == "7"
+    status, listed = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", kernel_id=kernel_id)
+    assert [s["status"] for s in listed] == ["failed"]
+    assert "unix" in listed[0]["error"].lower()
+    # Partial images are gone; the record alone stays, private.
+    snap_dir = store_root / "snapshots" / listed[0]["id"]
+    assert not (snap_dir / "images").exists()
+    assert os.stat(snap_dir).st_mode & 0o777 == 0o700
+    peer.close()
+    listener.close()
+
+
+async def test_failed_restore_brings_the_kernel_back(jp_fetch, start_kernel, tmp_path):
+    # A file the kernel holds open read-write grows after the snapshot: CRIU
+    # refuses to restore a file whose size changed.
+    data = tmp_path / "grows.txt"
+    data.write_text("first line\n")
+    kernel_id, sock = await start_kernel()
+    await sock.execute(f"fh = open({str(data)!r}, 'r+'); x = 1")
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("x = 2")
+    with open(data, "a") as f:
+        f.write("appended after the snapshot\n")
+
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
+    assert status == 500
+    assert "bad size" in body["message"]
+    assert "put back as it was" in body["message"]
+    # The same kernel, with the state it had just before the attempt.
+    assert await sock.value("x") == "2"
+    status, kernels = await api(jp_fetch, "GET", "api", "kernels")
+    assert [k["id"] for k in kernels] == [kernel_id]
+    # The snapshot itself is untouched and restores once the file is as it was.
+    data.write_text("first line\n")
+    await restore(jp_fetch, snap["id"])
+    assert await sock.value("x") == "1"
+
+
+async def test_snapshot_files_are_private(jp_fetch, start_kernel, store_root):
+    kernel_id, sock = await start_kernel()
+    snap = await snapshot(jp_fetch, kernel_id)
+    snap_dir = store_root / "snapshots" / snap["id"]
+    for path in [store_root, *store_root.rglob("*")]:
+        mode = os.stat(path).st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
+    assert (snap_dir / "images" / "inventory.img").exists()
