@@ -7,9 +7,9 @@ import os
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Int, Unicode, default
+from traitlets import Bool, Int, List, Unicode, default
 
-from .engine import CriuEngine
+from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
 from .handlers import default_handlers
 from .manager import CheckpointManager
 from .store import LocalSnapshotStore
@@ -36,6 +36,13 @@ class CheckpointApp(ExtensionApp):
         help="The criu binary (4.2 or newer). Default: the first criu on PATH, /usr/local/sbin or /usr/sbin.",
     )
     criu_log_level = Int(4, config=True, help="CRIU's log level (0-4) for the logs kept with each operation.")
+    resizable_files = List(
+        Unicode(),
+        list(DEFAULT_RESIZABLE_FILES),
+        config=True,
+        help="Files (fnmatch patterns) a kernel holds open that may grow after a snapshot without "
+        "making it unrestorable. CRIU refuses any other open file whose size changed.",
+    )
     use_provisioner_by_default = Bool(
         True,
         config=True,
@@ -45,7 +52,9 @@ class CheckpointApp(ExtensionApp):
     )
 
     def initialize_settings(self) -> None:
-        engine = CriuEngine(self.criu_path or None, log_level=self.criu_log_level)
+        engine = CriuEngine(
+            self.criu_path or None, log_level=self.criu_log_level, resizable_files=tuple(self.resizable_files)
+        )
         health = engine.health()
         if health.available:
             self.log.info("jupyter_ckpt: CRIU %s at %s", health.version, health.path)

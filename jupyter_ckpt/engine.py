@@ -21,6 +21,9 @@ from .errors import CriuUnavailable, DumpFailed, RestoreFailed
 # of Linux >= 6.16 and 4.1 fails on every TCP socket there.
 MIN_CRIU_VERSION = (4, 2)
 
+# Files a restored kernel may find grown: IPython's history database.
+DEFAULT_RESIZABLE_FILES = ("*/history.sqlite", "*/history.sqlite-journal", "*/history.sqlite-wal")
+
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 
@@ -81,9 +84,15 @@ class CriuEngine:
     in /usr/local/sbin and /usr/sbin (where set-up installs it).
     """
 
-    def __init__(self, criu_path: str | None = None, log_level: int = 4):
+    def __init__(
+        self,
+        criu_path: str | None = None,
+        log_level: int = 4,
+        resizable_files: tuple[str, ...] = DEFAULT_RESIZABLE_FILES,
+    ):
         self.criu_path = criu_path or _find_criu()
         self.log_level = log_level
+        self.resizable_files = tuple(resizable_files)
         self._health: CriuHealth | None = None
 
     # -- health -----------------------------------------------------------------
@@ -171,6 +180,7 @@ class CriuEngine:
                 raise DumpFailed(errors_from_log(images_dir / DUMP_LOG) or str(e)) from None
         finally:
             os.close(dir_fd)
+        allow_resized_files(images_dir, self.resizable_files)
         total = time.monotonic() - started
         stats = _load_stats(images_dir / "stats-dump", "dump")
         freeze = (stats.get("freezing_time", 0) + stats.get("frozen_time", 0)) / 1e6
@@ -218,6 +228,38 @@ class CriuEngine:
             os.close(dir_fd)
             os.close(work_fd)
         return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started)
+
+
+def allow_resized_files(images_dir: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Drop CRIU's size check for open files matching ``patterns`` (fnmatch).
+
+    CRIU refuses to restore a regular file whose size changed since the dump.
+    That is right for user data, but IPython keeps its history database open in
+    every kernel and it grows with every cell; SQLite re-reads a database that
+    changed under it when it next takes a lock, so restoring over a grown one is
+    safe. Returns the paths relaxed.
+    """
+    import fnmatch
+
+    import pycriu
+
+    path = images_dir / "files.img"
+    if not patterns or not path.exists():
+        return []
+    with open(path, "rb") as f:
+        image = pycriu.images.load(f)
+    relaxed = []
+    for entry in image["entries"]:
+        reg = entry.get("reg") if entry.get("type") == "REG" else None
+        if reg and "size" in reg and any(fnmatch.fnmatch(reg["name"], p) for p in patterns):
+            del reg["size"]
+            relaxed.append(reg["name"])
+    if relaxed:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pycriu.images.dump(image, f)
+        os.replace(tmp, path)
+    return relaxed
 
 
 def _find_criu() -> str | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import os
+
 import pytest
 
 from .conftest import api, needs_root, restore, snapshot
@@ -154,3 +157,20 @@ async def test_five_snapshot_restore_cycles(jp_fetch, start_kernel):
         last = snap["id"]
     # Each snapshot's parent is the one the kernel was restored from.
     assert parents[0] is None and parents[-1] is not None and parents[-1] != last
+
+
+async def test_restore_after_history_database_grew(jp_fetch, start_kernel):
+    # IPython keeps ~/.ipython/.../history.sqlite open; 300 cells make it grow
+    # well past the size it had at the snapshot.
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import os, IPython; x = 'kept'")
+    hist = ast.literal_eval(await sock.value("str(IPython.get_ipython().history_manager.hist_file)"))
+    snap = await snapshot(jp_fetch, kernel_id)
+    size_at_snapshot = os.path.getsize(hist)
+    for i in range(300):
+        await sock.execute(f"y = {i}  # " + "padding " * 100)
+    await sock.execute("IPython.get_ipython().history_manager.writeout_cache()")
+    assert os.path.getsize(hist) > size_at_snapshot
+    await restore(jp_fetch, snap["id"])
+    assert await sock.value("x") == "'kept'"
+    await sock.execute("z = 1")  # history keeps working
