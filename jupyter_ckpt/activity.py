@@ -41,6 +41,9 @@ class ActivityTracker:
         activity = self._activity.setdefault(kernel_id, KernelActivity())
         sock = self._context.socket(zmq.SUB)
         sock.linger = 0
+        # Watching starts as the kernel starts: retry fast so that the first
+        # cells of a fresh kernel are not missed while it binds its sockets.
+        sock.setsockopt(zmq.RECONNECT_IVL, 10)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(_iopub_url(info))
         task = asyncio.ensure_future(self._follow(sock, info["session"], activity))
@@ -54,7 +57,7 @@ class ActivityTracker:
                     _, fed = session.feed_identities(msg_list)
                     head = session.deserialize(fed, content=False)
                     msg_type = head["header"]["msg_type"]
-                    if msg_type not in ("execute_input", "status"):
+                    if msg_type not in ("execute_input", "execute_result", "error", "status"):
                         continue
                     content = session.deserialize(fed)["content"]
                 except Exception:  # a malformed message must not stop the tracking
@@ -63,6 +66,8 @@ class ActivityTracker:
                 if msg_type == "execute_input":
                     activity.execution_count = content.get("execution_count", activity.execution_count)
                     activity.executions_seen += 1
+                elif msg_type in ("execute_result", "error"):
+                    activity.execution_count = content.get("execution_count") or activity.execution_count
                 else:
                     activity.execution_state = content.get("execution_state", activity.execution_state)
         finally:

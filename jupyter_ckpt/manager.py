@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+from jupyter_client.session import Session
+
 from .activity import ActivityTracker
 from .engine import CriuEngine
 from .errors import (
@@ -45,8 +47,9 @@ class RestoreOutcome:
     snapshot_id: str
     kernel_id: str
     mode: str
+    save_previous_seconds: float  # dumping the replaced state, kept until the restore succeeded
     restore_seconds: float  # CRIU's restore of the snapshot
-    total_seconds: float  # the whole replacement, saving the previous state included
+    total_seconds: float  # until the kernel answers again, everything included
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -213,30 +216,37 @@ class CheckpointManager:
             subscribers = iopub_subscribers(km.iopub_port)
             try:
                 with prov.swapping():
-                    seconds = await asyncio.to_thread(self._replace_processes, prov, record, images)
+                    saved_seconds, seconds = await asyncio.to_thread(self._replace_processes, prov, record, images)
             except KernelPutBack as e:
                 await self._wait_until_answering(km, subscribers)
                 raise RestoreFailed(str(e)) from None
             self._lineage[kernel_id] = snapshot_id
             await self._wait_until_answering(km, subscribers)
-        outcome = RestoreOutcome(snapshot_id, kernel_id, mode, round(seconds, 4), round(time.monotonic() - started, 4))
+        outcome = RestoreOutcome(
+            snapshot_id, kernel_id, mode, round(saved_seconds, 4), round(seconds, 4), round(time.monotonic() - started, 4)
+        )
         self.log.info("jupyter_ckpt: kernel %s restored from %s in %.3f s", kernel_id, snapshot_id, outcome.total_seconds)
         return outcome
 
-    def _replace_processes(self, prov: CheckpointableProvisioner, record: SnapshotRecord, images: Path) -> float:
+    def _replace_processes(
+        self, prov: CheckpointableProvisioner, record: SnapshotRecord, images: Path
+    ) -> tuple[float, float]:
         """Blocking: runs in a worker thread while the provisioner reports 'alive'."""
         assert prov.tree is not None
         current = prov.tree
         with self.store.scratch_dir("restore-") as work:
             rollback = work / "previous-state"
             rollback.mkdir(mode=0o700)
+            t0 = time.monotonic()
             try:
                 self.engine.dump(current.init_pid, rollback)
             except DumpFailed as e:
                 raise RestoreFailed(f"nothing was changed: the kernel's current state could not be saved first ({e})") from None
+            t1 = time.monotonic()
             # SIGKILL to pid 1 of the kernel's namespace ends every process in it.
             os.kill(current.init_pid, signal.SIGKILL)
             prov.reap_old()
+            saved_seconds = t1 - t0
             try:
                 pid, stdio, seconds = self._restore_tree(images, work, record.stdio_keys)
             except RestoreFailed as failure:
@@ -252,7 +262,7 @@ class CheckpointManager:
                     f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
                 ) from None
             prov.adopt(pid, stdio, record.id)
-            return seconds
+            return saved_seconds, seconds
 
     async def _wait_until_answering(self, km: Any, subscribers: int, timeout: float = 30.0) -> None:
         """Return once the restored kernel answers on shell, publishes on IOPub,
@@ -263,7 +273,9 @@ class CheckpointManager:
         are back, so a reply sent earlier would lose its output and its 'idle'
         status and leave the notebook showing a busy kernel.
         """
-        client = km.client()
+        # A session of its own: km.client() would share the kernel manager's, and
+        # with it the ZMQ identity of other clients, and take over their route.
+        client = km.client(session=Session(config=km.session.config, key=km.session.key))
         client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -272,7 +284,7 @@ class CheckpointManager:
                 # Not kernel_info: IPython's banner draws a random "tip" from the
                 # user's global `random`, which would change the restored state.
                 msg_id = client.comm_info()
-                round_end = min(deadline, loop.time() + 1.0)
+                round_end = min(deadline, loop.time() + 0.2)
                 while loop.time() < round_end:
                     try:
                         msg = await client.get_iopub_msg(timeout=max(0.01, round_end - loop.time()))

@@ -1,0 +1,49 @@
+# Set-up and everyday commands. Every target installs what it needs first and
+# is quick when nothing changed (stamps under .make/). Run as root: CRIU needs it.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMPS := .make
+PYCRIU := /usr/local/share/criu/pycriu-src
+LAB_PORT ?= 8888
+
+.PHONY: all setup system criu test lab bench clean
+
+all: setup
+
+setup: system criu $(STAMPS)/venv
+
+system: $(STAMPS)/system
+$(STAMPS)/system: scripts/install-system.sh
+	./scripts/install-system.sh
+	@mkdir -p $(STAMPS) && touch $@
+
+# Builds CRIU from Debian's source package unless a good one is installed
+# (the script checks in well under a second).
+criu: $(STAMPS)/system
+	./scripts/install-criu.sh
+
+$(STAMPS)/venv: pyproject.toml $(PYCRIU)/pycriu/version.py | criu
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test,lab]'
+	# pycriu comes from the same CRIU build as the criu binary, not from PyPI.
+	$(PY) -m pip install -q --no-build-isolation --no-deps --force-reinstall $(PYCRIU)
+	$(PY) -c "import jupyter_ckpt, pycriu; print('venv ready: pycriu', pycriu.__version__)"
+	@mkdir -p $(STAMPS) && touch $@
+
+test: setup
+	$(PY) -m pytest -p no:cacheprovider -q
+
+# JupyterLab with jupyter_ckpt and the demo notebook, snapshots in the default
+# local store (<jupyter data dir>/ckpt).
+lab: setup
+	cd notebooks && ../$(VENV)/bin/jupyter lab --allow-root --no-browser \
+		--ip=127.0.0.1 --port=$(LAB_PORT) demo.ipynb
+
+bench: setup
+	$(PY) benchmarks/core.py
+
+clean:
+	rm -rf $(STAMPS) $(VENV) build dist *.egg-info

@@ -1,0 +1,98 @@
+"""Snapshot and restore of a kernel holding N GiB of numpy data: medians of runs.
+
+Drives the engine and the checkpoint manager directly (no Jupyter server), with
+real kernels started by jupyter_client through jupyter_ckpt's provisioner.
+
+    python benchmarks/core.py [--gib 1] [--runs 3] [--store DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+
+from jupyter_client.multikernelmanager import AsyncMultiKernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
+
+from jupyter_ckpt.engine import CriuEngine
+from jupyter_ckpt.manager import CheckpointManager
+from jupyter_ckpt.store import LocalSnapshotStore
+
+
+async def execute(client, code: str, timeout: float = 600) -> dict:
+    reply = await client.execute_interactive(code, timeout=timeout, output_hook=lambda msg: None)
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"{code!r}: {reply['content']}")
+    return reply
+
+
+async def run(gib: float, runs: int, store_dir: str) -> dict:
+    KernelProvisionerFactory.instance().default_provisioner_name = "ckpt-provisioner"
+    kernels = AsyncMultiKernelManager(connection_dir=store_dir)
+    kernel_id = await kernels.start_kernel(kernel_name="python3")
+    km = kernels.get_kernel(kernel_id)
+    client = km.client()
+    client.start_channels()
+    await client.wait_for_ready(timeout=60)
+    manager = CheckpointManager(kernels, CriuEngine(), LocalSnapshotStore(store_dir))
+    manager.activity.watch(kernel_id)
+    n = int(gib * 2**30 / 8)
+    await execute(client, f"import numpy as np; a = np.random.default_rng(0).random({n}); s0 = float(a.sum())")
+
+    rows = []
+    try:
+        for i in range(runs):
+            record = await manager.snapshot(kernel_id, label=f"bench {i}")
+            await execute(client, "a[:] = 0")  # so the restore has something to undo
+            started = time.monotonic()
+            outcome = await manager.restore(record.id)
+            answered = time.monotonic() - started
+            await execute(client, "assert float(a.sum()) == s0")
+            rows.append(
+                {
+                    "freeze_s": record.freeze_seconds,
+                    "snapshot_total_s": record.total_seconds,
+                    "restore_criu_s": outcome.restore_seconds,
+                    "restore_until_answering_s": round(answered, 3),
+                    "memory_bytes": record.memory_bytes,
+                    "image_bytes": record.stored_bytes,
+                }
+            )
+            print(f"run {i + 1}: {rows[-1]}", flush=True)
+    finally:
+        client.stop_channels()
+        await kernels.shutdown_all(now=True)
+    medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {"gib": gib, "runs": rows, "median": medians}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--store", default=None, help="store directory (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
+        result = asyncio.run(run(args.gib, args.runs, args.store or tmp))
+    m = result["median"]
+    gib = result["gib"]
+    print(f"\nkernel holding {gib:g} GiB of float64, median of {args.runs} runs")
+    print(f"  freeze (kernel stopped)        {m['freeze_s']:.3f} s   ({m['freeze_s'] / gib:.3f} s/GiB)")
+    print(f"  snapshot total                 {m['snapshot_total_s']:.3f} s")
+    print(f"  restore (CRIU)                 {m['restore_criu_s']:.3f} s")
+    print(f"  restore until kernel answers   {m['restore_until_answering_s']:.3f} s"
+          "   (includes saving the replaced state first)")
+    print(f"  memory dumped                  {m['memory_bytes'] / 2**30:.3f} GiB")
+    print(f"  image size                     {m['image_bytes'] / 2**30:.3f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
