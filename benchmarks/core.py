@@ -20,7 +20,7 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 
 from jupyter_ckpt.engine import CriuEngine
 from jupyter_ckpt.manager import CheckpointManager
-from jupyter_ckpt.store import LocalSnapshotStore
+from jupyter_ckpt.store import SnapshotStore
 
 
 async def execute(client, code: str, timeout: float = 600) -> dict:
@@ -38,7 +38,7 @@ async def run(gib: float, runs: int, store_dir: str) -> dict:
     client = km.client()
     client.start_channels()
     await client.wait_for_ready(timeout=60)
-    manager = CheckpointManager(kernels, CriuEngine(), LocalSnapshotStore(store_dir))
+    manager = CheckpointManager(kernels, CriuEngine(), SnapshotStore(store_dir))
     manager.activity.watch(kernel_id)
     n = int(gib * 2**30 / 8)
     await execute(client, f"import numpy as np; a = np.random.default_rng(0).random({n}); s0 = float(a.sum())")

@@ -12,7 +12,7 @@ from traitlets import Bool, Int, List, Unicode, default
 from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
 from .handlers import default_handlers
 from .manager import CheckpointManager
-from .store import LocalSnapshotStore
+from .store import SnapshotStore
 
 PROVISIONER_NAME = "ckpt-provisioner"
 KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
@@ -23,7 +23,20 @@ class CheckpointApp(ExtensionApp):
 
     store_root = Unicode(
         config=True,
-        help="Directory that holds the snapshots (created 0700). Default: <jupyter data dir>/ckpt.",
+        help="Where snapshots are kept: a local directory (created 0700) or an fsspec URL such as "
+        "s3://bucket/prefix. Default: <jupyter data dir>/ckpt.",
+    )
+    store_state_dir = Unicode(
+        "",
+        config=True,
+        help="Local directory for snapshots being taken, the chunk index and scratch space. "
+        "Default: <store_root>/state for a local store; required for a remote one.",
+    )
+    store_key_path = Unicode(
+        "",
+        config=True,
+        help="The key that signs the store's manifests (created on first use, 0600). Keep it outside "
+        "the store. Stores that share snapshots share this key. Default: <store_root>.key.",
     )
 
     @default("store_root")
@@ -60,10 +73,13 @@ class CheckpointApp(ExtensionApp):
             self.log.info("jupyter_ckpt: CRIU %s at %s", health.version, health.path)
         else:
             self.log.warning("jupyter_ckpt: snapshots are disabled: %s", health.reason)
+        store = SnapshotStore(self.store_root, self.store_state_dir or None, self.store_key_path or None)
+        for snapshot_id in store.recover():
+            self.log.warning("jupyter_ckpt: snapshot %s was interrupted by a server stop; marked failed", snapshot_id)
         self.manager = CheckpointManager(
             kernel_manager=self.serverapp.kernel_manager,
             engine=engine,
-            store=LocalSnapshotStore(self.store_root),
+            store=store,
             session_manager=self.serverapp.session_manager,
             log=self.log,
         )

@@ -169,10 +169,15 @@ class _PackWriter:
             os.unlink(self.tmp_path)
             return
         fs, root = self.store.fs, self.store.root
-        fs.put_file(str(self.tmp_path), f"{root}/packs/{self.name}.pack")
+        target = f"{root}/packs/{self.name}.pack"
+        if _is_local(fs):
+            os.replace(self.tmp_path, target)  # same disk by default; keeps 0600
+            _fsync_dir(os.path.dirname(target))
+        else:
+            fs.put_file(str(self.tmp_path), target)
         idx = _IDX_MAGIC + b"".join(_IDX_ENTRY.pack(*e) for e in self.entries)
         self.store._write_atomic(f"packs/{self.name}.idx", idx)
-        os.unlink(self.tmp_path)
+        self.tmp_path.unlink(missing_ok=True)
         self.store.index.add_pack(self.name, self.entries)
 
     def abort(self) -> None:
@@ -189,12 +194,18 @@ class ChunkStore:
         self.root = root.rstrip("/")
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.fs.makedirs(f"{self.root}/packs", exist_ok=True)
+        self.makedirs("packs")
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
         self.index = ChunkIndex(self.cache_dir / "chunk-index.sqlite")
         self.sync_index()
 
     # -- backend helpers ------------------------------------------------------------
+
+    def makedirs(self, rel: str) -> None:
+        path = f"{self.root}/{rel}"
+        self.fs.makedirs(path, exist_ok=True)
+        if _is_local(self.fs):
+            os.chmod(path, 0o700)
 
     def _write_atomic(self, rel: str, data: bytes) -> None:
         """Local: temp file, fsync, rename. Object stores: one PUT is atomic."""

@@ -33,7 +33,7 @@ from .errors import (
     SnapshotNotRestorable,
 )
 from .provisioner import CheckpointableProvisioner, KernelStdio
-from .store import LocalSnapshotStore, SnapshotRecord, new_snapshot_id, validate_label
+from .store import SnapshotRecord, SnapshotStore, new_snapshot_id, validate_label
 
 TRIGGERS = ("manual", "magic", "auto")
 
@@ -60,7 +60,7 @@ class CheckpointManager:
         self,
         kernel_manager: Any,
         engine: CriuEngine,
-        store: LocalSnapshotStore,
+        store: SnapshotStore,
         session_manager: Any = None,
         log: logging.Logger | None = None,
     ):
@@ -146,6 +146,7 @@ class CheckpointManager:
         self.activity.watch(kernel_id)
         async with self._exclusive(kernel_id):
             assert prov.tree is not None
+            started = time.monotonic()
             activity = self.activity.get(kernel_id)
             record = SnapshotRecord(
                 id=new_snapshot_id(),
@@ -165,16 +166,22 @@ class CheckpointManager:
                 result = await asyncio.to_thread(self.engine.dump, prov.tree.init_pid, images)
             except Exception as e:
                 reason = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
-                self.store.discard_images(record.id)
-                record.status, record.error = "failed", reason
-                self.store.save(record)
+                self.store.fail(record, reason)
                 self.log.warning("jupyter_ckpt: snapshot of kernel %s failed: %s", kernel_id, reason)
                 raise DumpFailed(f"snapshot failed, the kernel keeps running: {reason}") from None
-            record.stored_bytes = self.store.seal(record.id)
+            # The kernel runs again: chunking, hashing, compressing and storing
+            # happen while it does, not while it is frozen.
             record.memory_bytes = result.memory_bytes
             record.freeze_seconds = round(result.freeze_seconds, 4)
-            record.total_seconds = round(result.total_seconds, 4)
-            record.status = "complete"
+            record.status = "storing"
+            self.store.save(record)
+            try:
+                await asyncio.to_thread(self.store.commit, record)
+            except Exception as e:
+                reason = f"storing the snapshot failed: {e}"
+                self.store.fail(record, reason)
+                raise DumpFailed(f"snapshot failed, the kernel keeps running: {reason}") from None
+            record.total_seconds = round(time.monotonic() - started, 4)  # until durably stored
             self.store.save(record)
             self._lineage[kernel_id] = record.id
         self.log.info(
@@ -205,21 +212,23 @@ class CheckpointManager:
         if not record.restorable:
             why = f": {record.error}" if record.error else ""
             raise SnapshotNotRestorable(f"snapshot {snapshot_id} is {record.status}{why}")
-        images = self.store.images_dir(snapshot_id)
-        if not (images / "inventory.img").is_file():
-            raise SnapshotNotRestorable(f"snapshot {snapshot_id} has no CRIU images (inventory.img is missing)")
         kernel_id = kernel_id or record.kernel_id
         self.engine.require()
         km, prov = self._kernel(kernel_id)
         async with self._exclusive(kernel_id):
             started = time.monotonic()
-            subscribers = iopub_subscribers(km.iopub_port)
-            try:
-                with prov.swapping():
-                    saved_seconds, seconds = await asyncio.to_thread(self._replace_processes, prov, record, images)
-            except KernelPutBack as e:
-                await self._wait_until_answering(km, subscribers)
-                raise RestoreFailed(str(e)) from None
+            with self.store.scratch_dir("restore-") as images:
+                # Every byte is verified before the running kernel is touched.
+                await asyncio.to_thread(self.store.materialize, snapshot_id, images)
+                subscribers = iopub_subscribers(km.iopub_port)
+                try:
+                    with prov.swapping():
+                        saved_seconds, seconds = await asyncio.to_thread(
+                            self._replace_processes, prov, record, images
+                        )
+                except KernelPutBack as e:
+                    await self._wait_until_answering(km, subscribers)
+                    raise RestoreFailed(str(e)) from None
             self._lineage[kernel_id] = snapshot_id
             await self._wait_until_answering(km, subscribers)
         outcome = RestoreOutcome(
@@ -312,6 +321,7 @@ class CheckpointManager:
 
     def close(self) -> None:
         self.activity.close()
+        self.store.close()
 
 
 def iopub_subscribers(port: int) -> int:

@@ -1,13 +1,19 @@
-"""Snapshot records and their images on local disk.
+"""Snapshot records and the versioned store that keeps them.
 
-Layout under the store root (every directory 0700, every file 0600: a snapshot
-holds all of a kernel's memory, secrets included)::
+Layout of a store (directories 0700, files 0600: a snapshot holds all of a
+kernel's memory, secrets included)::
 
-    snapshots/<id>/snapshot.json   the record (written atomically)
-    snapshots/<id>/images/         CRIU's image files
-    tmp/                           scratch directories (CRIU logs of restores, ...)
+    <root>/manifests/<id>.manifest   committed snapshots, signed (manifest.py)
+    <root>/packs/                    their deduplicated chunks (chunks.py)
+    <state>/records/<id>.json        snapshots being dumped or stored, or failed
+    <state>/staging/<id>/            CRIU's images before they are stored
+    <state>/cache/                   the local index of the chunks
+    <state>/tmp/                     scratch (images materialized for a restore)
+    <root>.key                       the manifests' HMAC key, outside the store
 
-Usable without a server: the CLI and tests open a store on a directory.
+<root> is a local directory or an fsspec URL (s3://...); <state> is local, by
+default <root>/state. Usable without a server: the CLI and tests open a store
+on a directory.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -25,10 +32,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import InvalidRequest, SnapshotNotFound
+import fsspec
 
-RECORD = "snapshot.json"
-IMAGES = "images"
+from . import manifest
+from .chunks import ChunkStore, StoredFile, _is_local
+from .errors import InvalidRequest, SnapshotNotFound, SnapshotNotRestorable
+
 
 # Crockford's base32: ids sort by creation time as plain strings (ULID layout:
 # 48 bits of milliseconds, then 80 random bits).
@@ -85,69 +94,136 @@ class SnapshotRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-class LocalSnapshotStore:
-    """A directory per snapshot on local disk."""
+class SnapshotStore:
+    """Versioned snapshots: committed ones as signed manifests over shared,
+    deduplicated chunks on a backend (a local directory, or any fsspec URL such
+    as s3://bucket/prefix); in-flight and failed ones as local records.
 
-    def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root)
-        self._snapshots = self.root / "snapshots"
-        self._tmp = self.root / "tmp"
-        for d in (self.root, self._snapshots, self._tmp):
+    A snapshot is restorable only once its manifest is written, after its
+    chunks: a crash at any moment leaves no half snapshot listed as complete,
+    and at worst chunks that ``gc`` reclaims.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        state_dir: str | os.PathLike[str] | None = None,
+        key_path: str | os.PathLike[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        self.url = str(url)
+        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = root.rstrip("/")
+        local = _is_local(self.fs)
+        if local:
+            Path(self.root).mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)
+        if state_dir is None:
+            if not local:
+                raise ValueError("a store on a remote backend needs a local state_dir")
+            state_dir = Path(self.root) / "state"
+        self.state = Path(state_dir)
+        # The key must not live in the store: write access to the store alone
+        # must not be enough to forge a snapshot.
+        self.key_path = Path(key_path) if key_path else Path(f"{self.root if local else self.state}.key")
+        for d in (self.state, self.state / "records", self.state / "staging", self.state / "tmp"):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
+        self.key = manifest.load_or_create_key(self.key_path)
+        self.chunks = ChunkStore(self.fs, self.root, self.state / "cache")
+        self.chunks.makedirs("manifests")
+        self._lock = threading.Lock()
 
     # -- paths --------------------------------------------------------------------
 
-    def _dir(self, snapshot_id: str) -> Path:
+    @staticmethod
+    def _check_id(snapshot_id: str) -> str:
         # Ids come from URLs: never let one name a path outside the store.
         if not _ID.match(snapshot_id or ""):
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
-        return self._snapshots / snapshot_id
+        return snapshot_id
 
-    def images_dir(self, snapshot_id: str) -> Path:
-        return self._dir(snapshot_id) / IMAGES
+    def _manifest_path(self, snapshot_id: str) -> str:
+        return f"{self.root}/manifests/{self._check_id(snapshot_id)}.manifest"
+
+    def _record_path(self, snapshot_id: str) -> Path:
+        return self.state / "records" / f"{self._check_id(snapshot_id)}.json"
+
+    def staging_dir(self, snapshot_id: str) -> Path:
+        return self.state / "staging" / self._check_id(snapshot_id)
 
     # -- records ------------------------------------------------------------------
 
     def create(self, record: SnapshotRecord) -> Path:
-        """Register a new snapshot; returns the empty directory CRIU dumps into."""
-        d = self._dir(record.id)
+        """Register a new snapshot; returns the empty local directory CRIU dumps into."""
+        d = self.staging_dir(record.id)
         d.mkdir(mode=0o700)
-        (d / IMAGES).mkdir(mode=0o700)
         self.save(record)
-        return d / IMAGES
+        return d
 
     def save(self, record: SnapshotRecord) -> None:
-        """Write the record atomically: readers see the old or the new one, whole."""
-        d = self._dir(record.id)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".record-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record.to_json(), f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, d / RECORD)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(d)
+        """Pending and failed records: a local file. Complete ones: re-sign the manifest."""
+        if record.status == "complete":
+            _, files = self._read_manifest(record.id)
+            self._write_manifest(record, files)
+        else:
+            _write_private_atomic(self._record_path(record.id), json.dumps(record.to_json(), indent=1).encode())
 
-    def get(self, snapshot_id: str) -> SnapshotRecord:
-        path = self._dir(snapshot_id) / RECORD
+    def commit(self, record: SnapshotRecord) -> SnapshotRecord:
+        """Chunk, compress and store the staged images, then write the manifest."""
+        staging = self.staging_dir(record.id)
+        files, stats = self.chunks.put_files(staging)
+        record.stored_bytes = stats.new_bytes
+        record.status = "complete"
+        record.error = None
+        self._write_manifest(record, files)
+        shutil.rmtree(staging, ignore_errors=True)
+        self._record_path(record.id).unlink(missing_ok=True)
+        return record
+
+    def fail(self, record: SnapshotRecord, reason: str) -> None:
+        """Keep the record with its reason; drop whatever images were written."""
+        shutil.rmtree(self.staging_dir(record.id), ignore_errors=True)
+        record.status, record.error = "failed", reason
+        self.save(record)
+
+    def _write_manifest(self, record: SnapshotRecord, files: list[StoredFile]) -> None:
+        data = manifest.encode(record.to_json(), files, self.key)
+        self.chunks._write_atomic(f"manifests/{record.id}.manifest", data)
+
+    def _read_manifest(self, snapshot_id: str) -> tuple[SnapshotRecord, list[StoredFile]]:
         try:
-            return SnapshotRecord.from_json(json.loads(path.read_text()))
+            data = self.fs.cat_file(self._manifest_path(snapshot_id))
         except FileNotFoundError:
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}") from None
+        fields_, files = manifest.decode(data, self.key, name=f"the manifest of snapshot {snapshot_id}")
+        return SnapshotRecord.from_json(fields_), files
+
+    def get(self, snapshot_id: str) -> SnapshotRecord:
+        path = self._manifest_path(snapshot_id)
+        if self.fs.exists(path):
+            try:
+                return self._read_manifest(snapshot_id)[0]
+            except SnapshotNotRestorable as e:
+                return SnapshotRecord(id=snapshot_id, kernel_id="", status="failed", error=str(e))
+        try:
+            return SnapshotRecord.from_json(json.loads(self._record_path(snapshot_id).read_text()))
+        except FileNotFoundError:
+            raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}") from None
+
+    def ids(self) -> list[str]:
+        committed = {os.path.basename(p)[: -len(".manifest")] for p in self.fs.ls(f"{self.root}/manifests", detail=False) if p.endswith(".manifest")}
+        local = {p.stem for p in (self.state / "records").glob("*.json")}
+        return sorted((i for i in committed | local if _ID.match(i)), reverse=True)
 
     def list(self, kernel_id: str | None = None, path: str | None = None) -> list[SnapshotRecord]:
         """Newest first."""
         out = []
-        for d in sorted(self._snapshots.iterdir(), reverse=True):
+        for snapshot_id in self.ids():
             try:
-                rec = self.get(d.name)
+                rec = self.get(snapshot_id)
             except (SnapshotNotFound, ValueError):
-                continue  # a directory being created, or not ours
+                continue  # deleted meanwhile
             if kernel_id and rec.kernel_id != kernel_id:
                 continue
             if path and rec.path != path:
@@ -155,33 +231,69 @@ class LocalSnapshotStore:
             out.append(rec)
         return out
 
-    def seal(self, snapshot_id: str) -> int:
-        """Make every image file private; returns the bytes the images take."""
-        total = 0
-        for p in self.images_dir(snapshot_id).rglob("*"):
-            os.chmod(p, 0o700 if p.is_dir() else 0o600)
-            if p.is_file():
-                total += p.stat().st_size
-        return total
-
-    def discard_images(self, snapshot_id: str) -> None:
-        """Drop the images of a failed snapshot; its record stays, with the reason."""
-        shutil.rmtree(self.images_dir(snapshot_id), ignore_errors=True)
-
     def delete(self, snapshot_id: str) -> None:
-        d = self._dir(snapshot_id)
-        if not d.exists():
+        found = False
+        path = self._manifest_path(snapshot_id)
+        if self.fs.exists(path):
+            self.fs.rm_file(path)
+            found = True
+        record = self._record_path(snapshot_id)
+        if record.exists():
+            record.unlink()
+            found = True
+        shutil.rmtree(self.staging_dir(snapshot_id), ignore_errors=True)
+        if not found:
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
-        shutil.rmtree(d)
+
+    def recover(self) -> list[str]:
+        """After a crash or restart: snapshots left dumping or storing are failed."""
+        failed = []
+        for p in (self.state / "records").glob("*.json"):
+            rec = SnapshotRecord.from_json(json.loads(p.read_text()))
+            if rec.status in ("pending", "dumping", "storing"):
+                self.fail(rec, "the server stopped before this snapshot was stored")
+                failed.append(rec.id)
+        for d in (self.state / "staging").iterdir():
+            if not self._record_path(d.name).exists() if _ID.match(d.name) else True:
+                shutil.rmtree(d, ignore_errors=True)
+        return failed
+
+    # -- restore ------------------------------------------------------------------
+
+    def materialize(self, snapshot_id: str, dest: Path) -> SnapshotRecord:
+        """Write the snapshot's images into ``dest``, every byte verified."""
+        record, files = self._read_manifest(snapshot_id)
+        self.chunks.materialize(files, dest)
+        return record
+
+    # -- space --------------------------------------------------------------------
+
+    def gc(self) -> tuple[int, int]:
+        """Reclaim chunks no manifest refers to; returns (objects deleted, bytes freed)."""
+        referenced: set[bytes] = set()
+        for snapshot_id in self.ids():
+            if self.fs.exists(self._manifest_path(snapshot_id)):
+                try:
+                    _, files = self._read_manifest(snapshot_id)
+                except SnapshotNotRestorable:
+                    continue  # a damaged manifest protects nothing
+                referenced.update(h for f in files for h in f.chunks)
+        for stray in self.fs.ls(f"{self.root}/manifests", detail=False):
+            if ".part-" in stray:
+                self.fs.rm_file(stray)
+        return self.chunks.gc(referenced)
 
     @contextmanager
     def scratch_dir(self, prefix: str = "op-") -> Iterator[Path]:
-        """A private directory under the store, removed afterwards."""
-        d = Path(tempfile.mkdtemp(prefix=prefix, dir=self._tmp))
+        """A private local directory, removed afterwards."""
+        d = Path(tempfile.mkdtemp(prefix=prefix, dir=self.state / "tmp"))
         try:
             yield d
         finally:
             shutil.rmtree(d, ignore_errors=True)
+
+    def close(self) -> None:
+        self.chunks.close()
 
 
 def validate_label(label: Any) -> str:
@@ -190,6 +302,21 @@ def validate_label(label: Any) -> str:
     if not isinstance(label, str) or len(label) > 200 or any(c in label for c in "\n\r\0"):
         raise InvalidRequest("label must be a single line of at most 200 characters")
     return label.strip()
+
+
+def _write_private_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(d: Path) -> None:

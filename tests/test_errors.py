@@ -79,9 +79,9 @@ async def test_dump_refused_by_criu_leaves_kernel_running(jp_fetch, start_kernel
     assert [s["status"] for s in listed] == ["failed"]
     assert "unix" in listed[0]["error"].lower()
     # Partial images are gone; the record alone stays, private.
-    snap_dir = store_root / "snapshots" / listed[0]["id"]
-    assert not (snap_dir / "images").exists()
-    assert os.stat(snap_dir).st_mode & 0o777 == 0o700
+    assert not (store_root / "state" / "staging" / listed[0]["id"]).exists()
+    record = store_root / "state" / "records" / f"{listed[0]['id']}.json"
+    assert os.stat(record).st_mode & 0o777 == 0o600
     peer.close()
     listener.close()
 
@@ -115,8 +115,9 @@ async def test_failed_restore_brings_the_kernel_back(jp_fetch, start_kernel, tmp
 async def test_snapshot_files_are_private(jp_fetch, start_kernel, store_root):
     kernel_id, sock = await start_kernel()
     snap = await snapshot(jp_fetch, kernel_id)
-    snap_dir = store_root / "snapshots" / snap["id"]
-    for path in [store_root, *store_root.rglob("*")]:
+    key = store_root.parent / "ckpt-store.key"
+    for path in [store_root, key, *store_root.rglob("*")]:
         mode = os.stat(path).st_mode & 0o777
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
-    assert (snap_dir / "images" / "inventory.img").exists()
+    assert (store_root / "manifests" / f"{snap['id']}.manifest").exists()
+    assert list((store_root / "packs").glob("*.pack"))

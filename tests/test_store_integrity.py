@@ -1,0 +1,73 @@
+"""Restore refuses a snapshot the store cannot verify, and leaves the running
+kernel as it is; a refused snapshot does not stop others from restoring."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .conftest import api, needs_root, restore, snapshot
+
+pytestmark = needs_root
+
+
+def largest_pack(store_root):
+    return max((store_root / "packs").glob("*.pack"), key=lambda p: p.stat().st_size)
+
+
+def flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def delete(path):
+    path.unlink()
+
+
+@pytest.mark.parametrize("damage", [flip_byte, truncate, delete], ids=["flipped-byte", "truncated", "deleted"])
+async def test_damaged_pack_is_refused_and_kernel_untouched(jp_fetch, start_kernel, store_root, damage):
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; x = 1; a = np.random.default_rng(0).random(2_000_000)")
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("x = 2")
+    damage(largest_pack(store_root))
+
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
+    assert status == 409
+    assert "corrupt" in body["message"] or "cannot be read" in body["message"] or "missing" in body["message"]
+    assert await sock.value("x") == "2"  # never touched
+
+
+async def test_edited_manifest_is_refused(jp_fetch, start_kernel, store_root):
+    kernel_id, sock = await start_kernel()
+    await sock.execute("x = 1")
+    snap = await snapshot(jp_fetch, kernel_id, label="original")
+    await sock.execute("x = 2")
+    path = store_root / "manifests" / f"{snap['id']}.manifest"
+    path.write_bytes(path.read_bytes().replace(b'"label": "original"', b'"label": "0riginal"'))
+
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
+    assert status == 409
+    assert "signature" in body["message"]
+    assert await sock.value("x") == "2"
+    status, listed = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", snap["id"])
+    assert listed["status"] == "failed" and "signature" in listed["error"]
+
+
+async def test_second_snapshot_of_unchanged_kernel_stores_little(jp_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; a = np.random.default_rng(0).random(4_000_000)")  # 32 MB
+    first = await snapshot(jp_fetch, kernel_id)
+    second = await snapshot(jp_fetch, kernel_id)
+    assert second["parent_id"] == first["id"]
+    assert second["stored_bytes"] <= 0.03 * first["stored_bytes"], (first["stored_bytes"], second["stored_bytes"])
+    # Both restore: the second shares nearly all of its chunks with the first.
+    await sock.execute("a[:] = 0")
+    await restore(jp_fetch, first["id"])
+    assert await sock.value("round(float(a.sum()))") != "0"
