@@ -254,8 +254,10 @@ class SnapshotStore:
                 self.fail(rec, "the server stopped before this snapshot was stored")
                 failed.append(rec.id)
         for d in (self.state / "staging").iterdir():
-            if not self._record_path(d.name).exists() if _ID.match(d.name) else True:
+            if not _ID.match(d.name) or not self._record_path(d.name).exists():
                 shutil.rmtree(d, ignore_errors=True)
+        for part in (self.state / "cache").glob("*.part"):
+            part.unlink()  # a pack cut short before its upload
         return failed
 
     # -- restore ------------------------------------------------------------------
