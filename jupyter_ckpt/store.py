@@ -270,6 +270,33 @@ class SnapshotStore:
 
     # -- space --------------------------------------------------------------------
 
+    def prune(
+        self,
+        kernel_id: str | None = None,
+        path: str | None = None,
+        keep_auto: int = 10,
+        byte_budget: int | None = None,
+    ) -> list[str]:
+        """Retention for one kernel (or notebook): keep its newest ``keep_auto``
+        automatic snapshots; manual and magic ones stay until deleted. With a
+        ``byte_budget``, also drop the oldest automatic ones while the group's
+        stored bytes exceed it. Returns the ids deleted; their chunks stay until
+        ``gc``, and only the ones no other snapshot uses go then."""
+        group = [r for r in self.list(kernel_id=kernel_id, path=path) if r.status == "complete"]
+        auto = [r for r in group if r.trigger == "auto"]  # newest first
+        doomed = auto[keep_auto:]
+        if byte_budget is not None:
+            kept = [r for r in group if r not in doomed]
+            total = sum(r.stored_bytes for r in kept)
+            for r in reversed([r for r in kept if r.trigger == "auto"]):
+                if total <= byte_budget:
+                    break
+                doomed.append(r)
+                total -= r.stored_bytes
+        for r in doomed:
+            self.delete(r.id)
+        return [r.id for r in doomed]
+
     def gc(self) -> tuple[int, int]:
         """Reclaim chunks no manifest refers to; returns (objects deleted, bytes freed)."""
         referenced: set[bytes] = set()

@@ -1,0 +1,90 @@
+"""The versioned store without a server: records, retention, gc."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from jupyter_ckpt.errors import SnapshotNotFound, SnapshotNotRestorable
+from jupyter_ckpt.store import SnapshotRecord, SnapshotStore, new_snapshot_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SnapshotStore(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def commit(store, kernel_id="k1", trigger="auto", seed=0, size=256 * 1024, when=None):
+    record = SnapshotRecord(id=new_snapshot_id(when), kernel_id=kernel_id, trigger=trigger, status="dumping")
+    images = store.create(record)
+    (images / "pages-1.img").write_bytes(np.random.default_rng(seed).bytes(size))
+    (images / "inventory.img").write_bytes(b"inventory")
+    return store.commit(record)
+
+
+def test_ids_sort_by_time():
+    assert new_snapshot_id(1000.0) < new_snapshot_id(1000.001) < new_snapshot_id(2000.0)
+
+
+def test_records_round_trip_and_relabel(store, tmp_path):
+    r = commit(store)
+    assert store.get(r.id).status == "complete" and store.get(r.id).restorable
+    r.label = "relabelled"
+    store.save(r)  # re-signs the manifest
+    assert store.get(r.id).label == "relabelled"
+    dest = tmp_path / "out"
+    dest.mkdir()
+    store.materialize(r.id, dest)
+    assert (dest / "inventory.img").read_bytes() == b"inventory"
+    store.delete(r.id)
+    with pytest.raises(SnapshotNotFound):
+        store.get(r.id)
+    with pytest.raises(SnapshotNotFound):
+        store.get("../../etc/passwd")
+
+
+def test_key_lives_outside_the_store(store, tmp_path):
+    assert store.key_path == tmp_path / "store.key"
+    assert os.stat(store.key_path).st_mode & 0o777 == 0o600
+    other = SnapshotStore(tmp_path / "store", key_path=tmp_path / "other.key")
+    r = commit(store)
+    with pytest.raises(SnapshotNotRestorable, match="signature"):
+        other.materialize(r.id, tmp_path)
+    other.close()
+
+
+def test_retention_keeps_last_n_auto_and_all_manual(store):
+    t = 1_800_000_000.0
+    manual = commit(store, trigger="manual", seed=100, when=t)
+    autos = [commit(store, seed=i, when=t + 1 + i) for i in range(5)]
+    magic = commit(store, trigger="magic", seed=200, when=t + 10)
+    other_kernel = commit(store, kernel_id="k2", seed=300, when=t + 11)
+    deleted = store.prune(kernel_id="k1", keep_auto=2)
+    assert deleted == [a.id for a in reversed(autos[:3])]
+    left = {r.id for r in store.list()}
+    assert left == {manual.id, autos[3].id, autos[4].id, magic.id, other_kernel.id}
+
+
+def test_retention_byte_budget_drops_oldest_auto_first(store):
+    t = 1_800_000_000.0
+    autos = [commit(store, seed=i, when=t + i) for i in range(4)]
+    per = autos[0].stored_bytes
+    deleted = store.prune(kernel_id="k1", keep_auto=10, byte_budget=int(per * 2.5))
+    assert deleted == [autos[0].id, autos[1].id]
+
+
+def test_gc_never_drops_a_chunk_still_referenced(store, tmp_path):
+    shared = commit(store, seed=1)
+    same_content = commit(store, seed=1)  # dedups entirely onto the first one's chunks
+    assert same_content.stored_bytes < shared.stored_bytes * 0.03
+    store.delete(shared.id)
+    deleted, freed = store.gc()
+    assert freed == 0  # the second snapshot still uses every chunk
+    store.materialize(same_content.id, tmp_path)
+    store.delete(same_content.id)
+    deleted, freed = store.gc()
+    assert deleted >= 1 and freed >= 256 * 1024 * 0.9
