@@ -57,13 +57,22 @@ def encode(record: dict[str, Any], files: list[StoredFile], key: bytes) -> bytes
     return body + hmac.new(key, body, hashlib.sha256).digest()
 
 
-def decode(data: bytes, key: bytes, name: str = "manifest") -> tuple[dict[str, Any], list[StoredFile]]:
-    """Verify and parse; raises SnapshotNotRestorable on any mismatch."""
+class SignatureMismatch(SnapshotNotRestorable):
+    """Well-formed, but not signed with this store's key."""
+
+
+def decode(
+    data: bytes, key: bytes | None, name: str = "manifest"
+) -> tuple[dict[str, Any], list[StoredFile]]:
+    """Verify and parse; raises SnapshotNotRestorable on any mismatch.
+
+    ``key=None`` skips the signature check: only for an import the user chose to
+    trust, whose chunks are then still checked against the hashes listed here."""
     if len(data) < len(MAGIC) + _LEN.size + 32 or not data.startswith(MAGIC):
         raise SnapshotNotRestorable(f"{name} is not a jupyter-ckpt manifest (damaged or truncated)")
     body, signature = data[:-32], data[-32:]
-    if not hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), signature):
-        raise SnapshotNotRestorable(f"{name} failed its signature check: it was modified, or signed with another key")
+    if key is not None and not hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), signature):
+        raise SignatureMismatch(f"{name} failed its signature check: it was modified, or signed with another key")
     (length,) = _LEN.unpack_from(body, len(MAGIC))
     start = len(MAGIC) + _LEN.size
     header = json.loads(body[start : start + length])
