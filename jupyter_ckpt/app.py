@@ -7,7 +7,7 @@ import os
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Int, List, Unicode, default
+from traitlets import Bool, Dict, Int, List, Unicode, default
 
 from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
 from .handlers import default_handlers
@@ -31,6 +31,11 @@ class CheckpointApp(ExtensionApp):
         config=True,
         help="Local directory for snapshots being taken, the chunk index and scratch space. "
         "Default: <store_root>/state for a local store; required for a remote one.",
+    )
+    store_options = Dict(
+        config=True,
+        help="fsspec storage options of a remote store_root, e.g. for S3-compatible storage: "
+        '{"endpoint_url": "https://...", "key": "...", "secret": "..."} (s3fs).',
     )
     store_key_path = Unicode(
         "",
@@ -73,7 +78,9 @@ class CheckpointApp(ExtensionApp):
             self.log.info("jupyter_ckpt: CRIU %s at %s", health.version, health.path)
         else:
             self.log.warning("jupyter_ckpt: snapshots are disabled: %s", health.reason)
-        store = SnapshotStore(self.store_root, self.store_state_dir or None, self.store_key_path or None)
+        store = SnapshotStore(
+            self.store_root, self.store_state_dir or None, self.store_key_path or None, dict(self.store_options)
+        )
         for snapshot_id in store.recover():
             self.log.warning("jupyter_ckpt: snapshot %s was interrupted by a server stop; marked failed", snapshot_id)
         self.manager = CheckpointManager(

@@ -222,9 +222,18 @@ class ChunkStore:
         else:
             self.fs.pipe_file(path, data)
 
+    def ls(self, rel: str) -> list[str]:
+        """Fresh listing (another server may share the store); [] if absent."""
+        path = f"{self.root}/{rel}"
+        self.fs.invalidate_cache(path)
+        try:
+            return self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+
     def pack_names(self) -> set[str]:
         names = set()
-        for p in self.fs.ls(f"{self.root}/packs", detail=False):
+        for p in self.ls("packs"):
             base = os.path.basename(p)
             if base.endswith(".idx"):
                 names.add(base[: -len(".idx")])
@@ -297,8 +306,13 @@ class ChunkStore:
         decompressor = zstandard.ZstdDecompressor()
         frame_key: tuple[str, int] | None = None
         frame: bytes = b""
+        synced = False
         for n, h in enumerate(stored.chunks):
             loc = self.index.lookup(h)
+            if loc is None and not synced:
+                self.sync_index()  # written by another server sharing the store, or a cold cache
+                synced = True
+                loc = self.index.lookup(h)
             if loc is None:
                 raise SnapshotNotRestorable(f"{stored.name}: chunk {n} ({h.hex()[:16]}) is missing from the store")
             if frame_key != (loc.pack, loc.offset):
@@ -350,7 +364,7 @@ class ChunkStore:
             deleted += 1
         # Packs whose index was never written (a crash mid-upload), and part files.
         indexed = self.pack_names()
-        for p in self.fs.ls(f"{self.root}/packs", detail=False):
+        for p in self.ls("packs"):
             base = os.path.basename(p)
             stem = base.split(".", 1)[0]
             if ".part" in base or (base.endswith(".pack") and stem not in indexed):

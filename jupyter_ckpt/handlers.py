@@ -91,7 +91,7 @@ class StatusHandler(CheckpointHandler):
                     "version": health.version,
                     "reason": health.reason,
                 },
-                "store": {"backend": "local"},
+                "store": {"backend": self.manager.store.backend},
                 "features": {
                     "snapshot": health.available,
                     "restore_replace": health.available,

@@ -134,6 +134,14 @@ class SnapshotStore:
         self.chunks.makedirs("manifests")
         self._lock = threading.Lock()
 
+    @property
+    def backend(self) -> str:
+        """'local', or the fsspec protocol of a remote store ('s3', ...)."""
+        if _is_local(self.fs):
+            return "local"
+        protocol = self.fs.protocol
+        return protocol if isinstance(protocol, str) else protocol[0]
+
     # -- paths --------------------------------------------------------------------
 
     @staticmethod
@@ -212,7 +220,7 @@ class SnapshotStore:
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}") from None
 
     def ids(self) -> list[str]:
-        committed = {os.path.basename(p)[: -len(".manifest")] for p in self.fs.ls(f"{self.root}/manifests", detail=False) if p.endswith(".manifest")}
+        committed = {os.path.basename(p)[: -len(".manifest")] for p in self.chunks.ls("manifests") if p.endswith(".manifest")}
         local = {p.stem for p in (self.state / "records").glob("*.json")}
         return sorted((i for i in committed | local if _ID.match(i)), reverse=True)
 
@@ -307,7 +315,7 @@ class SnapshotStore:
                 except SnapshotNotRestorable:
                     continue  # a damaged manifest protects nothing
                 referenced.update(h for f in files for h in f.chunks)
-        for stray in self.fs.ls(f"{self.root}/manifests", detail=False):
+        for stray in self.chunks.ls("manifests"):
             if ".part-" in stray:
                 self.fs.rm_file(stray)
         return self.chunks.gc(referenced)

@@ -184,3 +184,41 @@ async def restore(jp_fetch, snapshot_id: str, **body: Any) -> dict:
     status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snapshot_id, "restore", body={"mode": "replace", **body})
     assert status == 200, out
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3-protocol server process (moto's server mode) on loopback."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait()
+
+
+@pytest.fixture
+def s3_store_options(s3_endpoint):
+    import uuid
+
+    import s3fs
+
+    opts = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**opts).mkdir(bucket)
+    return bucket, opts
