@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import struct
+import tempfile
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -211,14 +212,7 @@ class ChunkStore:
         """Local: temp file, fsync, rename. Object stores: one PUT is atomic."""
         path = f"{self.root}/{rel}"
         if _is_local(self.fs):
-            tmp = f"{path}.part-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-            _fsync_dir(os.path.dirname(path))
+            write_private_atomic(Path(path), data)
         else:
             self.fs.pipe_file(path, data)
 
@@ -381,7 +375,24 @@ def _is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def _fsync_dir(path: str) -> None:
+def write_private_atomic(path: Path, data: bytes) -> None:
+    """A 0600 file that readers see whole or not at all, durably: temporary
+    file, fsync, rename, fsync of the directory."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.part-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_DIRECTORY)
     try:
         os.fsync(fd)

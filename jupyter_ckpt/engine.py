@@ -13,7 +13,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 from .errors import CriuUnavailable, DumpFailed, RestoreFailed
 
@@ -135,12 +136,25 @@ class CriuEngine:
 
     # -- dump and restore -------------------------------------------------------
 
-    def _rpc(self):
+    @contextmanager
+    def _rpc(self, images_dir: Path, log_dir: Path, log_file: str) -> Iterator[Any]:
+        """A CRIU RPC client with the images and log directories open for it."""
         import pycriu
 
-        c = pycriu.criu()
-        c.use_binary(self.criu_path)
-        return c
+        fds = [os.open(images_dir, os.O_DIRECTORY)]
+        try:
+            c = pycriu.criu()
+            c.use_binary(self.criu_path)
+            c.opts.images_dir_fd = fds[0]
+            if log_dir != images_dir:
+                fds.append(os.open(log_dir, os.O_DIRECTORY))
+                c.opts.work_dir_fd = fds[1]
+            c.opts.log_file = log_file
+            c.opts.log_level = self.log_level
+            yield c
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def dump(
         self,
@@ -161,25 +175,18 @@ class CriuEngine:
 
         self.require()
         started = time.monotonic()
-        dir_fd = os.open(images_dir, os.O_DIRECTORY)
-        try:
-            c = self._rpc()
-            c.opts.images_dir_fd = dir_fd
+        with self._rpc(images_dir, images_dir, DUMP_LOG) as c:
             c.opts.pid = pid
             c.opts.leave_running = True
             # The server's ZMQ connections to the kernel: dumped, then closed on
             # restore, after which ZMQ reconnects by itself.
             c.opts.tcp_established = True
             c.opts.network_lock = pycriu.rpc.NFTABLES  # no iptables binary on Debian 12+
-            c.opts.log_file = DUMP_LOG
-            c.opts.log_level = self.log_level
             c.opts.external.extend(external)
             try:
                 c.dump()
             except pycriu.CRIUException as e:
                 raise DumpFailed(errors_from_log(images_dir / DUMP_LOG) or str(e)) from None
-        finally:
-            os.close(dir_fd)
         allow_resized_files(images_dir, self.resizable_files)
         total = time.monotonic() - started
         stats = _load_stats(images_dir / "stats-dump", "dump")
@@ -204,14 +211,7 @@ class CriuEngine:
 
         self.require()
         started = time.monotonic()
-        dir_fd = os.open(images_dir, os.O_DIRECTORY)
-        work_fd = os.open(work_dir, os.O_DIRECTORY)
-        try:
-            c = self._rpc()
-            c.opts.images_dir_fd = dir_fd
-            c.opts.work_dir_fd = work_fd
-            c.opts.log_file = RESTORE_LOG
-            c.opts.log_level = self.log_level
+        with self._rpc(images_dir, work_dir, RESTORE_LOG) as c:
             c.opts.tcp_close = True
             # The restored root becomes our child, so we can wait for it and
             # reap it like any kernel we launched.
@@ -224,9 +224,6 @@ class CriuEngine:
                 resp = c.restore()
             except pycriu.CRIUException as e:
                 raise RestoreFailed(errors_from_log(work_dir / RESTORE_LOG) or str(e)) from None
-        finally:
-            os.close(dir_fd)
-            os.close(work_fd)
         return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started)
 
 

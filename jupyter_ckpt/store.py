@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import fsspec
 
 from . import manifest
-from .chunks import ChunkStore, StoredFile, _is_local
+from .chunks import ChunkStore, StoredFile, _is_local, write_private_atomic
 from .errors import InvalidRequest, SnapshotNotFound, SnapshotNotRestorable
 
 
@@ -175,7 +175,7 @@ class SnapshotStore:
             _, files = self._read_manifest(record.id)
             self._write_manifest(record, files)
         else:
-            _write_private_atomic(self._record_path(record.id), json.dumps(record.to_json(), indent=1).encode())
+            write_private_atomic(self._record_path(record.id), json.dumps(record.to_json(), indent=1).encode())
 
     def commit(self, record: SnapshotRecord) -> SnapshotRecord:
         """Chunk, compress and store the staged images, then write the manifest."""
@@ -339,26 +339,3 @@ def validate_label(label: Any) -> str:
     if not isinstance(label, str) or len(label) > 200 or any(c in label for c in "\n\r\0"):
         raise InvalidRequest("label must be a single line of at most 200 characters")
     return label.strip()
-
-
-def _write_private_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
