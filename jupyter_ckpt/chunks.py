@@ -113,14 +113,22 @@ class ChunkIndex:
             self._db.execute("delete from chunks where pack = ?", (pack,))
             self._db.execute("delete from packs where pack = ?", (pack,))
 
-    def lookup(self, h: bytes) -> _Location | None:
-        with self._lock:
-            row = self._db.execute("select pack, offset, length, start, size from chunks where hash = ?", (h,)).fetchone()
-        return _Location(*row) if row else None
 
-    def contains(self, h: bytes) -> bool:
+    def lookup_many(self, hashes: list[bytes]) -> dict[bytes, _Location]:
+        """Locations of those of ``hashes`` that are stored (one query per 500)."""
+        found: dict[bytes, _Location] = {}
+        unique = list(dict.fromkeys(hashes))
         with self._lock:
-            return self._db.execute("select 1 from chunks where hash = ?", (h,)).fetchone() is not None
+            for i in range(0, len(unique), 500):
+                batch = unique[i : i + 500]
+                rows = self._db.execute(
+                    "select hash, pack, offset, length, start, size from chunks where hash in "
+                    f"({','.join('?' * len(batch))})",
+                    batch,
+                ).fetchall()
+                for row in rows:
+                    found[row[0]] = _Location(*row[1:])
+        return found
 
     def packs_of(self, hashes: set[bytes]) -> dict[str, int]:
         """pack -> number of the given hashes it holds."""
@@ -270,21 +278,26 @@ class ChunkStore:
             for path in sorted(p for p in directory.iterdir() if p.is_file()):
                 size = path.stat().st_size
                 stored = StoredFile(path.name, size, chunk_size_for(path.name))
+                step = stored.chunk_size
                 with open(path, "rb") as f:
-                    while data := f.read(stored.chunk_size):
-                        h = chunk_hash(data)
-                        stored.chunks.append(h)
-                        stats.chunks += 1
-                        stats.raw_bytes += len(data)
-                        if h in seen_here or self.index.contains(h):
-                            flush()  # a frame holds consecutive new chunks only
-                            continue
-                        seen_here.add(h)
-                        pending.append((h, data))
-                        pending_bytes += len(data)
-                        stats.new_chunks += 1
-                        if pending_bytes >= FRAME_BYTES:
-                            flush()
+                    # A block of chunks at a time: one index query per block.
+                    while block := f.read(max(step, FRAME_BYTES)):
+                        pieces = [block[i : i + step] for i in range(0, len(block), step)]
+                        hashes = [chunk_hash(data) for data in pieces]
+                        known = self.index.lookup_many(hashes)
+                        for h, data in zip(hashes, pieces):
+                            stored.chunks.append(h)
+                            stats.chunks += 1
+                            stats.raw_bytes += len(data)
+                            if h in seen_here or h in known:
+                                flush()  # a frame holds consecutive new chunks only
+                                continue
+                            seen_here.add(h)
+                            pending.append((h, data))
+                            pending_bytes += len(data)
+                            stats.new_chunks += 1
+                            if pending_bytes >= FRAME_BYTES:
+                                flush()
                 flush()
                 files.append(stored)
             writer.finish()
@@ -300,30 +313,32 @@ class ChunkStore:
         decompressor = zstandard.ZstdDecompressor()
         frame_key: tuple[str, int] | None = None
         frame: bytes = b""
-        synced = False
-        for n, h in enumerate(stored.chunks):
-            loc = self.index.lookup(h)
-            if loc is None and not synced:
+        batch = 256
+        for first in range(0, len(stored.chunks), batch):
+            hashes = stored.chunks[first : first + batch]
+            where = self.index.lookup_many(hashes)
+            if len(where) < len(set(hashes)):
                 self.sync_index()  # written by another server sharing the store, or a cold cache
-                synced = True
-                loc = self.index.lookup(h)
-            if loc is None:
-                raise SnapshotNotRestorable(f"{stored.name}: chunk {n} ({h.hex()[:16]}) is missing from the store")
-            if frame_key != (loc.pack, loc.offset):
-                try:
-                    with self.fs.open(f"{self.root}/packs/{loc.pack}.pack", "rb") as f:
-                        f.seek(loc.offset)
-                        compressed = f.read(loc.length)
-                    frame = decompressor.decompress(compressed, max_output_size=FRAME_BYTES + OTHER_CHUNK)
-                except (OSError, zstandard.ZstdError) as e:
-                    raise SnapshotNotRestorable(
-                        f"{stored.name}: chunk {n} cannot be read from pack {loc.pack}: {e}"
-                    ) from None
-                frame_key = (loc.pack, loc.offset)
-            data = frame[loc.start : loc.start + loc.size]
-            if chunk_hash(data) != h:
-                raise SnapshotNotRestorable(f"{stored.name}: chunk {n} is corrupt (its content does not match its hash)")
-            yield data
+                where = self.index.lookup_many(hashes)
+            for n, h in enumerate(hashes, start=first):
+                loc = where.get(h)
+                if loc is None:
+                    raise SnapshotNotRestorable(f"{stored.name}: chunk {n} ({h.hex()[:16]}) is missing from the store")
+                if frame_key != (loc.pack, loc.offset):
+                    try:
+                        with self.fs.open(f"{self.root}/packs/{loc.pack}.pack", "rb") as f:
+                            f.seek(loc.offset)
+                            compressed = f.read(loc.length)
+                        frame = decompressor.decompress(compressed, max_output_size=FRAME_BYTES + OTHER_CHUNK)
+                    except (OSError, zstandard.ZstdError) as e:
+                        raise SnapshotNotRestorable(
+                            f"{stored.name}: chunk {n} cannot be read from pack {loc.pack}: {e}"
+                        ) from None
+                    frame_key = (loc.pack, loc.offset)
+                data = frame[loc.start : loc.start + loc.size]
+                if chunk_hash(data) != h:
+                    raise SnapshotNotRestorable(f"{stored.name}: chunk {n} is corrupt (its content does not match its hash)")
+                yield data
 
     def materialize(self, files: list[StoredFile], dest: Path) -> None:
         """Write verified copies of ``files`` into ``dest`` (private)."""
@@ -331,10 +346,14 @@ class ChunkStore:
             target = dest / stored.name
             with open(target, "wb") as out:
                 os.chmod(target, 0o600)
-                written = 0
+                written, buffered = 0, []
                 for data in self.read_file(stored):
-                    out.write(data)
+                    buffered.append(data)
                     written += len(data)
+                    if len(buffered) >= 256:
+                        out.write(b"".join(buffered))
+                        buffered = []
+                out.write(b"".join(buffered))
             if written != stored.size:
                 raise SnapshotNotRestorable(f"{stored.name}: {written} bytes read, {stored.size} expected")
 
