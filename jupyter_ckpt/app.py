@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_data_dir
@@ -16,6 +17,8 @@ from .store import SnapshotStore
 
 PROVISIONER_NAME = "ckpt-provisioner"
 KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
+SNAPSHOT_EVENTS_SCHEMA = "https://events.jupyter.org/jupyter_ckpt/snapshot/v1"
+EVENT_SCHEMAS = Path(__file__).parent / "event_schemas"
 
 
 class CheckpointApp(ExtensionApp):
@@ -89,8 +92,10 @@ class CheckpointApp(ExtensionApp):
             store=store,
             session_manager=self.serverapp.session_manager,
             log=self.log,
+            emit=lambda data: self.serverapp.event_logger.emit(schema_id=SNAPSHOT_EVENTS_SCHEMA, data=data),
         )
         self.settings.update(ckpt_manager=self.manager)
+        self.serverapp.event_logger.register_event_schema(EVENT_SCHEMAS / "snapshot" / "v1.yaml")
         self.serverapp.event_logger.add_listener(schema_id=KERNEL_ACTIONS_SCHEMA, listener=self._on_kernel_action)
         if self.use_provisioner_by_default:
             factory = KernelProvisionerFactory.instance(parent=self.serverapp)
@@ -106,4 +111,4 @@ class CheckpointApp(ExtensionApp):
     async def stop_extension(self) -> None:
         manager = getattr(self, "manager", None)
         if manager is not None:
-            manager.close()
+            await manager.stop()

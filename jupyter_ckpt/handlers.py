@@ -7,6 +7,7 @@ reading lists needs ``read``, creating, restoring and deleting need ``write``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from typing import Any, Awaitable, Callable
@@ -18,6 +19,7 @@ from tornado import web
 
 from . import errors
 from ._version import __version__
+from .bundle import export_bundle, import_bundle
 from .manager import CheckpointManager
 from .store import SnapshotRecord
 
@@ -123,10 +125,12 @@ class KernelSnapshotsHandler(CheckpointHandler):
     @authorized
     @translate_errors
     async def post(self, kernel_id: str) -> None:
+        """Starts a snapshot: 202, the snapshot (status pending) and its Location.
+        Its progress shows in GET of that location and in the event stream."""
         body = self.body()
-        record = await self.manager.snapshot(kernel_id, label=body.get("label", ""))
+        record = await self.manager.start_snapshot(kernel_id, label=body.get("label", ""))
         self.set_header("Location", url_path_join(self.base_url, "api/ckpt/snapshots", record.id))
-        self.write_json(snapshot_model(record), status=201)
+        self.write_json(snapshot_model(record), status=202)
 
 
 class SnapshotHandler(CheckpointHandler):
@@ -134,15 +138,90 @@ class SnapshotHandler(CheckpointHandler):
     @authorized
     @translate_errors
     async def get(self, snapshot_id: str) -> None:
-        self.write_json(snapshot_model(self.manager.store.get(snapshot_id)))
+        self.write_json(snapshot_model(self.manager.get(snapshot_id)))
+
+    @web.authenticated
+    @authorized
+    @translate_errors
+    async def patch(self, snapshot_id: str) -> None:
+        body = self.body()
+        if set(body) - {"label"}:
+            raise errors.InvalidRequest("only the label of a snapshot can be changed")
+        self.write_json(snapshot_model(self.manager.relabel(snapshot_id, body.get("label"))))
 
     @web.authenticated
     @authorized
     @translate_errors
     async def delete(self, snapshot_id: str) -> None:
-        self.manager.store.delete(snapshot_id)
+        self.manager.delete(snapshot_id)
         self.set_status(204)
         self.finish()
+
+
+class BundleHandler(CheckpointHandler):
+    """GET: the snapshot as one self-contained file, streamed."""
+
+    @web.authenticated
+    @authorized
+    @translate_errors
+    async def get(self, snapshot_id: str) -> None:
+        store = self.manager.store
+        record = self.manager.get(snapshot_id)
+        if not record.restorable:
+            raise errors.SnapshotNotRestorable(f"snapshot {snapshot_id} is {record.status}")
+        with store.scratch_dir("bundle-") as tmp:
+            path = tmp / f"{snapshot_id}.jckpt"
+            with open(path, "wb") as out:
+                await asyncio.to_thread(export_bundle, store, snapshot_id, out)
+            self.set_header("Content-Type", "application/octet-stream")
+            self.set_header("Content-Disposition", f'attachment; filename="{snapshot_id}.jckpt"')
+            self.set_header("Content-Length", str(path.stat().st_size))
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    self.write(chunk)
+                    await self.flush()
+        self.finish()
+
+
+@web.stream_request_body
+class BundleUploadHandler(CheckpointHandler):
+    """POST a bundle (the raw file as the body); ?trust=true accepts one signed
+    with another store's key. Streamed to disk, never held in memory."""
+
+    _scratch = None
+
+    async def prepare(self) -> None:  # type:ignore[override]
+        # The body streams in before the verb runs: refuse anyone who may not
+        # upload before a byte of it is written to disk.
+        await super().prepare()
+        if not self.current_user:
+            raise web.HTTPError(403)
+        if not self.authorizer.is_authorized(self, self.current_user, "write", self.auth_resource):
+            raise web.HTTPError(403, "not authorized to upload snapshots")
+        self._scratch = self.manager.store.scratch_dir("upload-")
+        self._dir = self._scratch.__enter__()
+        self._upload = open(self._dir / "bundle.jckpt", "wb")
+        if self.request.connection is not None:
+            self.request.connection.set_max_body_size(self.settings.get("ckpt_max_bundle_bytes", 1 << 40))
+
+    def data_received(self, chunk: bytes) -> None:
+        self._upload.write(chunk)
+
+    def on_finish(self) -> None:
+        if self._scratch is not None:
+            self._upload.close()
+            self._scratch.__exit__(None, None, None)
+
+    @web.authenticated
+    @authorized
+    @translate_errors
+    async def post(self) -> None:
+        self._upload.close()
+        trust = self.get_query_argument("trust", "false").lower() in ("1", "true", "yes")
+        with open(self._dir / "bundle.jckpt", "rb") as src:
+            record = await asyncio.to_thread(import_bundle, self.manager.store, src, trust)
+        self.set_header("Location", url_path_join(self.base_url, "api/ckpt/snapshots", record.id))
+        self.write_json(snapshot_model(record), status=201)
 
 
 class RestoreHandler(CheckpointHandler):
@@ -165,5 +244,7 @@ default_handlers = [
     (r"/api/ckpt/snapshots", SnapshotListHandler),
     (rf"/api/ckpt/snapshots/{_snapshot_id}", SnapshotHandler),
     (rf"/api/ckpt/snapshots/{_snapshot_id}/restore", RestoreHandler),
+    (rf"/api/ckpt/snapshots/{_snapshot_id}/bundle", BundleHandler),
+    (r"/api/ckpt/bundles", BundleUploadHandler),
     (rf"/api/ckpt/kernels/{_kernel_id}/snapshots", KernelSnapshotsHandler),
 ]

@@ -15,7 +15,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from jupyter_client.session import Session
 
@@ -63,6 +63,7 @@ class CheckpointManager:
         store: SnapshotStore,
         session_manager: Any = None,
         log: logging.Logger | None = None,
+        emit: Callable[..., None] | None = None,
     ):
         self.kernel_manager = kernel_manager
         self.engine = engine
@@ -72,6 +73,9 @@ class CheckpointManager:
         self.activity = ActivityTracker(kernel_manager, self.log)
         self._busy: set[str] = set()  # kernel ids with an operation running
         self._lineage: dict[str, str] = {}  # kernel id -> snapshot it last came from or saved
+        self._running: dict[str, SnapshotRecord] = {}  # snapshots being taken, by id
+        self._tasks: dict[str, asyncio.Task] = {}  # their background tasks
+        self._emit_event = emit
 
     # -- kernels ------------------------------------------------------------------
 
@@ -101,11 +105,14 @@ class CheckpointManager:
             self.log.debug("jupyter_ckpt: cannot list sessions", exc_info=True)
         return None
 
-    @asynccontextmanager
-    async def _exclusive(self, kernel_id: str) -> AsyncIterator[None]:
+    def _claim(self, kernel_id: str) -> None:
         if kernel_id in self._busy:
             raise OperationInProgress(f"a snapshot or restore of kernel {kernel_id} is already running")
         self._busy.add(kernel_id)
+
+    @asynccontextmanager
+    async def _exclusive(self, kernel_id: str) -> AsyncIterator[None]:
+        self._claim(kernel_id)
         try:
             yield
         finally:
@@ -134,8 +141,12 @@ class CheckpointManager:
 
     # -- snapshot -------------------------------------------------------------------
 
-    async def snapshot(self, kernel_id: str, label: str | None = "", trigger: str = "manual") -> SnapshotRecord:
-        """Dump the kernel's processes while they keep running (also mid-cell)."""
+    async def start_snapshot(self, kernel_id: str, label: str | None = "", trigger: str = "manual") -> SnapshotRecord:
+        """Begin a snapshot and return its record (status ``pending``) at once.
+
+        What can be refused up front is (unknown kernel, CRIU missing, another
+        operation running); the dump and the storing run in a background task,
+        visible through the record's status and the events."""
         label = validate_label(label)
         if trigger not in TRIGGERS:
             raise InvalidRequest(f"trigger must be one of {', '.join(TRIGGERS)}")
@@ -144,10 +155,9 @@ class CheckpointManager:
         if await prov.poll() is not None:
             raise KernelNotFound(f"kernel {kernel_id} is not running (it exited)")
         self.activity.watch(kernel_id)
-        async with self._exclusive(kernel_id):
+        self._claim(kernel_id)
+        try:
             assert prov.tree is not None
-            started = time.monotonic()
-            activity = self.activity.get(kernel_id)
             record = SnapshotRecord(
                 id=new_snapshot_id(),
                 kernel_id=kernel_id,
@@ -156,39 +166,91 @@ class CheckpointManager:
                 label=label,
                 trigger=trigger,
                 parent_id=self._parent_for(kernel_id),
-                status="dumping",
-                execution_count=activity.execution_count,
+                status="pending",
+                execution_count=self.activity.get(kernel_id).execution_count,
                 criu_version=self.engine.health().version,
                 stdio_keys=dict(prov.tree.stdio.keys),
             )
             images = self.store.create(record)
+        except BaseException:
+            self._busy.discard(kernel_id)
+            raise
+        self._running[record.id] = record
+        task = asyncio.ensure_future(self._take_snapshot(record, prov.tree.init_pid, images))
+        self._tasks[record.id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(record.id, None))
+        return record
+
+    async def snapshot(self, kernel_id: str, label: str | None = "", trigger: str = "manual") -> SnapshotRecord:
+        """Take a snapshot and return once it is stored (or raise DumpFailed)."""
+        record = await self.start_snapshot(kernel_id, label, trigger)
+        await asyncio.shield(self._tasks.get(record.id) or asyncio.sleep(0))
+        record = self.store.get(record.id)
+        if record.status != "complete":
+            raise DumpFailed(f"snapshot failed, the kernel keeps running: {record.error}")
+        return record
+
+    async def _take_snapshot(self, record: SnapshotRecord, pid: int, images: Path) -> None:
+        kernel_id = record.kernel_id
+        started = time.monotonic()
+        try:
+            record.status = "dumping"
+            self.store.save(record)
+            self._emit("started", record)
             try:
-                result = await asyncio.to_thread(self.engine.dump, prov.tree.init_pid, images)
+                result = await asyncio.to_thread(self.engine.dump, pid, images)
             except Exception as e:
-                reason = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
-                self.store.fail(record, reason)
-                self.log.warning("jupyter_ckpt: snapshot of kernel %s failed: %s", kernel_id, reason)
-                raise DumpFailed(f"snapshot failed, the kernel keeps running: {reason}") from None
+                raise DumpFailed(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}") from None
             # The kernel runs again: chunking, hashing, compressing and storing
             # happen while it does, not while it is frozen.
             record.memory_bytes = result.memory_bytes
             record.freeze_seconds = round(result.freeze_seconds, 4)
             record.status = "storing"
             self.store.save(record)
+            self._emit("storing", record)
             try:
-                await asyncio.to_thread(self.store.commit, record)
+                done = await asyncio.to_thread(self.store.commit, record, started)
             except Exception as e:
-                reason = f"storing the snapshot failed: {e}"
-                self.store.fail(record, reason)
-                raise DumpFailed(f"snapshot failed, the kernel keeps running: {reason}") from None
-            record.total_seconds = round(time.monotonic() - started, 4)  # until durably stored
-            self.store.save(record)
-            self._lineage[kernel_id] = record.id
-        self.log.info(
-            "jupyter_ckpt: snapshot %s of kernel %s: %.1f MiB, frozen %.3f s",
-            record.id, kernel_id, record.memory_bytes / 2**20, record.freeze_seconds,
-        )
+                raise DumpFailed(f"storing the snapshot failed: {e}") from None
+            self._lineage[kernel_id] = done.id
+            # Free the kernel before telling anyone the snapshot is complete.
+            self._running.pop(record.id, None)
+            self._busy.discard(kernel_id)
+            self.log.info(
+                "jupyter_ckpt: snapshot %s of kernel %s: %.1f MiB, frozen %.3f s, stored %.1f MiB in %.2f s",
+                done.id, kernel_id, done.memory_bytes / 2**20, done.freeze_seconds,
+                done.stored_bytes / 2**20, done.total_seconds,
+            )
+            self._emit("completed", done)
+        except (Exception, asyncio.CancelledError) as e:
+            reason = str(e) if isinstance(e, DumpFailed) else "the server stopped while taking it"
+            self.store.fail(record, reason)
+            self.log.warning("jupyter_ckpt: snapshot of kernel %s failed: %s", kernel_id, reason)
+            self._emit("failed", record, message=reason)
+        finally:
+            self._running.pop(record.id, None)
+            self._busy.discard(kernel_id)
+
+    def relabel(self, snapshot_id: str, label: str | None) -> SnapshotRecord:
+        label = validate_label(label)
+        running = self._running.get(snapshot_id)
+        if running is not None:
+            running.label = label  # the background task saves it with the rest
+            return running
+        record = self.store.get(snapshot_id)
+        record.label = label
+        self.store.save(record)
         return record
+
+    def delete(self, snapshot_id: str) -> None:
+        if snapshot_id in self._running:
+            raise OperationInProgress(f"snapshot {snapshot_id} is still being taken")
+        record = self.store.get(snapshot_id)
+        self.store.delete(snapshot_id)
+        self._emit("deleted", record)
+
+    def get(self, snapshot_id: str) -> SnapshotRecord:
+        return self._running.get(snapshot_id) or self.store.get(snapshot_id)
 
     def _parent_for(self, kernel_id: str) -> str | None:
         if kernel_id in self._lineage:
@@ -228,6 +290,7 @@ class CheckpointManager:
                         )
                 except KernelPutBack as e:
                     await self._wait_until_answering(km, subscribers)
+                    self._emit("restore_failed", record, message=str(e))
                     raise RestoreFailed(str(e)) from None
             self._lineage[kernel_id] = snapshot_id
             await self._wait_until_answering(km, subscribers)
@@ -235,6 +298,7 @@ class CheckpointManager:
             snapshot_id, kernel_id, mode, round(saved_seconds, 4), round(seconds, 4), round(time.monotonic() - started, 4)
         )
         self.log.info("jupyter_ckpt: kernel %s restored from %s in %.3f s", kernel_id, snapshot_id, outcome.total_seconds)
+        self._emit("restored", SnapshotRecord(**{**record.to_json(), "kernel_id": kernel_id}))
         return outcome
 
     def _replace_processes(
@@ -318,6 +382,28 @@ class CheckpointManager:
         finally:
             stdio.close_write_ends()
         return result.pid, stdio, result.seconds
+
+    def _emit(self, action: str, record: SnapshotRecord, message: str | None = None) -> None:
+        if self._emit_event is None:
+            return
+        data: dict[str, Any] = {"action": action, "snapshot_id": record.id, "kernel_id": record.kernel_id, "status": record.status}
+        for name in ("memory_bytes", "stored_bytes", "freeze_seconds"):
+            if getattr(record, name):
+                data[name] = getattr(record, name)
+        if message or record.error:
+            data["message"] = message or record.error
+        try:
+            self._emit_event(data)
+        except Exception:  # events inform; they must never break an operation
+            self.log.debug("jupyter_ckpt: event not emitted", exc_info=True)
+
+    async def stop(self) -> None:
+        """Stop background snapshots (they are recorded failed) and release resources."""
+        for task in list(self._tasks.values()):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self.close()
 
     def close(self) -> None:
         self.activity.close()

@@ -177,17 +177,22 @@ class SnapshotStore:
         else:
             write_private_atomic(self._record_path(record.id), json.dumps(record.to_json(), indent=1).encode())
 
-    def commit(self, record: SnapshotRecord) -> SnapshotRecord:
-        """Chunk, compress and store the staged images, then write the manifest."""
+    def commit(self, record: SnapshotRecord, started: float | None = None) -> SnapshotRecord:
+        """Chunk, compress and store the staged images, then write the manifest.
+
+        Returns the complete record; ``record`` itself is left as it was, so
+        nobody sees "complete" before the manifest is durably written.
+        ``started`` (time.monotonic()) sets the record's total_seconds."""
         staging = self.staging_dir(record.id)
         files, stats = self.chunks.put_files(staging)
-        record.stored_bytes = stats.new_bytes
-        record.status = "complete"
-        record.error = None
-        self._write_manifest(record, files)
+        done = SnapshotRecord.from_json({**record.to_json(), "status": "complete", "error": None})
+        done.stored_bytes = stats.new_bytes
+        if started is not None:
+            done.total_seconds = round(time.monotonic() - started, 4)
+        self._write_manifest(done, files)
         shutil.rmtree(staging, ignore_errors=True)
         self._record_path(record.id).unlink(missing_ok=True)
-        return record
+        return done
 
     def fail(self, record: SnapshotRecord, reason: str) -> None:
         """Keep the record with its reason; drop whatever images were written."""

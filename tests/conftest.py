@@ -173,9 +173,22 @@ def start_kernel(jp_fetch, jp_ws_fetch):
     return start
 
 
+async def wait_for_snapshot(jp_fetch, snapshot_id: str, timeout: float = 120) -> dict:
+    """Poll the snapshot until it is complete or failed, as a script would."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status, model = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", snapshot_id)
+        assert status == 200, model
+        if model["status"] in ("complete", "failed") or loop.time() > deadline:
+            return model
+        await asyncio.sleep(0.05)
+
+
 async def snapshot(jp_fetch, kernel_id: str, label: str = "") -> dict:
     status, model = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots", body={"label": label})
-    assert status == 201, model
+    assert status == 202, model
+    model = await wait_for_snapshot(jp_fetch, model["id"])
     assert model["status"] == "complete", model
     return model
 

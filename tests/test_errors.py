@@ -8,7 +8,7 @@ import socket
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from .conftest import api, needs_root, restore, snapshot
+from .conftest import api, needs_root, restore, snapshot, wait_for_snapshot
 
 pytestmark = needs_root
 
@@ -38,6 +38,10 @@ async def test_unauthenticated_requests_are_refused(jp_serverapp, http_server_cl
         ("GET", "api/ckpt/snapshots", None),
         ("POST", f"api/ckpt/kernels/{UNKNOWN_KERNEL}/snapshots", "{}"),
         ("POST", f"api/ckpt/snapshots/{UNKNOWN_SNAPSHOT}/restore", "{}"),
+        ("PATCH", f"api/ckpt/snapshots/{UNKNOWN_SNAPSHOT}", '{"label": "x"}'),
+        ("DELETE", f"api/ckpt/snapshots/{UNKNOWN_SNAPSHOT}", None),
+        ("GET", f"api/ckpt/snapshots/{UNKNOWN_SNAPSHOT}/bundle", None),
+        ("POST", "api/ckpt/bundles", "JCKPT-BUNDLE-1\n"),
     ):
         url = f"http://127.0.0.1:{jp_http_port}{jp_base_url}{path}"
         try:
@@ -70,9 +74,10 @@ async def test_dump_refused_by_criu_leaves_kernel_running(jp_fetch, start_kernel
     peer, _ = listener.accept()
 
     status, body = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
-    assert status == 500
-    assert "the kernel keeps running" in body["message"]
-    assert "unix" in body["message"].lower()  # CRIU's own reason, from its log
+    assert status == 202
+    failed = await wait_for_snapshot(jp_fetch, body["id"])
+    assert failed["status"] == "failed"
+    assert "unix" in failed["error"].lower()  # CRIU's own reason, from its log
 
     assert await sock.value("x") == "7"
     status, listed = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", kernel_id=kernel_id)

@@ -23,7 +23,7 @@ def commit(store, kernel_id="k1", trigger="auto", seed=0, size=256 * 1024, when=
     images = store.create(record)
     (images / "pages-1.img").write_bytes(np.random.default_rng(seed).bytes(size))
     (images / "inventory.img").write_bytes(b"inventory")
-    return store.commit(record)
+    return store.commit(record)  # the complete record
 
 
 def test_ids_sort_by_time():

@@ -1,0 +1,94 @@
+"""The REST API beyond snapshot and restore: asynchronous creation with
+progress and events, relabel, delete, bundle download and upload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tornado.httpclient import HTTPClientError
+
+from .conftest import api, needs_root, restore, snapshot, wait_for_snapshot
+
+pytestmark = needs_root
+SCHEMA = "https://events.jupyter.org/jupyter_ckpt/snapshot/v1"
+
+
+async def test_post_answers_202_and_progress_shows_in_get_and_events(jp_fetch, jp_serverapp, start_kernel):
+    events: list[dict] = []
+
+    async def listener(logger, schema_id, data):
+        events.append(data)
+
+    jp_serverapp.event_logger.add_listener(schema_id=SCHEMA, listener=listener)
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; a = np.ones(10_000_000)")
+    resp = await jp_fetch("api", "ckpt", "kernels", kernel_id, "snapshots", method="POST", body=json.dumps({"label": "l1"}))
+    assert resp.code == 202
+    model = json.loads(resp.body)
+    assert model["status"] == "pending" and model["label"] == "l1"
+    assert resp.headers["Location"].endswith(f"/api/ckpt/snapshots/{model['id']}")
+    seen = set()
+    while True:
+        status, now = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", model["id"])
+        seen.add(now["status"])
+        if now["status"] in ("complete", "failed"):
+            break
+        await asyncio.sleep(0.01)
+    assert now["status"] == "complete" and now["freeze_seconds"] > 0 and now["stored_bytes"] > 0
+    assert seen & {"dumping", "storing"}  # progress was visible
+    await asyncio.sleep(0.1)  # listeners run as tasks
+    actions = [e["action"] for e in events if e.get("snapshot_id") == model["id"]]
+    assert actions == ["started", "storing", "completed"]
+    completed = events[-1]
+    assert completed["memory_bytes"] > 80_000_000 and completed["freeze_seconds"] > 0
+
+    # A second snapshot while one runs is refused, not queued.
+    status, first = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
+    status2, body2 = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
+    assert (status, status2) == (202, 409) and "already running" in body2["message"]
+    await wait_for_snapshot(jp_fetch, first["id"])
+
+
+async def test_relabel_and_delete(jp_fetch, jp_serverapp, start_kernel):
+    kernel_id, sock = await start_kernel()
+    snap = await snapshot(jp_fetch, kernel_id, label="before")
+    status, model = await api(jp_fetch, "PATCH", "api", "ckpt", "snapshots", snap["id"], body={"label": "after"})
+    assert status == 200 and model["label"] == "after"
+    status, model = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", snap["id"])
+    assert model["label"] == "after" and model["status"] == "complete"
+    status, body = await api(jp_fetch, "PATCH", "api", "ckpt", "snapshots", snap["id"], body={"kernel_id": "x"})
+    assert status == 400 and "label" in body["message"]
+    status, _ = await api(jp_fetch, "PATCH", "api", "ckpt", "snapshots", "01M8G6NHZS1PKW09RTTN07H2K4", body={"label": "x"})
+    assert status == 404
+    status, _ = await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", snap["id"])
+    assert status == 204
+    status, _ = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", snap["id"])
+    assert status == 404
+    status, _ = await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", snap["id"])
+    assert status == 404
+
+
+async def test_bundle_download_then_upload_and_restore(jp_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    await sock.execute("x = 'from the bundle'")
+    snap = await snapshot(jp_fetch, kernel_id)
+    resp = await jp_fetch("api", "ckpt", "snapshots", snap["id"], "bundle")
+    assert resp.code == 200 and resp.headers["Content-Type"] == "application/octet-stream"
+    bundle = resp.body
+    assert bundle.startswith(b"JCKPT-BUNDLE-1\n")
+
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "bundles", body=None)
+    assert status == 400  # an empty upload is not a bundle
+    try:
+        await jp_fetch("api", "ckpt", "bundles", method="POST", body=bundle)
+    except HTTPClientError as e:
+        assert e.code == 400 and b"already" in e.response.body
+    await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", snap["id"])
+    resp = await jp_fetch("api", "ckpt", "bundles", method="POST", body=bundle)
+    assert resp.code == 201
+    assert json.loads(resp.body)["id"] == snap["id"]
+
+    await sock.execute("x = 'changed'")
+    await restore(jp_fetch, snap["id"])
+    assert await sock.value("x") == "'from the bundle'"
