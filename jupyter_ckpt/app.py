@@ -8,11 +8,12 @@ from pathlib import Path
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Int, List, Unicode, default
+from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 
 from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
 from .handlers import default_handlers
 from .manager import CheckpointManager
+from .scheduler import AutoBackup, Schedule
 from .store import SnapshotStore
 
 PROVISIONER_NAME = "ckpt-provisioner"
@@ -64,6 +65,19 @@ class CheckpointApp(ExtensionApp):
         help="Files (fnmatch patterns) a kernel holds open that may grow after a snapshot without "
         "making it unrestorable. CRIU refuses any other open file whose size changed.",
     )
+    auto_backup = Bool(
+        True,
+        config=True,
+        help="Snapshot running kernels periodically (busy ones too: that is where a snapshot saves "
+        "the most work). On by default because a long computation is the thing to protect; idle "
+        "kernels are skipped, and unchanged memory costs next to nothing in the store.",
+    )
+    auto_backup_interval = Float(
+        1800.0, config=True, help="Seconds between automatic snapshots of a kernel (default 30 minutes)."
+    )
+    auto_backup_keep = Int(10, config=True, help="Automatic snapshots kept per kernel; older ones are pruned.")
+    auto_backup_concurrency = Int(1, config=True, help="Automatic snapshots running at once, server-wide.")
+    auto_backup_tick = Float(5.0, config=True, help="How often (seconds) the schedules are checked.")
     use_provisioner_by_default = Bool(
         True,
         config=True,
@@ -94,21 +108,38 @@ class CheckpointApp(ExtensionApp):
             log=self.log,
             emit=lambda data: self.serverapp.event_logger.emit(schema_id=SNAPSHOT_EVENTS_SCHEMA, data=data),
         )
-        self.settings.update(ckpt_manager=self.manager)
+        self.auto_backup_loop = AutoBackup(
+            self.manager,
+            Schedule(self.auto_backup, self.auto_backup_interval, self.auto_backup_keep),
+            tick=self.auto_backup_tick,
+            concurrency=self.auto_backup_concurrency,
+            log=self.log,
+        )
+        self.settings.update(ckpt_manager=self.manager, ckpt_auto_backup=self.auto_backup_loop)
         self.serverapp.event_logger.register_event_schema(EVENT_SCHEMAS / "snapshot" / "v1.yaml")
         self.serverapp.event_logger.add_listener(schema_id=KERNEL_ACTIONS_SCHEMA, listener=self._on_kernel_action)
         if self.use_provisioner_by_default:
             factory = KernelProvisionerFactory.instance(parent=self.serverapp)
             factory.default_provisioner_name = PROVISIONER_NAME
 
+    async def _start_jupyter_server_extension(self, serverapp: object) -> None:
+        self.auto_backup_loop.start()
+
     async def _on_kernel_action(self, logger: object, schema_id: str, data: dict) -> None:
+        # Also started here: embedders (and pytest-jupyter) may skip the hook above.
+        self.auto_backup_loop.start()
         if data.get("status") == "success" and data.get("kernel_id"):
             self.manager.kernel_action(data["kernel_id"], data.get("action", ""))
+            if data.get("action") == "shutdown":
+                self.auto_backup_loop.forget(data["kernel_id"])
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(default_handlers)
 
     async def stop_extension(self) -> None:
+        loop = getattr(self, "auto_backup_loop", None)
+        if loop is not None:
+            await loop.stop()
         manager = getattr(self, "manager", None)
         if manager is not None:
             await manager.stop()

@@ -236,6 +236,26 @@ class RestoreHandler(CheckpointHandler):
         self.write_json(outcome.to_json())
 
 
+class ScheduleHandler(CheckpointHandler):
+    """A kernel's auto-backup schedule: {"enabled", "interval_seconds", "keep"}."""
+
+    @property
+    def auto_backup(self):
+        return self.settings["ckpt_auto_backup"]
+
+    @web.authenticated
+    @authorized
+    @translate_errors
+    async def get(self, kernel_id: str) -> None:
+        self.write_json(self.auto_backup.get(kernel_id).to_json())
+
+    @web.authenticated
+    @authorized
+    @translate_errors
+    async def put(self, kernel_id: str) -> None:
+        self.write_json(self.auto_backup.set(kernel_id, self.body()).to_json())
+
+
 _kernel_id = r"(?P<kernel_id>[\w-]+)"
 _snapshot_id = r"(?P<snapshot_id>[^/]+)"
 
@@ -247,4 +267,5 @@ default_handlers = [
     (rf"/api/ckpt/snapshots/{_snapshot_id}/bundle", BundleHandler),
     (r"/api/ckpt/bundles", BundleUploadHandler),
     (rf"/api/ckpt/kernels/{_kernel_id}/snapshots", KernelSnapshotsHandler),
+    (rf"/api/ckpt/kernels/{_kernel_id}/schedule", ScheduleHandler),
 ]

@@ -383,6 +383,14 @@ class CheckpointManager:
             stdio.close_write_ends()
         return result.pid, stdio, result.seconds
 
+    def emit_plain(self, data: dict[str, Any]) -> None:
+        """Publish an event that is not about one record's state."""
+        if self._emit_event is not None:
+            try:
+                self._emit_event(data)
+            except Exception:
+                self.log.debug("jupyter_ckpt: event not emitted", exc_info=True)
+
     def _emit(self, action: str, record: SnapshotRecord, message: str | None = None) -> None:
         if self._emit_event is None:
             return

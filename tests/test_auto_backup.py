@@ -1,0 +1,77 @@
+"""Auto-backup ticking on real kernels, busy and idle, with retention."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from .conftest import api, needs_root
+
+pytestmark = needs_root
+SCHEMA = "https://events.jupyter.org/jupyter_ckpt/snapshot/v1"
+
+
+@pytest.fixture
+def jp_server_config(store_root):
+    return {
+        "ServerApp": {"jpserver_extensions": {"jupyter_ckpt": True}},
+        "CheckpointApp": {
+            "store_root": str(store_root),
+            "auto_backup_interval": 1.0,
+            "auto_backup_tick": 0.2,
+            "auto_backup_keep": 2,
+        },
+    }
+
+
+async def auto_snapshots(jp_fetch, kernel_id):
+    status, listed = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", kernel_id=kernel_id)
+    return [s for s in listed if s["trigger"] == "auto"]
+
+
+async def test_busy_kernel_is_backed_up_and_retention_applies(jp_fetch, jp_serverapp, start_kernel):
+    pruned = []
+
+    async def listener(logger, schema_id, data):
+        if data["action"] == "pruned":
+            pruned.append(data["snapshot_id"])
+
+    jp_serverapp.event_logger.add_listener(schema_id=SCHEMA, listener=listener)
+    kernel_id, sock = await start_kernel()
+    run = await sock.send_execute("import time\nfor i in range(80):\n    time.sleep(0.1)\nprint('done')")
+    await asyncio.sleep(7)
+    autos = await auto_snapshots(jp_fetch, kernel_id)
+    complete = [s for s in autos if s["status"] == "complete"]
+    assert 1 <= len(complete) <= 2  # keep = 2
+    assert len(pruned) >= 1  # more were taken, and pruned
+    assert all(s["kernel_id"] == kernel_id for s in autos)
+    await sock.finish(run, timeout=30)
+    assert "done" in run.stdout
+
+
+async def test_idle_kernel_is_not_snapshotted_again(jp_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    await asyncio.sleep(2.5)
+    first = await auto_snapshots(jp_fetch, kernel_id)
+    assert len(first) == 1
+    await asyncio.sleep(2.5)
+    assert len(await auto_snapshots(jp_fetch, kernel_id)) == 1  # idle since: skipped
+    await sock.execute("x = 1")  # a change: backed up again
+    await asyncio.sleep(2.5)
+    assert len(await auto_snapshots(jp_fetch, kernel_id)) == 2
+
+
+async def test_schedule_endpoints(jp_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    status, schedule = await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id, "schedule")
+    assert status == 200 and schedule == {"enabled": True, "interval_seconds": 1.0, "keep": 2}
+    status, schedule = await api(jp_fetch, "PUT", "api", "ckpt", "kernels", kernel_id, "schedule", body={"enabled": False})
+    assert status == 200 and schedule["enabled"] is False
+    for bad in ({"interval_seconds": 0}, {"keep": "x"}, {"enabled": "yes"}, {"colour": 1}):
+        status, body = await api(jp_fetch, "PUT", "api", "ckpt", "kernels", kernel_id, "schedule", body=bad)
+        assert status == 400, bad
+    status, _ = await api(jp_fetch, "GET", "api", "ckpt", "kernels", "00000000-0000-0000-0000-000000000000", "schedule")
+    assert status == 404
+    await asyncio.sleep(2)
+    assert await auto_snapshots(jp_fetch, kernel_id) == []  # disabled
