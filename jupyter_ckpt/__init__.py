@@ -14,3 +14,16 @@ def _jupyter_labextension_paths() -> list[dict]:
 
 
 __all__ = ["__version__"]
+
+
+def load_ipython_extension(ipython):  # %load_ext jupyter_ckpt
+    from .magic import load_ipython_extension as load
+
+    load(ipython)
+
+
+def checkpoint(label: str = ""):
+    """Snapshot the kernel this runs in; see jupyter_ckpt.magic.checkpoint."""
+    from .magic import checkpoint as take
+
+    return take(label)

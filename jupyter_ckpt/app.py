@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from jupyter_client.provisioning import KernelProvisionerFactory
@@ -13,6 +14,7 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
 from .handlers import default_handlers
 from .manager import CheckpointManager
+from .provisioner import CheckpointableProvisioner
 from .scheduler import AutoBackup, Schedule
 from .store import SnapshotStore
 
@@ -118,6 +120,11 @@ class CheckpointApp(ExtensionApp):
         self.settings.update(ckpt_manager=self.manager, ckpt_auto_backup=self.auto_backup_loop)
         self.serverapp.event_logger.register_event_schema(EVENT_SCHEMAS / "snapshot" / "v1.yaml")
         self.serverapp.event_logger.add_listener(schema_id=KERNEL_ACTIONS_SCHEMA, listener=self._on_kernel_action)
+        # Kernels reach this server with a credential of their own (the magic).
+        secret = secrets.token_bytes(32)
+        self.settings["ckpt_kernel_secret"] = secret
+        CheckpointableProvisioner.token_secret = secret
+        CheckpointableProvisioner.server_url = staticmethod(lambda: self.serverapp.connection_url)
         if self.use_provisioner_by_default:
             factory = KernelProvisionerFactory.instance(parent=self.serverapp)
             factory.default_provisioner_name = PROVISIONER_NAME

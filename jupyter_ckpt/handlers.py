@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 from typing import Any, Awaitable, Callable
 
@@ -21,6 +22,7 @@ from . import errors
 from ._version import __version__
 from .bundle import export_bundle, import_bundle
 from .manager import CheckpointManager
+from .provisioner import kernel_token
 from .store import SnapshotRecord
 
 # The one place where the package's errors become HTTP statuses.
@@ -256,6 +258,67 @@ class ScheduleHandler(CheckpointHandler):
         self.write_json(self.auto_backup.set(kernel_id, self.body()).to_json())
 
 
+class KernelSelfHandler(CheckpointHandler):
+    """What a kernel may do about itself (the %checkpoint magic), with the
+    credential its provisioner gave it: ``Authorization: ckpt-kernel <token>``.
+    That token is good for this kernel's own snapshots and schedule only."""
+
+    def check_xsrf_cookie(self) -> None:
+        # Authenticated by a header, never by a cookie: no cross-site forgery.
+        return None
+
+    async def prepare(self) -> None:  # type:ignore[override]
+        await super().prepare()
+        kernel_id = self.path_kwargs.get("kernel_id", "")
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        secret = self.settings["ckpt_kernel_secret"]
+        if scheme != "ckpt-kernel" or not hmac.compare_digest(token.strip(), kernel_token(secret, kernel_id)):
+            raise web.HTTPError(403, "a kernel credential for this kernel is required")
+
+    def own(self, kernel_id: str, snapshot_id: str):
+        record = self.manager.get(snapshot_id)
+        if record.kernel_id != kernel_id:
+            raise errors.SnapshotNotFound(f"no snapshot with id {snapshot_id!r} of this kernel")
+        return record
+
+
+class KernelSelfInfoHandler(KernelSelfHandler):
+    @translate_errors
+    async def get(self, kernel_id: str) -> None:
+        self.manager._kernel(kernel_id)
+        self.write_json(
+            {
+                "kernel_id": kernel_id,
+                "restored_from": self.manager.restored_from(kernel_id),
+                "settled": self.manager.settled(kernel_id),
+            }
+        )
+
+
+class KernelSelfSnapshotsHandler(KernelSelfHandler):
+    @translate_errors
+    async def get(self, kernel_id: str) -> None:
+        self.write_json([snapshot_model(r) for r in self.manager.store.list(kernel_id=kernel_id)])
+
+    @translate_errors
+    async def post(self, kernel_id: str) -> None:
+        record = await self.manager.start_snapshot(kernel_id, label=self.body().get("label", ""), trigger="magic")
+        self.write_json(snapshot_model(record), status=202)
+
+
+class KernelSelfSnapshotHandler(KernelSelfHandler):
+    @translate_errors
+    async def get(self, kernel_id: str, snapshot_id: str) -> None:
+        self.write_json(snapshot_model(self.own(kernel_id, snapshot_id)))
+
+
+class KernelSelfScheduleHandler(KernelSelfHandler):
+    @translate_errors
+    async def put(self, kernel_id: str) -> None:
+        self.write_json(self.settings["ckpt_auto_backup"].set(kernel_id, self.body()).to_json())
+
+
 _kernel_id = r"(?P<kernel_id>[\w-]+)"
 _snapshot_id = r"(?P<snapshot_id>[^/]+)"
 
@@ -268,4 +331,8 @@ default_handlers = [
     (r"/api/ckpt/bundles", BundleUploadHandler),
     (rf"/api/ckpt/kernels/{_kernel_id}/snapshots", KernelSnapshotsHandler),
     (rf"/api/ckpt/kernels/{_kernel_id}/schedule", ScheduleHandler),
+    (rf"/api/ckpt/self/{_kernel_id}", KernelSelfInfoHandler),
+    (rf"/api/ckpt/self/{_kernel_id}/snapshots", KernelSelfSnapshotsHandler),
+    (rf"/api/ckpt/self/{_kernel_id}/snapshots/{_snapshot_id}", KernelSelfSnapshotHandler),
+    (rf"/api/ckpt/self/{_kernel_id}/schedule", KernelSelfScheduleHandler),
 ]

@@ -74,6 +74,7 @@ class CheckpointManager:
         self._busy: set[str] = set()  # kernel ids with an operation running
         self._lineage: dict[str, str] = {}  # kernel id -> snapshot it last came from or saved
         self._running: dict[str, SnapshotRecord] = {}  # snapshots being taken, by id
+        self._restoring: set[str] = set()  # kernels restored, whose clients are not back yet
         self._tasks: dict[str, asyncio.Task] = {}  # their background tasks
         self._emit_event = emit
 
@@ -282,18 +283,24 @@ class CheckpointManager:
             with self.store.scratch_dir("restore-") as images:
                 # Every byte is verified before the running kernel is touched.
                 await asyncio.to_thread(self.store.materialize, snapshot_id, images)
-                subscribers = iopub_subscribers(km.iopub_port)
+                before = client_connections(kernel_ports(km))
+                self._restoring.add(kernel_id)
                 try:
                     with prov.swapping():
                         saved_seconds, seconds = await asyncio.to_thread(
                             self._replace_processes, prov, record, images
                         )
                 except KernelPutBack as e:
-                    await self._wait_until_answering(km, subscribers)
+                    await self._wait_until_answering(km, kernel_id, before)
                     self._emit("restore_failed", record, message=str(e))
                     raise RestoreFailed(str(e)) from None
+                except BaseException as e:
+                    self._restoring.discard(kernel_id)  # nothing was changed, or the kernel is gone
+                    if isinstance(e, RestoreFailed):
+                        self._emit("restore_failed", record, message=str(e))
+                    raise
             self._lineage[kernel_id] = snapshot_id
-            await self._wait_until_answering(km, subscribers)
+            await self._wait_until_answering(km, kernel_id, before)
         outcome = RestoreOutcome(
             snapshot_id, kernel_id, mode, round(saved_seconds, 4), round(seconds, 4), round(time.monotonic() - started, 4)
         )
@@ -337,41 +344,56 @@ class CheckpointManager:
             prov.adopt(pid, stdio, record.id)
             return saved_seconds, seconds
 
-    async def _wait_until_answering(self, km: Any, subscribers: int, timeout: float = 30.0) -> None:
-        """Return once the restored kernel answers on shell, publishes on IOPub,
-        and its IOPub subscribers of before the restore are connected again.
+    async def _wait_until_answering(self, km: Any, kernel_id: str, before: dict[int, int], timeout: float = 10.0) -> None:
+        """Return once the restored kernel's clients are connected again, and
+        (unless it is busy running a cell) it answers on shell and IOPub.
 
-        The subscribers (the notebook's, through the server) reconnect within
-        ZMQ's retry interval; a PUB socket drops what it publishes before they
-        are back, so a reply sent earlier would lose its output and its 'idle'
-        status and leave the notebook showing a busy kernel.
+        The clients (the notebook's sockets, through the server) reconnect
+        within ZMQ's retry interval. What the kernel sends before they are back
+        is lost: a reply, output, the 'idle' status that ends a busy indicator.
+        A kernel restored inside ``checkpoint()`` waits for this too (see
+        ``settled``) before it goes on.
         """
-        # A session of its own: km.client() would share the kernel manager's, and
-        # with it the ZMQ identity of other clients, and take over their route.
-        client = km.client(session=Session(config=km.session.config, key=km.session.key))
-        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        ports = list(before)
         try:
             while loop.time() < deadline:
+                now = client_connections(ports)
+                if all(now[p] >= before[p] for p in ports):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                self.log.warning("jupyter_ckpt: not every client of kernel %s reconnected within %.0f s", kernel_id, timeout)
+            await asyncio.sleep(0.05)  # their SUBSCRIBE and identity, sent right after connecting
+        finally:
+            self._restoring.discard(kernel_id)
+        # A fresh subscriber seeing an answer also tells that IOPub publishes
+        # again. A session of its own: km.client() would share the kernel
+        # manager's ZMQ identity with other clients and take over their route.
+        client = km.client(session=Session(config=km.session.config, key=km.session.key))
+        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+        probe_end = loop.time() + 2.0
+        try:
+            while loop.time() < probe_end:
                 # Not kernel_info: IPython's banner draws a random "tip" from the
                 # user's global `random`, which would change the restored state.
                 msg_id = client.comm_info()
-                round_end = min(deadline, loop.time() + 0.2)
+                round_end = min(probe_end, loop.time() + 0.2)
                 while loop.time() < round_end:
                     try:
                         msg = await client.get_iopub_msg(timeout=max(0.01, round_end - loop.time()))
                     except Exception:  # queue.Empty: this round's request went unseen
                         break
                     if msg.get("parent_header", {}).get("msg_id") == msg_id:
-                        # Ours is one more subscriber than before.
-                        while iopub_subscribers(km.iopub_port) <= subscribers and loop.time() < deadline:
-                            await asyncio.sleep(0.02)
-                        await asyncio.sleep(0.05)  # their SUBSCRIBE, sent right after connecting
                         return
-            self.log.warning("jupyter_ckpt: restored kernel did not answer within %.0f s", timeout)
+            # Busy running the cell it was restored in: it will answer after.
         finally:
             client.stop_channels()
+
+    def settled(self, kernel_id: str) -> bool:
+        """False while a restore of the kernel waits for its clients to reconnect."""
+        return kernel_id not in self._restoring
 
     def _restore_tree(self, images: Path, work: Path, stdio_keys: dict[str, str]) -> tuple[int, KernelStdio, float]:
         stdio = KernelStdio()
@@ -418,17 +440,25 @@ class CheckpointManager:
         self.store.close()
 
 
-def iopub_subscribers(port: int) -> int:
-    """Established TCP connections to a local port, counted from the clients' side."""
-    count = 0
+def client_connections(ports: list[int]) -> dict[int, int]:
+    """Established TCP connections to each local port, counted from the clients' side."""
+    counts = dict.fromkeys(ports, 0)
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 next(f)
                 for line in f:
                     cols = line.split()
-                    if cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == port:
-                        count += 1
+                    if cols[3] == "01":
+                        port = int(cols[2].rsplit(":", 1)[1], 16)
+                        if port in counts:
+                            counts[port] += 1
         except (OSError, StopIteration):
             pass
-    return count
+    return counts
+
+
+def kernel_ports(km: Any) -> list[int]:
+    if getattr(km, "transport", "tcp") != "tcp":
+        return []
+    return [p for p in (km.shell_port, km.iopub_port, km.stdin_port, km.control_port) if p]

@@ -23,6 +23,8 @@ shutdown keep working exactly as before.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import os
 import shutil
 import signal
@@ -34,6 +36,11 @@ from typing import Any, Iterator
 
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Bool, List, Unicode
+
+
+def kernel_token(secret: bytes, kernel_id: str) -> str:
+    """The credential of one kernel: valid for /api/ckpt/self/<that kernel> only."""
+    return hmac.new(secret, f"jupyter-ckpt kernel {kernel_id}".encode(), hashlib.sha256).hexdigest()
 
 
 def _copy_until_eof(src: int, dst: int) -> None:
@@ -151,6 +158,11 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         "instead of starting it the stock way (then it cannot be snapshotted).",
     )
 
+    # Set by the server extension: where a kernel reaches its server, and the
+    # secret its per-kernel credentials are derived from (see kernel_token).
+    server_url: Any = staticmethod(lambda: "")  # read at each launch: the port may change at start-up
+    token_secret: bytes = b""
+
     tree: KernelTree | None = None
     not_checkpointable_reason: str = ""
     _swapping = False
@@ -175,6 +187,17 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
 
         env = dict(kwargs.get("env") or os.environ)
         env.pop("JPY_PARENT_PID", None)
+        kernel_id = kwargs.get("kernel_id") or getattr(self, "kernel_id", "")
+        server_url = type(self).server_url()
+        if server_url and self.token_secret and kernel_id:
+            # A credential for this kernel's own snapshots only (the magic).
+            env.update(
+                JUPYTER_CKPT_URL=server_url,
+                JUPYTER_CKPT_KERNEL_ID=kernel_id,
+                JUPYTER_CKPT_KERNEL_TOKEN=kernel_token(self.token_secret, kernel_id),
+            )
+            if any("ipykernel" in part for part in cmd):
+                cmd = [*cmd, "--ext=jupyter_ckpt.magic"]
         stdio = KernelStdio()
         # independent: jupyter_client then sets no JPY_PARENT_PID (see module doc).
         kwargs.update(env=env, independent=True, stdin=subprocess.DEVNULL, stdout=stdio.write_fds["stdout"], stderr=stdio.write_fds["stderr"])
