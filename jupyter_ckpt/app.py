@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 from jupyter_client.provisioning import KernelProvisionerFactory
@@ -14,6 +13,8 @@ from traitlets import Bool, Dict, Float, Int, List, Unicode, default
 from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
 from .handlers import default_handlers
 from .manager import CheckpointManager
+from .chunks import write_private_atomic
+from .manifest import load_or_create_key
 from .provisioner import CheckpointableProvisioner
 from .scheduler import AutoBackup, Schedule
 from .store import SnapshotStore
@@ -80,6 +81,12 @@ class CheckpointApp(ExtensionApp):
     auto_backup_keep = Int(10, config=True, help="Automatic snapshots kept per kernel; older ones are pruned.")
     auto_backup_concurrency = Int(1, config=True, help="Automatic snapshots running at once, server-wide.")
     auto_backup_tick = Float(5.0, config=True, help="How often (seconds) the schedules are checked.")
+    resume_kernels = Bool(
+        False,
+        config=True,
+        help="At start, restore the kernels that were running when the server last stopped "
+        "(also after a crash) from their latest snapshots, with their notebook sessions.",
+    )
     use_provisioner_by_default = Bool(
         True,
         config=True,
@@ -121,16 +128,34 @@ class CheckpointApp(ExtensionApp):
         self.serverapp.event_logger.register_event_schema(EVENT_SCHEMAS / "snapshot" / "v1.yaml")
         self.serverapp.event_logger.add_listener(schema_id=KERNEL_ACTIONS_SCHEMA, listener=self._on_kernel_action)
         # Kernels reach this server with a credential of their own (the magic).
-        secret = secrets.token_bytes(32)
+        # Kept across restarts: a kernel restored later carries the same one.
+        secret = load_or_create_key(store.state / "kernel-credentials.key")
         self.settings["ckpt_kernel_secret"] = secret
         CheckpointableProvisioner.token_secret = secret
-        CheckpointableProvisioner.server_url = staticmethod(lambda: self.serverapp.connection_url)
+        CheckpointableProvisioner.server_url = staticmethod(self._publish_url)
+        CheckpointableProvisioner.server_url_file = str(store.state / "server-url")
         if self.use_provisioner_by_default:
             factory = KernelProvisionerFactory.instance(parent=self.serverapp)
             factory.default_provisioner_name = PROVISIONER_NAME
 
+    def _publish_url(self) -> str:
+        """This server's URL, also written where kernels (restored ones too) look for it."""
+        url = self.serverapp.connection_url
+        path = Path(CheckpointableProvisioner.server_url_file)
+        try:
+            if not path.exists() or path.read_text() != url:
+                write_private_atomic(path, url.encode())
+        except OSError:
+            self.log.warning("jupyter_ckpt: cannot write %s", path)
+        return url
+
     async def _start_jupyter_server_extension(self, serverapp: object) -> None:
+        self._publish_url()
         self.auto_backup_loop.start()
+        previous = self.manager.take_previous_run()
+        if previous and self.resume_kernels:
+            restored = await self.manager.resume(previous)
+            self.log.info("jupyter_ckpt: resumed %d of %d kernels of the previous run", len(restored), len(previous))
 
     async def _on_kernel_action(self, logger: object, schema_id: str, data: dict) -> None:
         # Also started here: embedders (and pytest-jupyter) may skip the hook above.

@@ -24,7 +24,7 @@ from .errors import CheckpointError, SnapshotNotFound
 from .store import SnapshotRecord, SnapshotStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_CRIU = 0, 1, 2, 3, 4
-_INTERNAL = ("stdio_keys",)
+_INTERNAL = ("stdio_keys", "connection")
 
 
 def _store(args: argparse.Namespace) -> SnapshotStore:

@@ -40,7 +40,7 @@ STATUS_FOR_ERROR: dict[type[errors.CheckpointError], int] = {
 }
 
 # Fields of a record that are engine internals, not part of the API's model.
-_INTERNAL_FIELDS = ("stdio_keys",)
+_INTERNAL_FIELDS = ("stdio_keys", "connection")
 
 
 def translate_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_URL = "JUPYTER_CKPT_URL"
+ENV_URL_FILE = "JUPYTER_CKPT_URL_FILE"  # the current server's URL: it may have moved since launch
 ENV_KERNEL = "JUPYTER_CKPT_KERNEL_ID"
 ENV_TOKEN = "JUPYTER_CKPT_KERNEL_TOKEN"
 
@@ -61,8 +62,15 @@ class KernelClient:
                 "this kernel was not started by a Jupyter server with jupyter-ckpt, so it cannot snapshot itself"
             ) from None
 
+    def server(self) -> str:
+        try:
+            with open(os.environ[ENV_URL_FILE]) as f:
+                return f.read().strip().rstrip("/") or self.base
+        except (KeyError, OSError):
+            return self.base
+
     def call(self, method: str, path: str = "", body: dict | None = None, retries: int = 100) -> Any:
-        url = f"{self.base}/api/ckpt/self/{self.kernel_id}{path}"
+        url = f"{self.server()}/api/ckpt/self/{self.kernel_id}{path}"
         data = json.dumps(body).encode() if body is not None else None
         for attempt in range(retries):
             req = urllib.request.Request(url, data=data, method=method)

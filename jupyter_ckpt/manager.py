@@ -8,6 +8,7 @@ calls. Blocking CRIU work runs in worker threads; one operation per kernel at a 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from .errors import (
     SnapshotNotRestorable,
 )
 from .provisioner import CheckpointableProvisioner, KernelStdio
+from .chunks import write_private_atomic
 from .store import SnapshotRecord, SnapshotStore, new_snapshot_id, validate_label
 
 TRIGGERS = ("manual", "magic", "auto")
@@ -119,8 +121,49 @@ class CheckpointManager:
         finally:
             self._busy.discard(kernel_id)
 
+    # -- kernels running across server restarts -------------------------------------
+
+    @property
+    def _running_file(self) -> Path:
+        return self.store.state / "running-kernels.json"
+
+    def _remember_running(self, kernel_id: str, running: bool) -> None:
+        try:
+            ids = set(json.loads(self._running_file.read_text()))
+        except (OSError, ValueError):
+            ids = set()
+        ids = ids | {kernel_id} if running else ids - {kernel_id}
+        write_private_atomic(self._running_file, json.dumps(sorted(ids)).encode())
+
+    def take_previous_run(self) -> list[str]:
+        """Kernels that were running when the previous server stopped (cleared)."""
+        try:
+            ids = json.loads(self._running_file.read_text())
+        except (OSError, ValueError):
+            ids = []
+        write_private_atomic(self._running_file, b"[]")
+        return [k for k in ids if k not in self.kernel_manager.list_kernel_ids()]
+
+    async def resume(self, kernel_ids: list[str]) -> list[str]:
+        """Restore each kernel from its latest complete snapshot; returns the
+        snapshot ids restored. A kernel without one, or that fails, is logged."""
+        restored = []
+        for kernel_id in kernel_ids:
+            latest = [r for r in self.store.list(kernel_id=kernel_id) if r.restorable]
+            if not latest:
+                self.log.warning("jupyter_ckpt: kernel %s was running at shutdown but has no snapshot to resume", kernel_id)
+                continue
+            try:
+                await self.restore(latest[0].id)
+                restored.append(latest[0].id)
+            except CheckpointError as e:
+                self.log.warning("jupyter_ckpt: cannot resume kernel %s from %s: %s", kernel_id, latest[0].id, e)
+        return restored
+
     def kernel_action(self, kernel_id: str, action: str) -> None:
         """The server started, restarted or shut down a kernel."""
+        if action in ("start", "shutdown"):
+            self._remember_running(kernel_id, action == "start")
         if action == "start":
             try:
                 self.activity.watch(kernel_id)
@@ -171,6 +214,7 @@ class CheckpointManager:
                 execution_count=self.activity.get(kernel_id).execution_count,
                 criu_version=self.engine.health().version,
                 stdio_keys=dict(prov.tree.stdio.keys),
+                connection=_connection_info(km),
             )
             images = self.store.create(record)
         except BaseException:
@@ -277,6 +321,8 @@ class CheckpointManager:
             raise SnapshotNotRestorable(f"snapshot {snapshot_id} is {record.status}{why}")
         kernel_id = kernel_id or record.kernel_id
         self.engine.require()
+        if kernel_id == record.kernel_id and kernel_id not in self.kernel_manager.list_kernel_ids():
+            await self._start_again(record)  # e.g. after a server restart
         km, prov = self._kernel(kernel_id)
         async with self._exclusive(kernel_id):
             started = time.monotonic()
@@ -391,6 +437,26 @@ class CheckpointManager:
         finally:
             client.stop_channels()
 
+    async def _start_again(self, record: SnapshotRecord) -> None:
+        """Start a kernel with the snapshot's kernel id, ports and key (and its
+        notebook's session), to restore the snapshot into: its kernel is gone."""
+        if not record.connection:
+            raise KernelNotFound(f"kernel {record.kernel_id} is gone, and snapshot {record.id} cannot start it again")
+        self._claim(record.kernel_id)
+        CheckpointableProvisioner.recovering[record.kernel_id] = record.connection
+        try:
+            cwd = record.path.rsplit("/", 1)[0] if record.path and "/" in record.path else ""
+            await self.kernel_manager.start_kernel(kernel_id=record.kernel_id, kernel_name=record.kernel_name, path=cwd)
+        except Exception as e:
+            raise RestoreFailed(f"cannot start kernel {record.kernel_id} again to restore into: {e}") from None
+        finally:
+            CheckpointableProvisioner.recovering.pop(record.kernel_id, None)
+            self._busy.discard(record.kernel_id)
+        if self.session_manager is not None and record.path:
+            name = record.path.rsplit("/", 1)[-1]
+            await self.session_manager.create_session(path=record.path, name=name, type="notebook", kernel_id=record.kernel_id)
+        self.log.info("jupyter_ckpt: kernel %s started again for %s", record.kernel_id, record.path or "no notebook")
+
     def settled(self, kernel_id: str) -> bool:
         """False while a restore of the kernel waits for its clients to reconnect."""
         return kernel_id not in self._restoring
@@ -438,6 +504,13 @@ class CheckpointManager:
     def close(self) -> None:
         self.activity.close()
         self.store.close()
+
+
+def _connection_info(km: Any) -> dict[str, Any]:
+    info = dict(km.get_connection_info(session=False))
+    key = info.get("key", b"")
+    info["key"] = key.decode() if isinstance(key, bytes) else key
+    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}
 
 
 def client_connections(ports: list[int]) -> dict[int, int]:

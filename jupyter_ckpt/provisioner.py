@@ -161,13 +161,32 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
     # Set by the server extension: where a kernel reaches its server, and the
     # secret its per-kernel credentials are derived from (see kernel_token).
     server_url: Any = staticmethod(lambda: "")  # read at each launch: the port may change at start-up
+    server_url_file: str = ""  # where the current server's URL is kept, for kernels restored later
     token_secret: bytes = b""
+
+    # kernel id -> connection info of a snapshot, for a kernel started again
+    # to be restored into (recovery after a server restart).
+    recovering: dict[str, dict[str, Any]] = {}
 
     tree: KernelTree | None = None
     not_checkpointable_reason: str = ""
     _swapping = False
 
     # -- launch -----------------------------------------------------------------
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        info = type(self).recovering.get(self.kernel_id)
+        km = self.parent
+        if info and km is not None:
+            # Listen where the snapshot's process listens, with its key: the
+            # restored process replaces this one right after it starts.
+            km.transport, km.ip = info["transport"], info["ip"]
+            for name in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
+                setattr(km, name, info[name])
+            km.session.signature_scheme = info.get("signature_scheme", km.session.signature_scheme)
+            km.session.key = info["key"].encode()
+            self.ports_cached = True  # LocalProvisioner would pick new ports otherwise
+        return await super().pre_launch(**kwargs)
 
     def _isolation_commands(self) -> tuple[list[str] | None, str]:
         unshare, setsid, tini = shutil.which(self.unshare_path), shutil.which("setsid"), shutil.which(self.tini_path)
@@ -193,6 +212,7 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
             # A credential for this kernel's own snapshots only (the magic).
             env.update(
                 JUPYTER_CKPT_URL=server_url,
+                JUPYTER_CKPT_URL_FILE=self.server_url_file,
                 JUPYTER_CKPT_KERNEL_ID=kernel_id,
                 JUPYTER_CKPT_KERNEL_TOKEN=kernel_token(self.token_secret, kernel_id),
             )

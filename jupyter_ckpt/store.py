@@ -80,6 +80,9 @@ class SnapshotRecord:
     # Engine data needed to restore: CRIU's names of the pipes that carried the
     # kernel's stdout/stderr, re-attached to fresh pipes on restore.
     stdio_keys: dict[str, str] = field(default_factory=dict)
+    # The kernel's ports and message key (secret: never in the API), so that a
+    # kernel gone since can be started again with what the snapshot listens on.
+    connection: dict[str, Any] = field(default_factory=dict)
 
     @property
     def restorable(self) -> bool:

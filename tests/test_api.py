@@ -92,3 +92,34 @@ async def test_bundle_download_then_upload_and_restore(jp_fetch, start_kernel):
     await sock.execute("x = 'changed'")
     await restore(jp_fetch, snap["id"])
     assert await sock.value("x") == "'from the bundle'"
+
+
+async def test_events_for_failure_restore_delete_and_schedule(jp_fetch, jp_serverapp, start_kernel, tmp_path):
+    import socket
+
+    events: list[dict] = []
+
+    async def listener(logger, schema_id, data):
+        events.append(data)
+
+    jp_serverapp.event_logger.add_listener(schema_id=SCHEMA, listener=listener)
+    kernel_id, sock = await start_kernel()
+    snap = await snapshot(jp_fetch, kernel_id)
+    await restore(jp_fetch, snap["id"])
+    await api(jp_fetch, "PUT", "api", "ckpt", "kernels", kernel_id, "schedule", body={"interval_seconds": 99})
+    await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", snap["id"])
+    listener_sock = socket.socket(socket.AF_UNIX)
+    listener_sock.bind(str(tmp_path / "s"))
+    listener_sock.listen(1)
+    await sock.execute(f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(tmp_path / 's')!r})")
+    peer, _ = listener_sock.accept()  # an accepted connection to outside: CRIU refuses
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
+    await wait_for_snapshot(jp_fetch, body["id"])
+    await asyncio.sleep(0.1)
+    actions = [e["action"] for e in events]
+    for expected in ("restored", "schedule_changed", "deleted", "failed"):
+        assert expected in actions, actions
+    failed = [e for e in events if e["action"] == "failed"][0]
+    assert "unix" in failed["message"].lower()
+    peer.close()
+    listener_sock.close()
