@@ -65,6 +65,12 @@ async def test_relabel_and_delete(jp_fetch, jp_serverapp, start_kernel):
     assert status == 204
     status, _ = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", snap["id"])
     assert status == 404
+    # A snapshot still being taken cannot be deleted yet.
+    await sock.execute("import numpy as np; big = np.random.default_rng(0).random(40_000_000)")  # 320 MB
+    status, running = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
+    status, body = await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", running["id"])
+    assert status == 409 and "still being taken" in body["message"]
+    assert (await wait_for_snapshot(jp_fetch, running["id"]))["status"] == "complete"
     status, _ = await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", snap["id"])
     assert status == 404
 
