@@ -321,8 +321,18 @@ class CheckpointManager:
             raise SnapshotNotRestorable(f"snapshot {snapshot_id} is {record.status}{why}")
         kernel_id = kernel_id or record.kernel_id
         self.engine.require()
-        if kernel_id == record.kernel_id and kernel_id not in self.kernel_manager.list_kernel_ids():
+        started_again = kernel_id == record.kernel_id and kernel_id not in self.kernel_manager.list_kernel_ids()
+        if started_again:
             await self._start_again(record)  # e.g. after a server restart
+        try:
+            return await self._restore_into(record, kernel_id, mode, started_again)
+        except BaseException:
+            if started_again:  # a fresh kernel nobody asked for: do not leave it behind
+                await self.kernel_manager.shutdown_kernel(kernel_id, now=True)
+            raise
+
+    async def _restore_into(self, record: SnapshotRecord, kernel_id: str, mode: str, started_again: bool) -> RestoreOutcome:
+        snapshot_id = record.id
         km, prov = self._kernel(kernel_id)
         async with self._exclusive(kernel_id):
             started = time.monotonic()
@@ -350,6 +360,8 @@ class CheckpointManager:
         outcome = RestoreOutcome(
             snapshot_id, kernel_id, mode, round(saved_seconds, 4), round(seconds, 4), round(time.monotonic() - started, 4)
         )
+        if started_again:
+            await self._attach_session(record)  # only now: clients see the restored kernel only
         self.log.info("jupyter_ckpt: kernel %s restored from %s in %.3f s", kernel_id, snapshot_id, outcome.total_seconds)
         self._emit("restored", SnapshotRecord(**{**record.to_json(), "kernel_id": kernel_id}))
         return outcome
@@ -452,10 +464,12 @@ class CheckpointManager:
         finally:
             CheckpointableProvisioner.recovering.pop(record.kernel_id, None)
             self._busy.discard(record.kernel_id)
+        self.log.info("jupyter_ckpt: kernel %s started again for %s", record.kernel_id, record.path or "no notebook")
+
+    async def _attach_session(self, record: SnapshotRecord) -> None:
         if self.session_manager is not None and record.path:
             name = record.path.rsplit("/", 1)[-1]
             await self.session_manager.create_session(path=record.path, name=name, type="notebook", kernel_id=record.kernel_id)
-        self.log.info("jupyter_ckpt: kernel %s started again for %s", record.kernel_id, record.path or "no notebook")
 
     def settled(self, kernel_id: str) -> bool:
         """False while a restore of the kernel waits for its clients to reconnect."""
