@@ -285,7 +285,7 @@ class ChunkStore:
                         pieces = [block[i : i + step] for i in range(0, len(block), step)]
                         hashes = [chunk_hash(data) for data in pieces]
                         known = self.index.lookup_many(hashes)
-                        for h, data in zip(hashes, pieces):
+                        for h, data in zip(hashes, pieces, strict=True):
                             stored.chunks.append(h)
                             stats.chunks += 1
                             stats.raw_bytes += len(data)

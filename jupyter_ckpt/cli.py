@@ -55,7 +55,7 @@ def _table(records: list[SnapshotRecord]) -> str:
         rows.append((r.id, r.created[:19].replace("T", " "), r.trigger, r.status, _size(r.memory_bytes),
                      _size(r.stored_bytes), frozen, r.kernel_id[:8], r.label or r.path or ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 class _Progress:

@@ -31,7 +31,7 @@ import signal
 import subprocess
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from jupyter_client.provisioning import LocalProvisioner
@@ -137,7 +137,6 @@ class KernelTree:
     init_pid: int  # host pid of the namespace's init: the root of the dump
     stdio: KernelStdio
     restored_from: str | None = None  # snapshot id, after a restore
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]

@@ -24,7 +24,6 @@ import re
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -135,7 +134,6 @@ class SnapshotStore:
         self.key = manifest.load_or_create_key(self.key_path)
         self.chunks = ChunkStore(self.fs, self.root, self.state / "cache")
         self.chunks.makedirs("manifests")
-        self._lock = threading.Lock()
 
     @property
     def backend(self) -> str:

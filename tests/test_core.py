@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import os
 
-import pytest
 
 from .conftest import api, needs_root, restore, snapshot
 

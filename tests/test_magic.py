@@ -6,7 +6,7 @@ import ast
 
 from tornado.httpclient import AsyncHTTPClient
 
-from .conftest import api, needs_root, restore, wait_for_snapshot
+from .conftest import api, needs_root, restore
 
 pytestmark = needs_root
 

@@ -3,7 +3,6 @@ not; a restore starts it again for its notebook, or the next server resumes it."
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
