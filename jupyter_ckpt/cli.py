@@ -16,7 +16,7 @@ import sys
 import urllib.error
 import urllib.request
 from dataclasses import asdict
-from typing import Any, BinaryIO, Sequence
+from typing import BinaryIO, Sequence
 
 from jupyter_core.paths import jupyter_data_dir
 
@@ -24,19 +24,11 @@ from .errors import CheckpointError, SnapshotNotFound
 from .store import SnapshotRecord, SnapshotStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_CRIU = 0, 1, 2, 3, 4
-_INTERNAL = ("stdio_keys", "connection")
 
 
 def _store(args: argparse.Namespace) -> SnapshotStore:
     options = json.loads(args.store_options) if args.store_options else None
     return SnapshotStore(args.store, args.state_dir, args.key, options)
-
-
-def _model(record: SnapshotRecord) -> dict[str, Any]:
-    data = asdict(record)
-    for name in _INTERNAL:
-        data.pop(name, None)
-    return data
 
 
 def _size(n: int | None) -> str:
@@ -96,16 +88,16 @@ class _Progress:
 
 def cmd_list(args: argparse.Namespace) -> int:
     records = _store(args).list(kernel_id=args.kernel, path=args.path)
-    print(json.dumps([_model(r) for r in records], indent=1) if args.json else _table(records))
+    print(json.dumps([r.public_json() for r in records], indent=1) if args.json else _table(records))
     return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     record = _store(args).get(args.id)
     if args.json:
-        print(json.dumps(_model(record), indent=1))
+        print(json.dumps(record.public_json(), indent=1))
     else:
-        for key, value in _model(record).items():
+        for key, value in record.public_json().items():
             print(f"{key:16} {value}")
     return EXIT_OK
 
@@ -159,7 +151,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         progress = _Progress(raw, "importing", os.path.getsize(args.file))
         record = import_bundle(_store(args), progress, trust=args.trust)  # type: ignore[arg-type]
         progress.close()
-    print(json.dumps(_model(record)) if args.json else f"imported {record.id} ({record.status})")
+    print(json.dumps(record.public_json()) if args.json else f"imported {record.id} ({record.status})")
     return EXIT_OK
 
 

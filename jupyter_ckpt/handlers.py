@@ -39,10 +39,6 @@ STATUS_FOR_ERROR: dict[type[errors.CheckpointError], int] = {
     errors.CriuUnavailable: 503,
 }
 
-# Fields of a record that are engine internals, not part of the API's model.
-_INTERNAL_FIELDS = ("stdio_keys", "connection")
-
-
 def translate_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(method)
     async def wrapper(self: APIHandler, *args: Any, **kwargs: Any) -> Any:
@@ -56,10 +52,7 @@ def translate_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
 
 
 def snapshot_model(record: SnapshotRecord) -> dict[str, Any]:
-    model = record.to_json()
-    for name in _INTERNAL_FIELDS:
-        model.pop(name, None)
-    return model
+    return record.public_json()
 
 
 class CheckpointHandler(APIHandler):
@@ -68,6 +61,10 @@ class CheckpointHandler(APIHandler):
     @property
     def manager(self) -> CheckpointManager:
         return self.settings["ckpt_manager"]
+
+    @property
+    def auto_backup(self):
+        return self.settings["ckpt_auto_backup"]
 
     def body(self) -> dict[str, Any]:
         if not self.request.body:
@@ -120,7 +117,7 @@ class KernelSnapshotsHandler(CheckpointHandler):
     @authorized
     @translate_errors
     async def get(self, kernel_id: str) -> None:
-        self.manager._kernel(kernel_id)  # 404 for an unknown kernel
+        self.manager.require_kernel(kernel_id)  # 404 for an unknown kernel
         self.write_json([snapshot_model(r) for r in self.manager.store.list(kernel_id=kernel_id)])
 
     @web.authenticated
@@ -241,10 +238,6 @@ class RestoreHandler(CheckpointHandler):
 class ScheduleHandler(CheckpointHandler):
     """A kernel's auto-backup schedule: {"enabled", "interval_seconds", "keep"}."""
 
-    @property
-    def auto_backup(self):
-        return self.settings["ckpt_auto_backup"]
-
     @web.authenticated
     @authorized
     @translate_errors
@@ -286,7 +279,7 @@ class KernelSelfHandler(CheckpointHandler):
 class KernelSelfInfoHandler(KernelSelfHandler):
     @translate_errors
     async def get(self, kernel_id: str) -> None:
-        self.manager._kernel(kernel_id)
+        self.manager.require_kernel(kernel_id)
         self.write_json(
             {
                 "kernel_id": kernel_id,
@@ -316,7 +309,7 @@ class KernelSelfSnapshotHandler(KernelSelfHandler):
 class KernelSelfScheduleHandler(KernelSelfHandler):
     @translate_errors
     async def put(self, kernel_id: str) -> None:
-        self.write_json(self.settings["ckpt_auto_backup"].set(kernel_id, self.body()).to_json())
+        self.write_json(self.auto_backup.set(kernel_id, self.body()).to_json())
 
 
 _kernel_id = r"(?P<kernel_id>[\w-]+)"

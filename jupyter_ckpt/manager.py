@@ -82,7 +82,7 @@ class CheckpointManager:
 
     # -- kernels ------------------------------------------------------------------
 
-    def _kernel(self, kernel_id: str) -> tuple[Any, CheckpointableProvisioner]:
+    def require_kernel(self, kernel_id: str) -> tuple[Any, CheckpointableProvisioner]:
         try:
             km = self.kernel_manager.get_kernel(kernel_id)
         except KeyError:
@@ -90,8 +90,9 @@ class CheckpointManager:
         prov = km.provisioner
         if not isinstance(prov, CheckpointableProvisioner):
             raise KernelNotCheckpointable(
-                f"kernel {kernel_id} was started by the {type(prov).__name__}, not by jupyter_ckpt's "
-                "provisioner; restart it to make it checkpointable"
+                f"kernel {kernel_id} was started by the {type(prov).__name__}, which CRIU cannot snapshot: "
+                "start it with a kernelspec whose metadata names the 'ckpt-provisioner', or set "
+                "CheckpointApp.use_provisioner_by_default = True and start a new kernel"
             )
         if not prov.checkpointable:
             raise KernelNotCheckpointable(f"kernel {kernel_id} cannot be snapshotted: {prov.not_checkpointable_reason}")
@@ -107,6 +108,9 @@ class CheckpointManager:
         except Exception:  # a broken session database must not block a snapshot
             self.log.debug("jupyter_ckpt: cannot list sessions", exc_info=True)
         return None
+
+    def is_busy(self, kernel_id: str) -> bool:
+        return kernel_id in self._busy
 
     def _claim(self, kernel_id: str) -> None:
         if kernel_id in self._busy:
@@ -195,7 +199,7 @@ class CheckpointManager:
         if trigger not in TRIGGERS:
             raise InvalidRequest(f"trigger must be one of {', '.join(TRIGGERS)}")
         self.engine.require()
-        km, prov = self._kernel(kernel_id)
+        km, prov = self.require_kernel(kernel_id)
         if await prov.poll() is not None:
             raise KernelNotFound(f"kernel {kernel_id} is not running (it exited)")
         self.activity.watch(kernel_id)
@@ -333,18 +337,20 @@ class CheckpointManager:
 
     async def _restore_into(self, record: SnapshotRecord, kernel_id: str, mode: str, started_again: bool) -> RestoreOutcome:
         snapshot_id = record.id
-        km, prov = self._kernel(kernel_id)
+        km, prov = self.require_kernel(kernel_id)
         async with self._exclusive(kernel_id):
             started = time.monotonic()
-            with self.store.scratch_dir("restore-") as images:
+            with self.store.scratch_dir("restore-") as work:
                 # Every byte is verified before the running kernel is touched.
+                images = work / "images"
+                images.mkdir(mode=0o700)
                 await asyncio.to_thread(self.store.materialize, snapshot_id, images)
                 before = client_connections(kernel_ports(km))
                 self._restoring.add(kernel_id)
                 try:
                     with prov.swapping():
                         saved_seconds, seconds = await asyncio.to_thread(
-                            self._replace_processes, prov, record, images
+                            self._replace_processes, prov, record, work
                         )
                 except KernelPutBack as e:
                     await self._wait_until_answering(km, kernel_id, before)
@@ -367,40 +373,40 @@ class CheckpointManager:
         return outcome
 
     def _replace_processes(
-        self, prov: CheckpointableProvisioner, record: SnapshotRecord, images: Path
+        self, prov: CheckpointableProvisioner, record: SnapshotRecord, work: Path
     ) -> tuple[float, float]:
-        """Blocking: runs in a worker thread while the provisioner reports 'alive'."""
+        """Blocking: runs in a worker thread while the provisioner reports 'alive'.
+        ``work`` holds the snapshot's verified images in ``images/``; CRIU's logs
+        and the replaced state go there too."""
         assert prov.tree is not None
         current = prov.tree
-        with self.store.scratch_dir("restore-") as work:
-            rollback = work / "previous-state"
-            rollback.mkdir(mode=0o700)
-            t0 = time.monotonic()
+        rollback = work / "previous-state"
+        rollback.mkdir(mode=0o700)
+        started = time.monotonic()
+        try:
+            self.engine.dump(current.init_pid, rollback)
+        except DumpFailed as e:
+            raise RestoreFailed(f"nothing was changed: the kernel's current state could not be saved first ({e})") from None
+        saved_seconds = time.monotonic() - started
+        # SIGKILL to pid 1 of the kernel's namespace ends every process in it.
+        os.kill(current.init_pid, signal.SIGKILL)
+        prov.reap_old()
+        try:
+            pid, stdio, seconds = self._restore_tree(work / "images", work, record.stdio_keys)
+        except RestoreFailed as failure:
             try:
-                self.engine.dump(current.init_pid, rollback)
-            except DumpFailed as e:
-                raise RestoreFailed(f"nothing was changed: the kernel's current state could not be saved first ({e})") from None
-            t1 = time.monotonic()
-            # SIGKILL to pid 1 of the kernel's namespace ends every process in it.
-            os.kill(current.init_pid, signal.SIGKILL)
-            prov.reap_old()
-            saved_seconds = t1 - t0
-            try:
-                pid, stdio, seconds = self._restore_tree(images, work, record.stdio_keys)
-            except RestoreFailed as failure:
-                try:
-                    pid, stdio, _ = self._restore_tree(rollback, work, current.stdio.keys)
-                except RestoreFailed as second:
-                    raise RestoreFailed(
-                        f"restoring snapshot {record.id} failed ({failure}), and so did bringing back the "
-                        f"kernel's previous state ({second}): the kernel has stopped"
-                    ) from None
-                prov.adopt(pid, stdio, current.restored_from)
-                raise KernelPutBack(
-                    f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
+                pid, stdio, _ = self._restore_tree(rollback, work, current.stdio.keys)
+            except RestoreFailed as second:
+                raise RestoreFailed(
+                    f"restoring snapshot {record.id} failed ({failure}), and so did bringing back the "
+                    f"kernel's previous state ({second}): the kernel has stopped"
                 ) from None
-            prov.adopt(pid, stdio, record.id)
-            return saved_seconds, seconds
+            prov.adopt(pid, stdio, current.restored_from)
+            raise KernelPutBack(
+                f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
+            ) from None
+        prov.adopt(pid, stdio, record.id)
+        return saved_seconds, seconds
 
     async def _wait_until_answering(self, km: Any, kernel_id: str, before: dict[int, int], timeout: float = 10.0) -> None:
         """Return once the restored kernel's clients are connected again, and
@@ -486,26 +492,22 @@ class CheckpointManager:
         return result.pid, stdio, result.seconds
 
     def emit_plain(self, data: dict[str, Any]) -> None:
-        """Publish an event that is not about one record's state."""
+        """Publish an event (schema snapshot/v1)."""
         if self._emit_event is not None:
             try:
                 self._emit_event(data)
-            except Exception:
+            except Exception:  # events inform; they must never break an operation
                 self.log.debug("jupyter_ckpt: event not emitted", exc_info=True)
 
     def _emit(self, action: str, record: SnapshotRecord, message: str | None = None) -> None:
-        if self._emit_event is None:
-            return
+        """Publish an event about one snapshot."""
         data: dict[str, Any] = {"action": action, "snapshot_id": record.id, "kernel_id": record.kernel_id, "status": record.status}
         for name in ("memory_bytes", "stored_bytes", "freeze_seconds"):
             if getattr(record, name):
                 data[name] = getattr(record, name)
         if message or record.error:
             data["message"] = message or record.error
-        try:
-            self._emit_event(data)
-        except Exception:  # events inform; they must never break an operation
-            self.log.debug("jupyter_ckpt: event not emitted", exc_info=True)
+        self.emit_plain(data)
 
     async def stop(self) -> None:
         """Stop background snapshots (they are recorded failed) and release resources."""

@@ -73,7 +73,7 @@ class AutoBackup:
     # -- schedules ------------------------------------------------------------------
 
     def get(self, kernel_id: str) -> Schedule:
-        self.manager._kernel(kernel_id)  # 404 / 409 for kernels it cannot handle
+        self.manager.require_kernel(kernel_id)  # 404 / 409 for kernels it cannot handle
         return self._schedules.get(kernel_id, self.default)
 
     def set(self, kernel_id: str, body: dict[str, Any]) -> Schedule:
@@ -121,7 +121,7 @@ class AutoBackup:
             if state.was_idle and idle and activity.executions_seen == state.executions_seen:
                 state.last_time = now  # nothing can have changed: skip, look again next interval
                 continue
-            if kernel_id in self.manager._busy:
+            if self.manager.is_busy(kernel_id):
                 continue
             state.last_time = now
             job = asyncio.ensure_future(self._backup(kernel_id, schedule, state, idle, activity.executions_seen))

@@ -44,6 +44,7 @@ _B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 
 STATUSES = ("pending", "dumping", "storing", "complete", "failed")
+INTERNAL_FIELDS = ("stdio_keys", "connection")
 
 
 def new_snapshot_id(now: float | None = None) -> str:
@@ -89,6 +90,13 @@ class SnapshotRecord:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def public_json(self) -> dict[str, Any]:
+        """The API's model: without the engine's data and the kernel's key."""
+        data = self.to_json()
+        for name in INTERNAL_FIELDS:
+            data.pop(name, None)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "SnapshotRecord":
