@@ -8,8 +8,9 @@ from pathlib import Path
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Float, Int, List, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Int, List, Unicode, default
 
+from . import forknet
 from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
 from .handlers import default_handlers
 from .manager import CheckpointManager
@@ -95,6 +96,15 @@ class CheckpointApp(ExtensionApp):
         f"'{PROVISIONER_NAME}' can be.",
     )
 
+    fork_outbound = Enum(
+        ["nat", "host"],
+        "nat",
+        config=True,
+        help="What a kernel restored as a new kernel (a fork, in a network namespace of its own) can "
+        "reach. 'host': this host's own addresses only. 'nat': also the outside world, masqueraded "
+        "through this host; this turns on the host's IPv4 forwarding.",
+    )
+
     def initialize_settings(self) -> None:
         engine = CriuEngine(
             self.criu_path or None, log_level=self.criu_log_level, resizable_files=tuple(self.resizable_files)
@@ -114,6 +124,8 @@ class CheckpointApp(ExtensionApp):
             engine=engine,
             store=store,
             session_manager=self.serverapp.session_manager,
+            contents_manager=self.serverapp.contents_manager,
+            fork_outbound=self.fork_outbound,
             log=self.log,
             emit=lambda data: self.serverapp.event_logger.emit(schema_id=SNAPSHOT_EVENTS_SCHEMA, data=data),
         )
@@ -151,6 +163,8 @@ class CheckpointApp(ExtensionApp):
 
     async def _start_jupyter_server_extension(self, serverapp: object) -> None:
         self._publish_url()
+        for name in forknet.remove_stale(in_use=set()):
+            self.log.info("jupyter_ckpt: removed %s, the namespace of a fork that no longer runs", name)
         self.auto_backup_loop.start()
         previous = self.manager.take_previous_run()
         if previous and self.resume_kernels:

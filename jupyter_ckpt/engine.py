@@ -6,6 +6,8 @@ use it directly. Every call blocks; the server runs them in a worker thread.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import shutil
@@ -26,6 +28,9 @@ MIN_CRIU_VERSION = (4, 2)
 DEFAULT_RESIZABLE_FILES = ("*/history.sqlite", "*/history.sqlite-journal", "*/history.sqlite-wal")
 
 DUMP_LOG = "dump.log"
+# CRIU's key for a kernel's network namespace when it is not the server's (a
+# fork's): dumped as external, handed back on restore as an open namespace file.
+NETNS_KEY = "jupyter-ckpt-netns"
 RESTORE_LOG = "restore.log"
 
 _ERROR_LINE = re.compile(r"Error \([^)]*\):\s*(.*)")
@@ -182,7 +187,13 @@ class CriuEngine:
             # restore, after which ZMQ reconnects by itself.
             c.opts.tcp_established = True
             c.opts.network_lock = pycriu.rpc.NFTABLES  # no iptables binary on Debian 12+
+            # A connection still in a listener's accept queue (user code's
+            # server, say) is dropped; its client sees a reset and retries.
+            c.opts.tcp_skip_in_flight = True
             c.opts.external.extend(external)
+            netns = _foreign_netns(pid)
+            if netns is not None:
+                c.opts.external.append(f"net[{netns}]:{NETNS_KEY}")
             try:
                 c.dump()
             except pycriu.CRIUException as e:
@@ -200,12 +211,14 @@ class CriuEngine:
         *,
         work_dir: Path,
         inherit_fds: Mapping[str, int] = {},
+        netns: Path | None = None,
     ) -> RestoreResult:
         """Restore the tree dumped in ``images_dir`` as a child of this process.
 
         ``inherit_fds`` maps CRIU's name of an external resource (``pipe:[1234]``,
         ``socket:[5678]``) to an inheritable fd of this process that takes its place.
-        The log goes to ``work_dir``.
+        ``netns`` is a network namespace file to restore the tree into; without
+        it, the tree lands in this process's namespace. The log goes to ``work_dir``.
         """
         import pycriu
 
@@ -216,6 +229,16 @@ class CriuEngine:
             # The restored root becomes our child, so we can wait for it and
             # reap it like any kernel we launched.
             c.opts.rst_sibling = True
+            netns_fd = None
+            if netns is not None:
+                # Join it whether the images name the namespace as external (a
+                # dumped fork) or do not mention it (a kernel of the server's).
+                netns_fd = os.open(netns, os.O_RDONLY)
+                os.set_inheritable(netns_fd, True)
+                inherit_fds = {**inherit_fds, NETNS_KEY: netns_fd}
+                join = c.opts.join_ns.add()
+                join.ns = "net"
+                join.ns_file = str(netns)
             for key, fd in inherit_fds.items():
                 entry = c.opts.inherit_fd.add()
                 entry.key = key
@@ -224,6 +247,9 @@ class CriuEngine:
                 resp = c.restore()
             except pycriu.CRIUException as e:
                 raise RestoreFailed(errors_from_log(work_dir / RESTORE_LOG) or str(e)) from None
+            finally:
+                if netns_fd is not None:
+                    os.close(netns_fd)
         return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started)
 
 
@@ -238,25 +264,70 @@ def allow_resized_files(images_dir: Path, patterns: tuple[str, ...]) -> list[str
     """
     import fnmatch
 
+    if not patterns:
+        return []
+    relaxed = []
+    with _editing_files_image(images_dir) as entries:
+        for entry in entries:
+            reg = entry.get("reg") if entry.get("type") == "REG" else None
+            if reg and "size" in reg and any(fnmatch.fnmatch(reg["name"], p) for p in patterns):
+                del reg["size"]
+                relaxed.append(reg["name"])
+    return relaxed
+
+
+def move_listeners(images_dir: Path, moves: Mapping[int, tuple[str, int]]) -> int:
+    """Make the dumped IPv4 TCP listeners on the given ports listen at a new
+    address and port on restore: ``{old_port: (address, new_port)}``.
+
+    A fork's kernel lives in a network namespace of its own, where its ZMQ
+    listeners are rebound to the address the server reaches that namespace at.
+    Listeners on other ports (user code's servers) are left alone. Returns the
+    number of listeners moved.
+    """
+    moved = 0
+    with _editing_files_image(images_dir) as entries:
+        for entry in entries:
+            isk = entry.get("isk") if entry.get("type") == "INETSK" else None
+            if isk and isk.get("state") == _TCP_LISTEN and isk.get("src_port") in moves:
+                address, port = moves[isk["src_port"]]
+                isk["src_addr"] = [int.from_bytes(ipaddress.IPv4Address(address).packed, "little")]
+                isk["src_port"] = port
+                moved += 1
+    return moved
+
+
+_TCP_LISTEN = 10
+
+
+@contextmanager
+def _editing_files_image(images_dir: Path) -> Iterator[list[dict]]:
+    """The entries of ``files.img``, written back (atomically) if the block changes them."""
     import pycriu
 
     path = images_dir / "files.img"
-    if not patterns or not path.exists():
-        return []
+    if not path.exists():
+        yield []
+        return
     with open(path, "rb") as f:
         image = pycriu.images.load(f)
-    relaxed = []
-    for entry in image["entries"]:
-        reg = entry.get("reg") if entry.get("type") == "REG" else None
-        if reg and "size" in reg and any(fnmatch.fnmatch(reg["name"], p) for p in patterns):
-            del reg["size"]
-            relaxed.append(reg["name"])
-    if relaxed:
+    before = json.dumps(image["entries"], sort_keys=True, default=str)
+    yield image["entries"]
+    if json.dumps(image["entries"], sort_keys=True, default=str) != before:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             pycriu.images.dump(image, f)
         os.replace(tmp, path)
-    return relaxed
+
+
+def _foreign_netns(pid: int) -> int | None:
+    """The inode of ``pid``'s network namespace if it is not this process's."""
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net").st_ino
+        ours = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return None
+    return theirs if theirs != ours else None
 
 
 def _find_criu() -> str | None:

@@ -29,6 +29,18 @@ class SnapshotNotRestorable(CheckpointError):
     """The snapshot exists but cannot be restored (failed, incomplete, damaged)."""
 
 
+class SnapshotIncompatible(SnapshotNotRestorable):
+    """Files the snapshot's processes need are missing or differ on this machine."""
+
+    def __init__(self, snapshot_id: str, differences: list[str]):
+        self.differences = differences
+        super().__init__(
+            f"snapshot {snapshot_id} cannot be restored here: {len(differences)} "
+            f"file{'s' if len(differences) != 1 else ''} it needs differ from the machine it was taken on: "
+            + "; ".join(differences)
+        )
+
+
 class KernelNotFound(CheckpointError):
     """No running kernel has this id."""
 

@@ -96,7 +96,7 @@ class StatusHandler(CheckpointHandler):
                 "features": {
                     "snapshot": health.available,
                     "restore_replace": health.available,
-                    "restore_new": False,
+                    "restore_new": health.available,
                 },
             }
         )
@@ -110,6 +110,30 @@ class SnapshotListHandler(CheckpointHandler):
         path = self.get_query_argument("path", None)
         records = self.manager.store.list(kernel_id=kernel_id, path=path)
         self.write_json([snapshot_model(r) for r in records])
+
+
+class KernelHandler(CheckpointHandler):
+    """A kernel as jupyter-ckpt sees it: can it be snapshotted, and which
+    snapshot its processes were restored from (what the notebook shows)."""
+
+    @web.authenticated
+    @authorized
+    @translate_errors
+    async def get(self, kernel_id: str) -> None:
+        try:
+            self.manager.require_kernel(kernel_id)
+            checkpointable, reason = True, ""
+        except errors.KernelNotCheckpointable as e:
+            checkpointable, reason = False, str(e)
+        self.write_json(
+            {
+                "id": kernel_id,
+                "checkpointable": checkpointable,
+                "reason": reason,
+                "busy": self.manager.is_busy(kernel_id),
+                "restored_from": self.manager.restored_from(kernel_id),
+            }
+        )
 
 
 class KernelSnapshotsHandler(CheckpointHandler):
@@ -230,9 +254,17 @@ class RestoreHandler(CheckpointHandler):
     async def post(self, snapshot_id: str) -> None:
         body = self.body()
         outcome = await self.manager.restore(
-            snapshot_id, kernel_id=body.get("kernel_id"), mode=body.get("mode", "replace")
+            snapshot_id,
+            kernel_id=body.get("kernel_id"),
+            mode=body.get("mode", "replace"),
+            path=body.get("path"),
+            copy_notebook=bool(body.get("copy", False)),
         )
-        self.write_json(outcome.to_json())
+        if outcome.mode == "new":
+            self.set_header("Location", url_path_join(self.base_url, "api/kernels", outcome.kernel_id))
+            self.write_json(outcome.to_json(), status=201)
+        else:
+            self.write_json(outcome.to_json())
 
 
 class ScheduleHandler(CheckpointHandler):
@@ -322,6 +354,7 @@ default_handlers = [
     (rf"/api/ckpt/snapshots/{_snapshot_id}/restore", RestoreHandler),
     (rf"/api/ckpt/snapshots/{_snapshot_id}/bundle", BundleHandler),
     (r"/api/ckpt/bundles", BundleUploadHandler),
+    (rf"/api/ckpt/kernels/{_kernel_id}", KernelHandler),
     (rf"/api/ckpt/kernels/{_kernel_id}/snapshots", KernelSnapshotsHandler),
     (rf"/api/ckpt/kernels/{_kernel_id}/schedule", ScheduleHandler),
     (rf"/api/ckpt/self/{_kernel_id}", KernelSelfInfoHandler),

@@ -34,6 +34,26 @@ class CheckpointUnavailable(RuntimeError):
     pass
 
 
+class ServerUnreachable(CheckpointUnavailable):
+    pass
+
+
+FORK_UNREACHABLE = (
+    "this kernel was restored as a new kernel (a fork): it runs in a network namespace of its own, "
+    "from where it cannot reach the Jupyter server to snapshot itself; use the Snapshot button or the REST API"
+)
+
+
+def in_fork() -> bool:
+    """Is this kernel a fork, in a network namespace of its own? Its namespace
+    has the kernel's end of a veth pair (named by forknet.ForkNetwork)."""
+    try:
+        with open("/proc/self/net/dev") as f:
+            return any(line.strip().startswith("ckk") for line in f)
+    except OSError:
+        return False
+
+
 @dataclass
 class Checkpoint:
     id: str
@@ -85,10 +105,12 @@ class KernelClient:
                 except ValueError:
                     message = str(e)
                 raise CheckpointUnavailable(message) from None
-            except (urllib.error.URLError, OSError):  # ConnectionError, ENOTCONN, timeouts
+            except (urllib.error.URLError, OSError) as e:  # ConnectionError, ENOTCONN, timeouts
+                if in_fork():
+                    raise ServerUnreachable(FORK_UNREACHABLE) from None
                 # A restore closes this process's connections: try again.
                 if method != "GET" or attempt == retries - 1:
-                    raise
+                    raise ServerUnreachable(f"cannot reach the Jupyter server at {url}: {e}") from None
                 time.sleep(0.1)
 
 
@@ -97,15 +119,22 @@ def checkpoint(label: str = "", timeout: float = 3600.0) -> Checkpoint:
     client = KernelClient()
     snap = client.call("POST", "/snapshots", {"label": label})
     deadline = time.monotonic() + timeout
-    # A restored copy of this kernel resumes in this loop.
-    while snap["status"] not in ("complete", "failed"):
-        if time.monotonic() > deadline:
-            raise CheckpointUnavailable(f"snapshot {snap['id']} did not finish within {timeout:.0f} s")
-        time.sleep(0.05)
-        snap = client.call("GET", f"/snapshots/{snap['id']}")
-    if snap["status"] == "failed":
-        raise CheckpointUnavailable(f"snapshot failed: {snap.get('error')}")
-    me = client.call("GET")
+    try:
+        # A restored copy of this kernel resumes in this loop.
+        while snap["status"] not in ("complete", "failed"):
+            if time.monotonic() > deadline:
+                raise CheckpointUnavailable(f"snapshot {snap['id']} did not finish within {timeout:.0f} s")
+            time.sleep(0.05)
+            snap = client.call("GET", f"/snapshots/{snap['id']}")
+        if snap["status"] == "failed":
+            raise CheckpointUnavailable(f"snapshot failed: {snap.get('error')}")
+        me = client.call("GET")
+    except ServerUnreachable:
+        if not in_fork():
+            raise
+        # Only a copy restored as a new kernel resumes here without a server to
+        # ask: the snapshot it was restored from is the one being taken.
+        return Checkpoint(id=snap["id"], label=snap.get("label") or "", restored=True, memory_bytes=0, freeze_seconds=None)
     # A restored copy goes on only once the notebook is connected to it again:
     # what it prints before would be lost.
     while not me.get("settled", True) and time.monotonic() < deadline:

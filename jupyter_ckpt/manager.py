@@ -8,11 +8,14 @@ calls. Blocking CRIU work runs in worker threads; one operation per kernel at a 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import ipaddress
 import json
 import logging
 import os
 import signal
 import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +23,9 @@ from typing import Any, AsyncIterator, Callable
 
 from jupyter_client.session import Session
 
+from . import compat
 from .activity import ActivityTracker
-from .engine import CriuEngine
+from .engine import CriuEngine, move_listeners
 from .errors import (
     CheckpointError,
     DumpFailed,
@@ -31,13 +35,18 @@ from .errors import (
     NotSupported,
     OperationInProgress,
     RestoreFailed,
+    SnapshotIncompatible,
     SnapshotNotRestorable,
 )
-from .provisioner import CheckpointableProvisioner, KernelStdio
+from .forknet import NETWORK as FORK_NETWORK
+from .forknet import ForkNetwork
+from .provisioner import CheckpointableProvisioner, ForkPlan, KernelStdio
 from .chunks import write_private_atomic
 from .store import SnapshotRecord, SnapshotStore, new_snapshot_id, validate_label
 
 TRIGGERS = ("manual", "magic", "auto")
+RESTORE_MODES = ("replace", "new")
+ZMQ_PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 
 class KernelPutBack(RestoreFailed):
@@ -52,6 +61,7 @@ class RestoreOutcome:
     save_previous_seconds: float  # dumping the replaced state, kept until the restore succeeded
     restore_seconds: float  # CRIU's restore of the snapshot
     total_seconds: float  # until the kernel answers again, everything included
+    path: str | None = None  # the notebook the kernel is attached to (mode new)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -66,8 +76,12 @@ class CheckpointManager:
         session_manager: Any = None,
         log: logging.Logger | None = None,
         emit: Callable[..., None] | None = None,
+        contents_manager: Any = None,
+        fork_outbound: str = "nat",
     ):
         self.kernel_manager = kernel_manager
+        self.contents_manager = contents_manager
+        self.fork_outbound = fork_outbound
         self.engine = engine
         self.store = store
         self.session_manager = session_manager
@@ -309,43 +323,161 @@ class CheckpointManager:
 
     # -- restore --------------------------------------------------------------------
 
-    async def restore(self, snapshot_id: str, kernel_id: str | None = None, mode: str = "replace") -> RestoreOutcome:
-        """Replace a kernel's processes with a snapshot's; the kernel id stays.
+    async def restore(
+        self,
+        snapshot_id: str,
+        kernel_id: str | None = None,
+        mode: str = "replace",
+        path: str | None = None,
+        copy_notebook: bool = False,
+    ) -> RestoreOutcome:
+        """Restore a snapshot.
 
-        A failed restore brings the kernel back as it was just before: its
-        current state is dumped first and restored again if the snapshot fails.
+        ``replace``: the kernel's processes are replaced, its id stays. A failed
+        restore brings the kernel back as it was just before: its current state
+        is dumped first and restored again if the snapshot fails.
+
+        ``new``: the snapshot becomes a new kernel (a fork) beside the running
+        one, attached to the notebook ``path``, or to a copy of the snapshot's
+        notebook with ``copy_notebook``.
         """
-        if mode == "new":
-            raise NotSupported("restore as a new kernel (mode 'new') is not available on this server yet")
-        if mode != "replace":
+        if mode not in RESTORE_MODES:
             raise InvalidRequest("mode must be 'replace' or 'new'")
         record = self.store.get(snapshot_id)
         if not record.restorable:
             why = f": {record.error}" if record.error else ""
             raise SnapshotNotRestorable(f"snapshot {snapshot_id} is {record.status}{why}")
-        kernel_id = kernel_id or record.kernel_id
         self.engine.require()
-        started_again = kernel_id == record.kernel_id and kernel_id not in self.kernel_manager.list_kernel_ids()
-        if started_again:
+        if mode == "new":
+            if kernel_id:
+                raise InvalidRequest("a restore as a new kernel gets a new kernel id: do not give one")
+            return await self.fork(record, path=path, copy_notebook=copy_notebook)
+        if path or copy_notebook:
+            raise InvalidRequest("'path' and 'copy' go with mode 'new'")
+        kernel_id = kernel_id or record.kernel_id
+        gone = kernel_id == record.kernel_id and kernel_id not in self.kernel_manager.list_kernel_ids()
+        if gone and _is_fork(record):
+            # Its namespace went with it: bring it back as a fork, under its own id.
+            return await self.fork(record, path=record.path, kernel_id=kernel_id)
+        if gone:
             await self._start_again(record)  # e.g. after a server restart
         try:
-            return await self._restore_into(record, kernel_id, mode, started_again)
+            return await self._restore_into(record, kernel_id, gone)
         except BaseException:
-            if started_again:  # a fresh kernel nobody asked for: do not leave it behind
+            if gone:  # a fresh kernel nobody asked for: do not leave it behind
                 await self.kernel_manager.shutdown_kernel(kernel_id, now=True)
             raise
 
-    async def _restore_into(self, record: SnapshotRecord, kernel_id: str, mode: str, started_again: bool) -> RestoreOutcome:
+    async def fork(
+        self, record: SnapshotRecord, path: str | None = None, copy_notebook: bool = False, kernel_id: str | None = None
+    ) -> RestoreOutcome:
+        """Restore a snapshot as a new kernel, in a network namespace of its own.
+
+        The original kernel, if it runs, is not touched: the fork's listeners
+        (its ZMQ ports, and any the user's code opened) live in the fork's
+        namespace, so they never collide with the original's. The same snapshot
+        can be forked any number of times, at once.
+        """
+        if not record.connection:
+            raise SnapshotNotRestorable(f"snapshot {record.id} has no connection details to restore it as a new kernel")
+        kernel_id = kernel_id or str(uuid.uuid4())
+        target_path = await self._fork_notebook(record, path, copy_notebook)
+        self._claim(kernel_id)
+        started = time.monotonic()
+        network: ForkNetwork | None = None
+        restore_seconds = 0.0
+        try:
+            with self.store.scratch_dir("fork-") as work:
+                images = await self._verified_images(record, work)
+                network = await asyncio.to_thread(ForkNetwork.create, self.fork_outbound)
+                moves = {record.connection[p]: (network.kernel_address, record.connection[p]) for p in ZMQ_PORTS}
+                await asyncio.to_thread(move_listeners, images, moves)
+
+                def restore() -> tuple[int, KernelStdio]:
+                    nonlocal restore_seconds
+                    assert network is not None
+                    pid, stdio, restore_seconds = self._restore_tree(images, work, record.stdio_keys, network.path)
+                    return pid, stdio
+
+                CheckpointableProvisioner.forking[kernel_id] = ForkPlan(record.id, record.connection, network, restore)
+                try:
+                    cwd = target_path.rsplit("/", 1)[0] if target_path and "/" in target_path else ""
+                    await self.kernel_manager.start_kernel(kernel_id=kernel_id, kernel_name=record.kernel_name, path=cwd)
+                finally:
+                    CheckpointableProvisioner.forking.pop(kernel_id, None)
+        except BaseException as e:
+            if kernel_id in self.kernel_manager.list_kernel_ids():
+                await self.kernel_manager.shutdown_kernel(kernel_id, now=True)  # closes the namespace too
+            elif network is not None:
+                await asyncio.to_thread(network.close)
+            self._busy.discard(kernel_id)
+            if isinstance(e, CheckpointError):
+                self._emit("restore_failed", record, message=str(e))
+                raise
+            if isinstance(e, Exception):
+                message = f"restoring snapshot {record.id} as a new kernel failed: {e}"
+                self._emit("restore_failed", record, message=message)
+                raise RestoreFailed(message) from None
+            raise
+        km = self.kernel_manager.get_kernel(kernel_id)
+        try:
+            self._lineage[kernel_id] = record.id
+            await self._wait_until_answering(km, kernel_id, {})
+        finally:
+            self._busy.discard(kernel_id)
+        if target_path:
+            await self._attach_session(target_path, kernel_id)
+        outcome = RestoreOutcome(
+            record.id, kernel_id, "new", 0.0, round(restore_seconds, 4), round(time.monotonic() - started, 4), target_path
+        )
+        self.log.info("jupyter_ckpt: snapshot %s restored as kernel %s in %.3f s", record.id, kernel_id, outcome.total_seconds)
+        self._emit("restored", SnapshotRecord(**{**record.to_json(), "kernel_id": kernel_id}))
+        return outcome
+
+    async def _fork_notebook(self, record: SnapshotRecord, path: str | None, copy_notebook: bool) -> str | None:
+        """The notebook a fork is attached to: ``path``, or a new copy of the snapshot's."""
+        if not copy_notebook:
+            return path or None
+        if not record.path:
+            raise InvalidRequest(f"snapshot {record.id} belongs to no notebook, so there is none to copy")
+        if self.contents_manager is None:
+            raise NotSupported("this server has no contents manager to copy the notebook with")
+        try:
+            model = await _maybe_await(self.contents_manager.copy(record.path, record.path.rsplit("/", 1)[0] if "/" in record.path else ""))
+        except Exception as e:
+            raise InvalidRequest(f"cannot copy notebook {record.path}: {e}") from None
+        return model["path"]
+
+    async def _verified_images(self, record: SnapshotRecord, work: Path) -> Path:
+        """The snapshot's images in ``work``, every byte verified, and every file
+        they need checked against this machine."""
+        images = work / "images"
+        images.mkdir(mode=0o700)
+        await asyncio.to_thread(self.store.materialize, record.id, images)
+        problems = await asyncio.to_thread(compat.differences, images)
+        if problems:
+            raise SnapshotIncompatible(record.id, problems)
+        return images
+
+    async def _restore_into(self, record: SnapshotRecord, kernel_id: str, started_again: bool) -> RestoreOutcome:
         snapshot_id = record.id
         km, prov = self.require_kernel(kernel_id)
         async with self._exclusive(kernel_id):
             started = time.monotonic()
             with self.store.scratch_dir("restore-") as work:
                 # Every byte is verified before the running kernel is touched.
-                images = work / "images"
-                images.mkdir(mode=0o700)
-                await asyncio.to_thread(self.store.materialize, snapshot_id, images)
-                before = client_connections(kernel_ports(km))
+                images = await self._verified_images(record, work)
+                # The snapshot's listeners go where this kernel listens (a
+                # fork's namespace address, or another kernel's ports).
+                here = _connection_info(km)
+                moves = {
+                    record.connection[p]: (here["ip"], here[p])
+                    for p in ZMQ_PORTS
+                    if record.connection.get(p) and (record.connection[p], record.connection.get("ip")) != (here[p], here["ip"])
+                }
+                if moves:
+                    await asyncio.to_thread(move_listeners, images, moves)
+                before = client_connections(km.ip, kernel_ports(km))
                 self._restoring.add(kernel_id)
                 try:
                     with prov.swapping():
@@ -364,10 +496,10 @@ class CheckpointManager:
             self._lineage[kernel_id] = snapshot_id
             await self._wait_until_answering(km, kernel_id, before)
         outcome = RestoreOutcome(
-            snapshot_id, kernel_id, mode, round(saved_seconds, 4), round(seconds, 4), round(time.monotonic() - started, 4)
+            snapshot_id, kernel_id, "replace", round(saved_seconds, 4), round(seconds, 4), round(time.monotonic() - started, 4)
         )
-        if started_again:
-            await self._attach_session(record)  # only now: clients see the restored kernel only
+        if started_again and record.path:
+            await self._attach_session(record.path, kernel_id)  # only now: clients see the restored kernel only
         self.log.info("jupyter_ckpt: kernel %s restored from %s in %.3f s", kernel_id, snapshot_id, outcome.total_seconds)
         self._emit("restored", SnapshotRecord(**{**record.to_json(), "kernel_id": kernel_id}))
         return outcome
@@ -391,21 +523,22 @@ class CheckpointManager:
         # SIGKILL to pid 1 of the kernel's namespace ends every process in it.
         os.kill(current.init_pid, signal.SIGKILL)
         prov.reap_old()
+        netns = current.network.path if current.network else None
         try:
-            pid, stdio, seconds = self._restore_tree(work / "images", work, record.stdio_keys)
+            pid, stdio, seconds = self._restore_tree(work / "images", work, record.stdio_keys, netns)
         except RestoreFailed as failure:
             try:
-                pid, stdio, _ = self._restore_tree(rollback, work, current.stdio.keys)
+                pid, stdio, _ = self._restore_tree(rollback, work, current.stdio.keys, netns)
             except RestoreFailed as second:
                 raise RestoreFailed(
                     f"restoring snapshot {record.id} failed ({failure}), and so did bringing back the "
                     f"kernel's previous state ({second}): the kernel has stopped"
                 ) from None
-            prov.adopt(pid, stdio, current.restored_from)
+            prov.adopt(pid, stdio, current.restored_from, current.network)
             raise KernelPutBack(
                 f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
             ) from None
-        prov.adopt(pid, stdio, record.id)
+        prov.adopt(pid, stdio, record.id, current.network)
         return saved_seconds, seconds
 
     async def _wait_until_answering(self, km: Any, kernel_id: str, before: dict[int, int], timeout: float = 10.0) -> None:
@@ -423,7 +556,7 @@ class CheckpointManager:
         ports = list(before)
         try:
             while loop.time() < deadline:
-                now = client_connections(ports)
+                now = client_connections(km.ip, ports)
                 if all(now[p] >= before[p] for p in ports):
                     break
                 await asyncio.sleep(0.02)
@@ -472,21 +605,29 @@ class CheckpointManager:
             self._busy.discard(record.kernel_id)
         self.log.info("jupyter_ckpt: kernel %s started again for %s", record.kernel_id, record.path or "no notebook")
 
-    async def _attach_session(self, record: SnapshotRecord) -> None:
-        if self.session_manager is not None and record.path:
-            name = record.path.rsplit("/", 1)[-1]
-            await self.session_manager.create_session(path=record.path, name=name, type="notebook", kernel_id=record.kernel_id)
+    async def _attach_session(self, path: str, kernel_id: str) -> None:
+        """Make ``kernel_id`` the kernel of notebook ``path``."""
+        if self.session_manager is None:
+            return
+        for session in await self.session_manager.list_sessions():
+            if session.get("path") == path:
+                await self.session_manager.update_session(session["id"], kernel_id=kernel_id)
+                return
+        name = path.rsplit("/", 1)[-1]
+        await self.session_manager.create_session(path=path, name=name, type="notebook", kernel_id=kernel_id)
 
     def settled(self, kernel_id: str) -> bool:
         """False while a restore of the kernel waits for its clients to reconnect."""
         return kernel_id not in self._restoring
 
-    def _restore_tree(self, images: Path, work: Path, stdio_keys: dict[str, str]) -> tuple[int, KernelStdio, float]:
+    def _restore_tree(
+        self, images: Path, work: Path, stdio_keys: dict[str, str], netns: Path | None = None
+    ) -> tuple[int, KernelStdio, float]:
         stdio = KernelStdio()
         try:
             inherit = {key: stdio.write_fds[name] for name, key in stdio_keys.items() if name in stdio.write_fds}
             with stdio.inheritable():
-                result = self.engine.restore(images, work_dir=work, inherit_fds=inherit)
+                result = self.engine.restore(images, work_dir=work, inherit_fds=inherit, netns=netns)
         finally:
             stdio.close_write_ends()
         return result.pid, stdio, result.seconds
@@ -529,18 +670,24 @@ def _connection_info(km: Any) -> dict[str, Any]:
     return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}
 
 
-def client_connections(ports: list[int]) -> dict[int, int]:
-    """Established TCP connections to each local port, counted from the clients' side."""
+def client_connections(address: str, ports: list[int]) -> dict[int, int]:
+    """Established TCP connections to each port of ``address`` (IPv4), counted
+    from the clients' side, in this process's network namespace."""
     counts = dict.fromkeys(ports, 0)
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        wanted = ipaddress.IPv4Address(address).packed[::-1].hex().upper()
+    except ValueError:
+        return counts
+    for table in ("/proc/net/tcp",):
         try:
             with open(table) as f:
                 next(f)
                 for line in f:
                     cols = line.split()
                     if cols[3] == "01":
-                        port = int(cols[2].rsplit(":", 1)[1], 16)
-                        if port in counts:
+                        addr, port_hex = cols[2].split(":")
+                        port = int(port_hex, 16)
+                        if addr == wanted and port in counts:
                             counts[port] += 1
         except (OSError, StopIteration):
             pass
@@ -551,3 +698,15 @@ def kernel_ports(km: Any) -> list[int]:
     if getattr(km, "transport", "tcp") != "tcp":
         return []
     return [p for p in (km.shell_port, km.iopub_port, km.stdin_port, km.control_port) if p]
+
+
+def _is_fork(record: SnapshotRecord) -> bool:
+    """Was the snapshot taken of a kernel living in a fork's namespace?"""
+    try:
+        return ipaddress.IPv4Address(record.connection.get("ip", "127.0.0.1")) in FORK_NETWORK
+    except ValueError:
+        return False
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value

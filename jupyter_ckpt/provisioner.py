@@ -32,10 +32,12 @@ import subprocess
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Bool, List, Unicode
+
+from .forknet import ForkNetwork
 
 
 def kernel_token(secret: bytes, kernel_id: str) -> str:
@@ -137,6 +139,22 @@ class KernelTree:
     init_pid: int  # host pid of the namespace's init: the root of the dump
     stdio: KernelStdio
     restored_from: str | None = None  # snapshot id, after a restore
+    network: ForkNetwork | None = None  # a fork's own network namespace
+
+
+@dataclass
+class ForkPlan:
+    """How to bring up a kernel from a snapshot instead of launching its command.
+
+    ``restore`` (blocking, run in a worker thread) restores the snapshot's tree
+    into ``network`` and returns its root pid and stdio; the kernel listens at
+    ``network.kernel_address`` on the snapshot's ports, with the snapshot's key.
+    """
+
+    snapshot_id: str
+    connection: dict[str, Any]
+    network: ForkNetwork
+    restore: Callable[[], tuple[int, KernelStdio]]
 
 
 class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
@@ -166,6 +184,8 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
     # kernel id -> connection info of a snapshot, for a kernel started again
     # to be restored into (recovery after a server restart).
     recovering: dict[str, dict[str, Any]] = {}
+    # kernel id -> how to restore it, for a kernel that is a snapshot's fork.
+    forking: dict[str, ForkPlan] = {}
 
     tree: KernelTree | None = None
     not_checkpointable_reason: str = ""
@@ -174,12 +194,15 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
     # -- launch -----------------------------------------------------------------
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        info = type(self).recovering.get(self.kernel_id)
+        fork = type(self).forking.get(self.kernel_id)
+        info = fork.connection if fork else type(self).recovering.get(self.kernel_id)
         km = self.parent
         if info and km is not None:
             # Listen where the snapshot's process listens, with its key: the
             # restored process replaces this one right after it starts.
-            km.transport, km.ip = info["transport"], info["ip"]
+            # (A fork listens elsewhere, at its namespace's address: launch_kernel
+            # says so. jupyter_client only accepts local addresses here.)
+            km.transport, km.ip = info["transport"], "127.0.0.1" if fork else info["ip"]
             for name in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
                 setattr(km, name, info[name])
             km.session.signature_scheme = info.get("signature_scheme", km.session.signature_scheme)
@@ -195,6 +218,9 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         return [unshare, "--pid", "--fork", setsid, tini, *self.init_args, "--"], ""  # type:ignore[list-item]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        fork = type(self).forking.get(self.kernel_id)
+        if fork is not None:
+            return await self._launch_fork(fork, kwargs)
         prefix, reason = self._isolation_commands()
         if prefix is None:
             if self.require_isolation:
@@ -226,6 +252,14 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
             stdio.close_write_ends()
         self.tree = KernelTree(init_pid=await self._namespace_init(self.process.pid), stdio=stdio)
         return info
+
+    async def _launch_fork(self, fork: ForkPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Restore the snapshot's processes as this kernel's, in the fork's namespace."""
+        pid, stdio = await asyncio.to_thread(fork.restore)
+        self.adopt(pid, stdio, fork.snapshot_id, fork.network)
+        self.cwd = kwargs.get("cwd") or os.getcwd()
+        key = fork.connection["key"]
+        return {**self.connection_info, **fork.connection, "ip": fork.network.kernel_address, "key": key.encode()}
 
     async def _namespace_init(self, unshare_pid: int) -> int:
         """unshare forks the namespace's pid 1 (tini); that child is what CRIU dumps."""
@@ -289,8 +323,28 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         if self.process is not None:
             self.process.wait()
 
-    def adopt(self, pid: int, stdio: KernelStdio, snapshot_id: str) -> None:
+    def adopt(self, pid: int, stdio: KernelStdio, snapshot_id: str | None, network: ForkNetwork | None = None) -> None:
         """Take a restored tree (a child of this process) as this kernel's processes."""
         self.process = RestoredProcess(pid)
         self.pid = self.pgid = pid
-        self.tree = KernelTree(init_pid=pid, stdio=stdio, restored_from=snapshot_id)
+        self.tree = KernelTree(init_pid=pid, stdio=stdio, restored_from=snapshot_id, network=network)
+
+    @property
+    def network(self) -> ForkNetwork | None:
+        return self.tree.network if self.tree else None
+
+    async def cleanup(self, restart: bool = False) -> None:
+        # A fork's namespace ends with its processes; a restart launches the
+        # kernel afresh, in the server's namespace.
+        network = self.network
+        if network is not None and self.tree is not None:
+            self.tree.network = None
+            await asyncio.to_thread(network.close)
+            # The snapshot's ports were never taken from the port cache (the
+            # original kernel holds them), and a restart needs fresh local ones.
+            self.ports_cached = False
+            km = self.parent
+            if km is not None:
+                km.ip = "127.0.0.1"
+                km.cleanup_connection_file()
+        await super().cleanup(restart=restart)

@@ -201,7 +201,7 @@ async def restore(jp_fetch, snapshot_id: str, **body: Any) -> dict:
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
-    """A real S3-protocol server process (moto's server mode) on loopback."""
+    """A real S3-protocol server process (moto's server mode)."""
     import socket
     import subprocess
     import sys
@@ -212,7 +212,8 @@ def s3_endpoint(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    # On every address: the migration tests reach it from another network namespace.
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(port)], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:

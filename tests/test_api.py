@@ -95,9 +95,14 @@ async def test_bundle_download_then_upload_and_restore(jp_fetch, start_kernel):
     assert resp.code == 201
     assert json.loads(resp.body)["id"] == snap["id"]
 
+    status, kernel = await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id)
+    assert kernel == {"id": kernel_id, "checkpointable": True, "reason": "", "busy": False, "restored_from": None}
     await sock.execute("x = 'changed'")
     await restore(jp_fetch, snap["id"])
     assert await sock.value("x") == "'from the bundle'"
+    status, kernel = await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id)
+    assert kernel["restored_from"] == snap["id"]
+    assert (await api(jp_fetch, "GET", "api", "ckpt", "kernels", "nope"))[0] == 404
 
 
 async def test_events_for_failure_restore_delete_and_schedule(jp_fetch, jp_serverapp, start_kernel, tmp_path):

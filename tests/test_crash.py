@@ -29,9 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def call(port: int, method: str, path: str, body: dict | None = None, timeout: float = 60) -> dict:
+def call(port: int, method: str, path: str, body: dict | None = None, timeout: float = 60, host: str = "127.0.0.1") -> dict:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
+        f"http://{host}:{port}{path}",
         data=json.dumps(body or {}).encode() if method != "GET" else None,
         method=method,
         headers={"Authorization": f"token {TOKEN}"},

@@ -19,15 +19,23 @@ pytestmark = needs_root
 
 
 class Server:
-    def __init__(self, tmp_path, *extra: str):
-        self.port = free_port()
+    """A real `jupyter server` process with its own root, runtime dir and store.
+
+    With ``netns``, it runs in that network namespace (standing for another
+    host) and listens on ``host`` there."""
+
+    def __init__(self, tmp_path, *extra: str, netns: str | None = None, host: str = "127.0.0.1", local_store: bool = True):
+        self.port = free_port() if netns is None else 8888
+        self.host = host
         self.runtime = tmp_path / "runtime"
         (tmp_path / "root").mkdir(exist_ok=True)
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", f"--port={self.port}",
+            [*prefix, sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", f"--port={self.port}",
+             f"--ip={host}",
              f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path / 'root'}",
-             "--ServerApp.jpserver_extensions=jupyter_ckpt=True", f"--CheckpointApp.store_root={tmp_path / 'store'}",
-             *extra],
+             "--ServerApp.jpserver_extensions=jupyter_ckpt=True",
+             *([f"--CheckpointApp.store_root={tmp_path / 'store'}"] if local_store else []), *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime), HOME=str(tmp_path)),
         )
@@ -40,7 +48,7 @@ class Server:
         raise RuntimeError("server did not start")
 
     def call(self, method, path, body=None, timeout=60):
-        return call(self.port, method, path, body, timeout)
+        return call(self.port, method, path, body, timeout, host=self.host)
 
     def client(self, kernel_id: str) -> BlockingKernelClient:
         client = BlockingKernelClient()

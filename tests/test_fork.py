@@ -1,0 +1,237 @@
+"""Restore as a new kernel ("fork"): the snapshot runs beside the original kernel,
+in a network namespace of its own, through a real server and real CRIU."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+
+from .conftest import KernelSocket, api, needs_root, restore, snapshot
+
+pytestmark = needs_root
+
+
+async def fork(jp_fetch, snapshot_id: str, **body) -> dict:
+    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snapshot_id, "restore", body={"mode": "new", **body})
+    assert status == 201, out
+    assert out["mode"] == "new"
+    return out
+
+
+async def connect(jp_ws_fetch, kernel_id: str) -> KernelSocket:
+    sock = KernelSocket(await jp_ws_fetch("api", "kernels", kernel_id, "channels"))
+    await sock.wait_ready()
+    return sock
+
+
+def netns_of(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+async def test_fork_runs_beside_the_original_and_diverges(jp_fetch, jp_ws_fetch, start_kernel, jp_serverapp):
+    kernel_id, sock = await start_kernel()
+    await sock.execute("x = 'snapshot'; import os")
+    snap = await snapshot(jp_fetch, kernel_id)
+
+    out = await fork(jp_fetch, snap["id"], path="branch.ipynb")
+    fork_id = out["kernel_id"]
+    assert fork_id != kernel_id and out["path"] == "branch.ipynb"
+    forked = await connect(jp_ws_fetch, fork_id)
+    assert await forked.value("x") == "'snapshot'"
+
+    # Both answer; their states diverge.
+    await sock.execute("x = 'original'")
+    await forked.execute("x = 'fork'")
+    assert await sock.value("x") == "'original'"
+    assert await forked.value("x") == "'fork'"
+
+    status, kernels = await api(jp_fetch, "GET", "api", "kernels")
+    assert {k["id"] for k in kernels} == {kernel_id, fork_id}
+    status, sessions = await api(jp_fetch, "GET", "api", "sessions")
+    assert [(s["path"], s["kernel"]["id"]) for s in sessions] == [("branch.ipynb", fork_id)]
+
+    # The original keeps the host's network; the fork has a namespace of its own.
+    km = jp_serverapp.kernel_manager
+    original_pid = km.get_kernel(kernel_id).provisioner.tree.init_pid
+    fork_prov = km.get_kernel(fork_id).provisioner
+    assert netns_of(original_pid) == netns_of(os.getpid())
+    assert netns_of(fork_prov.tree.init_pid) != netns_of(os.getpid())
+    status, model = await api(jp_fetch, "GET", "api", "ckpt", "kernels", fork_id, "snapshots")
+    assert status == 200
+
+    # A fork can be snapshotted and restored in place like any kernel.
+    fork_snap = await snapshot(jp_fetch, fork_id)
+    await forked.execute("x = 'changed in the fork'")
+    await restore(jp_fetch, fork_snap["id"])
+    assert await forked.value("x") == "'fork'"
+    assert await sock.value("x") == "'original'"
+
+    # Shutting the fork down removes its namespace.
+    netns = fork_prov.tree.network.path
+    assert netns.exists()
+    status, _ = await api(jp_fetch, "DELETE", "api", "kernels", fork_id)
+    assert status == 204
+    assert not netns.exists()
+    assert await sock.value("x") == "'original'"
+
+
+async def test_three_forks_of_one_snapshot_at_once(jp_fetch, jp_ws_fetch, start_kernel, jp_serverapp):
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import os; seed = 7")
+    snap = await snapshot(jp_fetch, kernel_id)
+    outs = await asyncio.gather(*(fork(jp_fetch, snap["id"]) for _ in range(3)))
+    ids = {o["kernel_id"] for o in outs}
+    assert len(ids) == 3 and kernel_id not in ids
+    km = jp_serverapp.kernel_manager
+    pids = {km.get_kernel(k).provisioner.tree.init_pid for k in ids}
+    assert len(pids) == 3  # each its own tree (pid namespace), no pid collision
+    for n, fork_id in enumerate(sorted(ids)):
+        forked = await connect(jp_ws_fetch, fork_id)
+        assert await forked.value("seed") == "7"
+        await forked.execute(f"seed = {n}")
+        assert await forked.value("seed") == str(n)
+    assert await sock.value("seed") == "7"
+
+
+SERVE = """
+import http.server, threading
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"served by {who}".encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+who = "snapshot"
+httpd = http.server.HTTPServer(("127.0.0.1", 0), Hello)
+port = httpd.server_address[1]
+threading.Thread(target=httpd.serve_forever, daemon=True).start()
+"""
+
+FETCH = "import urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{port}', timeout=5).read().decode()"
+
+
+async def test_fork_of_a_kernel_holding_a_listening_tcp_socket(jp_fetch, jp_ws_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    await sock.execute(SERVE)
+    port = int(await sock.value("port"))
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("who = 'original'")
+
+    forked = await connect(jp_ws_fetch, (await fork(jp_fetch, snap["id"]))["kernel_id"])
+    await forked.execute("who = 'fork'")
+    # Each kernel's server thread runs on, on the same port, in its own namespace.
+    assert await forked.value(FETCH) == "'served by fork'"
+    assert await sock.value(FETCH) == "'served by original'"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:  # the host sees the original's
+        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(4096):
+            reply += chunk
+        assert reply.endswith(b"served by original")
+
+
+def host_address() -> str:
+    """This host's main IPv4 address (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))
+        return s.getsockname()[0]
+
+
+async def test_fork_opens_outbound_connections_to_this_host(jp_fetch, jp_ws_fetch, start_kernel):
+    listener = socket.create_server(("0.0.0.0", 0))
+    port = listener.getsockname()[1]
+    got: list[bytes] = []
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            got.append(conn.recv(100))
+            conn.sendall(b"pong")
+
+    threading.Thread(target=accept, daemon=True).start()
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import socket")
+    snap = await snapshot(jp_fetch, kernel_id)
+    forked = await connect(jp_ws_fetch, (await fork(jp_fetch, snap["id"]))["kernel_id"])
+    code = (
+        f"c = socket.create_connection(({host_address()!r}, {port}), timeout=10); c.sendall(b'ping from the fork'); "
+        "c.recv(10).decode()"
+    )
+    assert await forked.value(code) == "'pong'"
+    assert got == [b"ping from the fork"]
+    listener.close()
+
+
+async def test_fork_into_a_copy_of_the_notebook(jp_fetch, jp_ws_fetch, start_kernel, jp_root_dir):
+    (jp_root_dir / "analysis.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    status, session = await api(
+        jp_fetch, "POST", "api", "sessions",
+        body={"path": "analysis.ipynb", "name": "analysis.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
+    )
+    kernel_id = session["kernel"]["id"]
+    sock = await connect(jp_ws_fetch, kernel_id)
+    await sock.execute("y = 5")
+    snap = await snapshot(jp_fetch, kernel_id)
+    assert snap["path"] == "analysis.ipynb"
+    out = await fork(jp_fetch, snap["id"], copy=True)
+    assert out["path"] != "analysis.ipynb" and (jp_root_dir / out["path"]).exists()
+    status, sessions = await api(jp_fetch, "GET", "api", "sessions")
+    assert {(s["path"], s["kernel"]["id"]) for s in sessions} == {("analysis.ipynb", kernel_id), (out["path"], out["kernel_id"])}
+
+
+async def test_fork_refusals(jp_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    snap = await snapshot(jp_fetch, kernel_id)
+    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new", "kernel_id": kernel_id})
+    assert status == 400 and "new kernel id" in out["message"]
+    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace", "path": "x.ipynb"})
+    assert status == 400
+    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new", "copy": True})
+    assert status == 400 and "no notebook" in out["message"]
+    status, out = await api(jp_fetch, "GET", "api", "ckpt", "status")
+    assert out["features"]["restore_new"] is True
+
+
+async def test_restore_refuses_a_library_of_another_build(jp_fetch, start_kernel, tmp_path):
+    """The check before a restore compares build-ids too, not only sizes: a
+    library rebuilt with the same size is refused, and the kernel runs on."""
+    import shutil
+
+    from jupyter_ckpt.compat import build_id
+
+    lib = tmp_path / "libckpttest.so"
+    shutil.copy("/usr/lib/x86_64-linux-gnu/libz.so.1", lib)
+    kernel_id, sock = await start_kernel()
+    await sock.execute(f"import ctypes; lib = ctypes.CDLL({str(lib)!r}); z = 'before'")
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("z = 'after'")
+    at = lib.read_bytes().find(build_id(lib))
+    with open(lib, "r+b") as f:  # in place: the kernel has it mapped
+        f.seek(at)
+        first = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([first ^ 0xFF]))  # same size, another build-id
+
+    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
+    assert status == 409, out
+    assert f"{lib} (library): another build here" in out["message"]
+    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new"})
+    assert status == 409 and "another build" in out["message"]
+    assert await sock.value("z") == "'after'"
+    status, kernels = await api(jp_fetch, "GET", "api", "kernels")
+    assert [k["id"] for k in kernels] == [kernel_id]
+
+
+async def test_fork_of_a_checkpoint_call_resumes_as_restored(jp_fetch, jp_ws_fetch, start_kernel):
+    """checkpoint() returns twice, in forks too: the fork resumes inside the call
+    and is told it was restored. Asked to snapshot itself, a fork says why it cannot."""
+    kernel_id, sock = await start_kernel()
+    await sock.execute("cp = checkpoint('from the magic'); where = 'restored' if cp.restored else 'original'")
+    assert await sock.value("where") == "'original'"
+    status, snaps = await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id, "snapshots")
+    forked = await connect(jp_ws_fetch, (await fork(jp_fetch, snaps[0]["id"]))["kernel_id"])
+    assert await forked.value("where") == "'restored'"
+    run = await forked.execute("%checkpoint")
+    assert "restored as a new kernel (a fork)" in run.stdout
