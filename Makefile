@@ -8,11 +8,17 @@ STAMPS := .make
 PYCRIU := /usr/local/share/criu/pycriu-src
 LAB_PORT ?= 8888
 
-.PHONY: all setup system criu test lab bench clean
+# The venv's node and jlpm come first (Debian 12's Node.js is too old for the builder).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+LABEXT_SOURCES := labextension/package.json labextension/yarn.lock labextension/tsconfig.json \
+	$(wildcard labextension/src/*) $(wildcard labextension/schema/*) $(wildcard labextension/style/*)
+
+.PHONY: all setup system criu labextension test lab bench clean
 
 all: setup
 
-setup: system criu $(STAMPS)/venv
+setup: system criu $(STAMPS)/venv $(STAMPS)/labextension
 
 system: $(STAMPS)/system
 $(STAMPS)/system: scripts/install-system.sh
@@ -27,13 +33,23 @@ criu: $(STAMPS)/system
 $(STAMPS)/venv: pyproject.toml $(PYCRIU)/pycriu/version.py | criu
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test,lab]'
+	$(PY) -m pip install -q -e '.[test,lab,dev]'
 	# pycriu comes from the same CRIU build as the criu binary, not from PyPI.
 	$(PY) -m pip install -q --no-build-isolation --no-deps --force-reinstall $(PYCRIU)
 	$(PY) -c "import jupyter_ckpt, pycriu; print('venv ready: pycriu', pycriu.__version__)"
 	@mkdir -p $(STAMPS) && touch $@
 
+# The JupyterLab extension, built into the package and linked into the venv.
+labextension: $(STAMPS)/labextension
+$(STAMPS)/labextension: $(LABEXT_SOURCES) $(STAMPS)/venv
+	cd labextension && jlpm install --immutable >/dev/null
+	cd labextension && jlpm build:prod >/dev/null
+	$(VENV)/bin/jupyter-builder develop --overwrite . >/dev/null 2>&1
+	@$(VENV)/bin/jupyter labextension list 2>&1 | grep -q 'jupyter-ckpt.*enabled' && echo "labextension ready"
+	@mkdir -p $(STAMPS) && touch $@
+
 test: setup
+	cd labextension && jlpm test --silent
 	$(PY) -m pytest -p no:cacheprovider -q
 
 # JupyterLab with jupyter_ckpt and the demo notebook, snapshots in the default
@@ -46,4 +62,4 @@ bench: setup
 	$(PY) benchmarks/core.py
 
 clean:
-	rm -rf $(STAMPS) $(VENV) build dist *.egg-info
+	rm -rf $(STAMPS) $(VENV) build dist *.egg-info jupyter_ckpt/labextension labextension/node_modules labextension/lib

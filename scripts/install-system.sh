@@ -3,7 +3,8 @@
 # Quick when everything is already installed: apt is only called for what's missing.
 set -eu
 
-PACKAGES="python3 python3-venv python3-dev tini util-linux iproute2 nftables git make"
+# chromium: the browser the UI tests drive (through Playwright, no download).
+PACKAGES="python3 python3-venv python3-dev tini util-linux iproute2 nftables git make chromium fonts-dejavu-core"
 
 missing=""
 for p in $PACKAGES; do

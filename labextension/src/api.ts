@@ -1,0 +1,191 @@
+/**
+ * The client of jupyter-ckpt's REST API (/api/ckpt, described in the Python
+ * package's openapi.yaml). The frontend talks to the server only through this
+ * and the server's event stream.
+ */
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
+export type SnapshotStatus = 'pending' | 'dumping' | 'storing' | 'complete' | 'failed';
+
+export interface ISnapshot {
+  id: string;
+  kernel_id: string;
+  kernel_name: string;
+  path: string | null;
+  label: string;
+  trigger: 'manual' | 'magic' | 'auto';
+  parent_id: string | null;
+  created: string;
+  status: SnapshotStatus;
+  error: string | null;
+  memory_bytes: number | null;
+  stored_bytes: number | null;
+  freeze_seconds: number | null;
+  total_seconds: number | null;
+  execution_count: number | null;
+}
+
+export interface IServerStatus {
+  version: string;
+  criu: { available: boolean; version: string | null; reason: string };
+  features: { snapshot: boolean; restore_replace: boolean; restore_new: boolean };
+}
+
+export interface IKernelState {
+  id: string;
+  checkpointable: boolean;
+  reason: string;
+  busy: boolean;
+  restored_from: string | null;
+}
+
+export interface ISchedule {
+  enabled: boolean;
+  interval_seconds: number;
+  keep: number;
+}
+
+export interface IRestoreOptions {
+  mode: 'replace' | 'new';
+  kernel_id?: string;
+  path?: string;
+  copy?: boolean;
+}
+
+export interface IRestoreOutcome {
+  snapshot_id: string;
+  kernel_id: string;
+  mode: 'replace' | 'new';
+  restore_seconds: number;
+  total_seconds: number;
+  path: string | null;
+}
+
+/** A refusal or failure, with the server's own reason. */
+export class CheckpointError extends Error {
+  constructor(
+    readonly status: number,
+    message: string
+  ) {
+    super(message);
+    this.name = 'CheckpointError';
+  }
+}
+
+export class CheckpointClient {
+  constructor(readonly settings: ServerConnection.ISettings = ServerConnection.makeSettings()) {}
+
+  status(): Promise<IServerStatus> {
+    return this.request('status');
+  }
+
+  /** Snapshots, newest first: of one notebook, one kernel, or all. */
+  list(filter: { path?: string; kernelId?: string } = {}): Promise<ISnapshot[]> {
+    const query: Record<string, string> = {};
+    if (filter.path) {
+      query.path = filter.path;
+    }
+    if (filter.kernelId) {
+      query.kernel_id = filter.kernelId;
+    }
+    const search = URLExt.objectToQueryString(query);
+    return this.request(`snapshots${search}`);
+  }
+
+  get(snapshotId: string): Promise<ISnapshot> {
+    return this.request(`snapshots/${enc(snapshotId)}`);
+  }
+
+  /** Start a snapshot; it answers at once (status "pending"), progress comes as events. */
+  snapshot(kernelId: string, label = ''): Promise<ISnapshot> {
+    return this.request(`kernels/${enc(kernelId)}/snapshots`, 'POST', { label });
+  }
+
+  relabel(snapshotId: string, label: string): Promise<ISnapshot> {
+    return this.request(`snapshots/${enc(snapshotId)}`, 'PATCH', { label });
+  }
+
+  remove(snapshotId: string): Promise<void> {
+    return this.request(`snapshots/${enc(snapshotId)}`, 'DELETE');
+  }
+
+  restore(snapshotId: string, options: IRestoreOptions): Promise<IRestoreOutcome> {
+    return this.request(`snapshots/${enc(snapshotId)}/restore`, 'POST', options);
+  }
+
+  kernel(kernelId: string): Promise<IKernelState> {
+    return this.request(`kernels/${enc(kernelId)}`);
+  }
+
+  schedule(kernelId: string): Promise<ISchedule> {
+    return this.request(`kernels/${enc(kernelId)}/schedule`);
+  }
+
+  setSchedule(kernelId: string, schedule: Partial<ISchedule>): Promise<ISchedule> {
+    return this.request(`kernels/${enc(kernelId)}/schedule`, 'PUT', schedule);
+  }
+
+  /** Where the browser downloads a snapshot's bundle (the session cookie authenticates it). */
+  bundleUrl(snapshotId: string): string {
+    return URLExt.join(this.settings.baseUrl, 'api/ckpt/snapshots', enc(snapshotId), 'bundle');
+  }
+
+  uploadBundle(bundle: Blob, trust: boolean): Promise<ISnapshot> {
+    return this.request(`bundles?trust=${trust ? 'true' : 'false'}`, 'POST', bundle);
+  }
+
+  private async request<T>(path: string, method = 'GET', body?: unknown): Promise<T> {
+    const url = URLExt.join(this.settings.baseUrl, 'api/ckpt', path);
+    const init: RequestInit = { method };
+    if (body instanceof Blob) {
+      init.body = body;
+    } else if (body !== undefined) {
+      init.body = JSON.stringify(body);
+    }
+    let response: Response;
+    try {
+      response = await ServerConnection.makeRequest(url, init, this.settings);
+    } catch (error) {
+      throw new CheckpointError(0, `cannot reach the Jupyter server: ${String(error)}`);
+    }
+    const text = await response.text();
+    let data: any = undefined;
+    try {
+      data = text ? JSON.parse(text) : undefined;
+    } catch {
+      data = undefined;
+    }
+    if (!response.ok) {
+      const reason = (data && (data.message || data.reason)) || response.statusText || `HTTP ${response.status}`;
+      throw new CheckpointError(response.status, reason);
+    }
+    return data as T;
+  }
+}
+
+function enc(part: string): string {
+  return encodeURIComponent(part);
+}
+
+/** 1.2 GiB, 340 MiB, 12 KiB. */
+export function formatBytes(bytes: number | null | undefined): string {
+  if (bytes === null || bytes === undefined) {
+    return '–';
+  }
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${value >= 10 || unit === 0 ? value.toFixed(0) : value.toFixed(1)} ${units[unit]}`;
+}
+
+export function formatSeconds(seconds: number | null | undefined): string {
+  if (seconds === null || seconds === undefined) {
+    return '–';
+  }
+  return seconds < 10 ? `${seconds.toFixed(2)} s` : `${seconds.toFixed(0)} s`;
+}

@@ -1,0 +1,172 @@
+"""The JupyterLab 4 and Notebook 7 interface in a real browser: Debian's chromium
+driven by Playwright (no browser download) against a real `jupyter lab` server
+process with jupyter-ckpt and its labextension.
+
+Screenshots of the toolbar and the panel are saved under test-artifacts/ui/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import needs_root
+from .test_crash import TOKEN, call, descendants, free_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui"
+
+pytestmark = [
+    needs_root,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make test installs it)"),
+]
+
+EMPTY_NOTEBOOK = {
+    "cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [], "source": ""}],
+    "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}},
+    "nbformat": 4,
+    "nbformat_minor": 5,
+}
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A real `jupyter lab` server with the extension (built into the package)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "story.ipynb").write_text(json.dumps(EMPTY_NOTEBOOK))
+    settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
+         f"--LabApp.user_settings_dir={tmp_path / 'settings'}", f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+         f"--CheckpointApp.store_root={tmp_path / 'store'}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), HOME=str(tmp_path)),
+    )
+    for _ in range(300):
+        try:
+            call(port, "GET", "/api/ckpt/status", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield port
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(60_000)
+        yield page
+        page.screenshot(path=str(ARTIFACTS / "last-page.png"))  # what the browser showed at the end
+        browser.close()
+
+
+def run_cell(page, code: str) -> None:
+    """Type ``code`` into the last cell and run it (Shift+Enter adds a new one below)."""
+    # Until the kernel is connected and idle, JupyterLab does not run a cell.
+    # (The indicator may sit in the toolbar's overflow menu: attached, not visible.)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(state="attached")
+    editor = page.locator(".jp-NotebookPanel:visible .jp-Cell .cm-content").last
+    editor.click()
+    page.keyboard.type(code)
+    page.keyboard.press("Shift+Enter")
+
+
+def last_output(page, text: str) -> None:
+    page.locator(".jp-NotebookPanel:visible .jp-OutputArea-output", has_text=text).last.wait_for()
+
+
+def test_snapshot_and_restore_from_the_panel_in_jupyterlab(lab, page):
+    page.goto(f"http://127.0.0.1:{lab}/lab/tree/story.ipynb?token={TOKEN}")
+    button = page.locator(".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent")
+    button.wait_for()
+    run_cell(page, "x = 'before'; print('x is', x)")
+    last_output(page, "x is before")
+
+    button.click()
+    page.locator(".jp-toast-message", has_text="Snapshot saved").wait_for()
+    assert "kernel frozen" in page.locator(".jp-toast-message", has_text="Snapshot saved").inner_text()
+    page.locator(".jp-NotebookPanel:visible .jp-NotebookPanel-toolbar").screenshot(path=str(ARTIFACTS / "toolbar.png"))
+
+    # The panel lists it, live (the event stream), with its facts.
+    page.locator(".lm-TabBar-tab[data-id='jupyter-ckpt-panel']").click()
+    row = page.locator(".jp-ckpt-row.jp-ckpt-status-complete").first
+    row.wait_for()
+    assert "manual" in row.inner_text() and "frozen" in row.inner_text()
+
+    run_cell(page, "x = 'after'; print('x is', x)")
+    last_output(page, "x is after")
+
+    # Restore, saving the current state first (the dialog's default).
+    row.locator(".jp-ToolbarButtonComponent[aria-label='Restore']").click()
+    dialog = page.locator(".jp-Dialog")
+    assert "Snapshot the current state first" in dialog.inner_text()
+    dialog.locator("button.jp-mod-warn").click()
+    page.locator(".jp-toast-message", has_text="Kernel restored").wait_for()
+
+    run_cell(page, "print('x is now', x)")
+    last_output(page, "x is now before")
+    # Two snapshots now (the one taken before restoring), and the notebook and
+    # the panel say which one the kernel runs from.
+    page.locator(".jp-ckpt-row").nth(1).wait_for()
+    assert page.locator(".jp-ckpt-row").count() == 2
+    page.locator(".jp-ckpt-origin").wait_for()
+    page.locator(".jp-NotebookPanel:visible .jp-ckpt-lineage-indicator", has_text="from").wait_for()
+    box = page.locator(".jp-ckpt-panel").bounding_box()  # its top: notifications cover the bottom
+    page.screenshot(path=str(ARTIFACTS / "panel.png"), clip={**box, "height": min(box["height"], 440)})
+    page.screenshot(path=str(ARTIFACTS / "lab.png"))
+
+
+def test_fork_into_a_copy_from_the_panel(lab, page):
+    page.goto(f"http://127.0.0.1:{lab}/lab/tree/story.ipynb?token={TOKEN}")
+    run_cell(page, "y = 'shared past'; print('y is', y)")
+    last_output(page, "y is shared past")
+    page.locator(".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent").click()
+    page.locator(".jp-toast-message", has_text="Snapshot saved").wait_for()
+    page.locator(".lm-TabBar-tab[data-id='jupyter-ckpt-panel']").click()
+    row = page.locator(".jp-ckpt-row.jp-ckpt-status-complete").first
+    row.locator(".jp-ToolbarButtonComponent[aria-label='Fork']").click()
+    page.locator(".jp-toast-message", has_text="New kernel from the snapshot").wait_for()
+    # The copy opens, attached to the fork, which has the snapshot's state.
+    page.locator(".lm-TabBar-tab", has_text="story-Copy1.ipynb").wait_for()
+    run_cell(page, "print('the fork has', y)")
+    last_output(page, "the fork has shared past")
+    sessions = call(lab, "GET", "/api/sessions")
+    assert {s["path"] for s in sessions} == {"story.ipynb", "story-Copy1.ipynb"}
+
+
+def test_snapshot_button_in_notebook_7(lab, page):
+    page.goto(f"http://127.0.0.1:{lab}/notebooks/story.ipynb?token={TOKEN}")
+    button = page.locator(".jp-ckpt-snapshot-button .jp-ToolbarButtonComponent")
+    button.wait_for()
+    run_cell(page, "z = 7; print('z is', z)")
+    last_output(page, "z is 7")
+    button.click()
+    page.locator(".jp-toast-message", has_text="Snapshot saved").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "notebook7.png"))
+    snaps = call(lab, "GET", "/api/ckpt/snapshots")
+    assert [s["status"] for s in snaps] == ["complete"]
+    assert snaps[0]["path"] == "story.ipynb"
