@@ -23,6 +23,7 @@ when missing), so dedup lookups never list the backend.
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
 import struct
 import tempfile
@@ -44,6 +45,8 @@ PACK_BYTES = 64 << 20  # start a new pack after this many compressed bytes
 HASH_BYTES = 32
 _IDX_ENTRY = struct.Struct("<32sQIII")  # hash, frame offset, frame length, start in frame, size
 _IDX_MAGIC = b"JCKIDX1\n"
+_SAMPLE_BYTES = 64 << 10  # compressed first, to see whether a frame is worth compressing
+_WORTH_IT = 0.9
 
 
 def chunk_size_for(name: str) -> int:
@@ -82,19 +85,33 @@ class _Location:
 
 
 class ChunkIndex:
-    """hash -> location, in a local SQLite cache of the packs' indexes."""
+    """hash -> location, in a local SQLite cache of the packs' indexes.
+
+    Only a cache: the pack indexes on the backend are the truth. So it is
+    written without fsync, and a cache found damaged is rebuilt from them."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False)
         self._lock = threading.Lock()
-        with self._lock, self._db:
-            self._db.execute(
-                "create table if not exists chunks (hash blob primary key, pack text, "
-                "offset integer, length integer, start integer, size integer)"
-            )
-            self._db.execute("create table if not exists packs (pack text primary key)")
+        try:
+            self._db = self._open(path)
+        except sqlite3.DatabaseError:
+            for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                stale.unlink(missing_ok=True)
+            self._db = self._open(path)
         os.chmod(path, 0o600)
+
+    def _open(self, path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(str(path), check_same_thread=False)
+        db.execute("pragma journal_mode=wal")
+        db.execute("pragma synchronous=off")
+        with db:
+            db.execute(
+                "create table if not exists chunks (hash blob primary key, pack text, "
+                "offset integer, length integer, start integer, size integer) without rowid"
+            )
+            db.execute("create table if not exists packs (pack text primary key)")
+        return db
 
     def known_packs(self) -> set[str]:
         with self._lock:
@@ -160,7 +177,7 @@ class _PackWriter:
 
     def add_frame(self, chunks: list[tuple[bytes, bytes]]) -> int:
         raw = b"".join(data for _, data in chunks)
-        frame = self.store._compressor.compress(raw)
+        frame = self.store._compress(raw)
         self.file.write(frame)
         start = 0
         for h, data in chunks:
@@ -195,6 +212,51 @@ class _PackWriter:
             os.unlink(self.tmp_path)
 
 
+class _FrameSink:
+    """Compresses frames and appends them to packs in a worker thread, so that
+    reading, hashing and looking up the next chunks overlap compression and
+    disk writes (zstd and file I/O release the GIL)."""
+
+    def __init__(self, store: "ChunkStore", stats: PutStats):
+        self.store, self.stats = store, stats
+        self.queue: queue.Queue[list[tuple[bytes, bytes]] | None] = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.writer = _PackWriter(store)
+        self.thread = threading.Thread(target=self._work, daemon=True, name="jupyter-ckpt-packs")
+        self.thread.start()
+
+    def put(self, chunks: list[tuple[bytes, bytes]]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(chunks)
+
+    def _work(self) -> None:
+        while (chunks := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining: the producer must never block on a dead sink
+            try:
+                self.stats.new_bytes += self.writer.add_frame(chunks)
+                if self.writer.offset >= PACK_BYTES:
+                    self.writer.finish()
+                    self.writer = _PackWriter(self.store)
+            except BaseException as e:
+                self.error = e
+
+    def close(self) -> None:
+        """Wait for every frame, then publish the last pack."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        self.writer.finish()
+
+    def abort(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self.writer.abort()
+
+
 class ChunkStore:
     """Chunks on an fsspec filesystem ``fs`` under ``root``, indexed in ``cache_dir``."""
 
@@ -205,8 +267,17 @@ class ChunkStore:
         self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.makedirs("packs")
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
+        self._fast = zstandard.ZstdCompressor(level=-1)
         self.index = ChunkIndex(self.cache_dir / "chunk-index.sqlite")
         self.sync_index()
+
+    def _compress(self, raw: bytes) -> bytes:
+        """zstd, at full effort only where it pays: random data (most float
+        arrays) barely compresses, at a fifth of the speed of storing it."""
+        sample = raw[:_SAMPLE_BYTES]
+        if len(raw) > 2 * _SAMPLE_BYTES and len(self._compressor.compress(sample)) > _WORTH_IT * len(sample):
+            return self._fast.compress(raw)
+        return self._compressor.compress(raw)
 
     # -- backend helpers ------------------------------------------------------------
 
@@ -260,19 +331,16 @@ class ChunkStore:
         """Store every file of ``directory``; returns them as chunk lists."""
         stats = PutStats()
         files: list[StoredFile] = []
-        writer = _PackWriter(self)
+        sink = _FrameSink(self, stats)
         pending: list[tuple[bytes, bytes]] = []  # consecutive new chunks of the current frame
         pending_bytes = 0
         seen_here: set[bytes] = set()  # new chunks already queued in this call
 
         def flush() -> None:
-            nonlocal pending, pending_bytes, writer
+            nonlocal pending, pending_bytes
             if pending:
-                stats.new_bytes += writer.add_frame(pending)
+                sink.put(pending)
                 pending, pending_bytes = [], 0
-                if writer.offset >= PACK_BYTES:
-                    writer.finish()
-                    writer = _PackWriter(self)
 
         try:
             for path in sorted(p for p in directory.iterdir() if p.is_file()):
@@ -300,9 +368,9 @@ class ChunkStore:
                                 flush()
                 flush()
                 files.append(stored)
-            writer.finish()
+            sink.close()
         except BaseException:
-            writer.abort()
+            sink.abort()
             raise
         return files, stats
 
@@ -313,32 +381,40 @@ class ChunkStore:
         decompressor = zstandard.ZstdDecompressor()
         frame_key: tuple[str, int] | None = None
         frame: bytes = b""
-        batch = 256
-        for first in range(0, len(stored.chunks), batch):
-            hashes = stored.chunks[first : first + batch]
-            where = self.index.lookup_many(hashes)
-            if len(where) < len(set(hashes)):
-                self.sync_index()  # written by another server sharing the store, or a cold cache
+        pack_name, pack = None, None  # the pack being read: frames come mostly in order
+        batch = 2048
+        try:
+            for first in range(0, len(stored.chunks), batch):
+                hashes = stored.chunks[first : first + batch]
                 where = self.index.lookup_many(hashes)
-            for n, h in enumerate(hashes, start=first):
-                loc = where.get(h)
-                if loc is None:
-                    raise SnapshotNotRestorable(f"{stored.name}: chunk {n} ({h.hex()[:16]}) is missing from the store")
-                if frame_key != (loc.pack, loc.offset):
-                    try:
-                        with self.fs.open(f"{self.root}/packs/{loc.pack}.pack", "rb") as f:
-                            f.seek(loc.offset)
-                            compressed = f.read(loc.length)
-                        frame = decompressor.decompress(compressed, max_output_size=FRAME_BYTES + OTHER_CHUNK)
-                    except (OSError, zstandard.ZstdError) as e:
-                        raise SnapshotNotRestorable(
-                            f"{stored.name}: chunk {n} cannot be read from pack {loc.pack}: {e}"
-                        ) from None
-                    frame_key = (loc.pack, loc.offset)
-                data = frame[loc.start : loc.start + loc.size]
-                if chunk_hash(data) != h:
-                    raise SnapshotNotRestorable(f"{stored.name}: chunk {n} is corrupt (its content does not match its hash)")
-                yield data
+                if len(where) < len(set(hashes)):
+                    self.sync_index()  # written by another server sharing the store, or a cold cache
+                    where = self.index.lookup_many(hashes)
+                for n, h in enumerate(hashes, start=first):
+                    loc = where.get(h)
+                    if loc is None:
+                        raise SnapshotNotRestorable(f"{stored.name}: chunk {n} ({h.hex()[:16]}) is missing from the store")
+                    if frame_key != (loc.pack, loc.offset):
+                        try:
+                            if pack_name != loc.pack:
+                                if pack is not None:
+                                    pack.close()
+                                pack_name, pack = loc.pack, self.fs.open(f"{self.root}/packs/{loc.pack}.pack", "rb")
+                            pack.seek(loc.offset)
+                            compressed = pack.read(loc.length)
+                            frame = decompressor.decompress(compressed, max_output_size=FRAME_BYTES + OTHER_CHUNK)
+                        except (OSError, zstandard.ZstdError) as e:
+                            raise SnapshotNotRestorable(
+                                f"{stored.name}: chunk {n} cannot be read from pack {loc.pack}: {e}"
+                            ) from None
+                        frame_key = (loc.pack, loc.offset)
+                    data = frame[loc.start : loc.start + loc.size]
+                    if chunk_hash(data) != h:
+                        raise SnapshotNotRestorable(f"{stored.name}: chunk {n} is corrupt (its content does not match its hash)")
+                    yield data
+        finally:
+            if pack is not None:
+                pack.close()
 
     def materialize(self, files: list[StoredFile], dest: Path) -> None:
         """Write verified copies of ``files`` into ``dest`` (private)."""

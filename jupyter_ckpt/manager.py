@@ -62,6 +62,7 @@ class RestoreOutcome:
     restore_seconds: float  # CRIU's restore of the snapshot
     total_seconds: float  # until the kernel answers again, everything included
     path: str | None = None  # the notebook the kernel is attached to (mode new)
+    prepare_seconds: float = 0.0  # reading and verifying the images, checking the files they need
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -389,6 +390,7 @@ class CheckpointManager:
         try:
             with self.store.scratch_dir("fork-") as work:
                 images = await self._verified_images(record, work)
+                prepared = time.monotonic() - started
                 network = await asyncio.to_thread(ForkNetwork.create, self.fork_outbound)
                 moves = {record.connection[p]: (network.kernel_address, record.connection[p]) for p in ZMQ_PORTS}
                 await asyncio.to_thread(move_listeners, images, moves)
@@ -428,7 +430,8 @@ class CheckpointManager:
         if target_path:
             await self._attach_session(target_path, kernel_id)
         outcome = RestoreOutcome(
-            record.id, kernel_id, "new", 0.0, round(restore_seconds, 4), round(time.monotonic() - started, 4), target_path
+            record.id, kernel_id, "new", 0.0, round(restore_seconds, 4), round(time.monotonic() - started, 4),
+            target_path, round(prepared, 4),
         )
         self.log.info("jupyter_ckpt: snapshot %s restored as kernel %s in %.3f s", record.id, kernel_id, outcome.total_seconds)
         self._emit("restored", SnapshotRecord(**{**record.to_json(), "kernel_id": kernel_id}))
@@ -467,6 +470,7 @@ class CheckpointManager:
             with self.store.scratch_dir("restore-") as work:
                 # Every byte is verified before the running kernel is touched.
                 images = await self._verified_images(record, work)
+                prepared = time.monotonic() - started
                 # The snapshot's listeners go where this kernel listens (a
                 # fork's namespace address, or another kernel's ports).
                 here = _connection_info(km)
@@ -496,7 +500,8 @@ class CheckpointManager:
             self._lineage[kernel_id] = snapshot_id
             await self._wait_until_answering(km, kernel_id, before)
         outcome = RestoreOutcome(
-            snapshot_id, kernel_id, "replace", round(saved_seconds, 4), round(seconds, 4), round(time.monotonic() - started, 4)
+            snapshot_id, kernel_id, "replace", round(saved_seconds, 4), round(seconds, 4),
+            round(time.monotonic() - started, 4), prepare_seconds=round(prepared, 4),
         )
         if started_again and record.path:
             await self._attach_session(record.path, kernel_id)  # only now: clients see the restored kernel only
