@@ -8,8 +8,7 @@ module.exports = {
     '^.+\\.[tj]sx?$': [
       'ts-jest',
       {
-        isolatedModules: true,
-        tsconfig: { module: 'commonjs', allowJs: true, esModuleInterop: true, jsx: 'react', target: 'ES2020', strict: true, skipLibCheck: true }
+        tsconfig: { isolatedModules: true, module: 'commonjs', allowJs: true, esModuleInterop: true, jsx: 'react', target: 'ES2020', strict: true, skipLibCheck: true }
       }
     ]
   },
