@@ -170,3 +170,39 @@ def test_snapshot_button_in_notebook_7(lab, page):
     snaps = call(lab, "GET", "/api/ckpt/snapshots")
     assert [s["status"] for s in snaps] == ["complete"]
     assert snaps[0]["path"] == "story.ipynb"
+
+
+def test_failure_reason_rename_and_delete_in_the_panel(lab, page, tmp_path):
+    import socket
+
+    # A connection to a process outside the kernel: CRIU refuses the snapshot.
+    outside = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    outside.bind(str(tmp_path / "outside.sock"))
+    outside.listen()
+    page.goto(f"http://127.0.0.1:{lab}/lab/tree/story.ipynb?token={TOKEN}")
+    button = page.locator(".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent")
+    run_cell(page, f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(tmp_path / 'outside.sock')!r}); print('connected')")
+    last_output(page, "connected")
+    button.click()
+    failure = page.locator(".jp-toast-message", has_text="Snapshot failed")
+    failure.wait_for()
+    assert "unix" in failure.inner_text().lower()
+    run_cell(page, "s.close(); print('closed')")  # the kernel runs on
+    last_output(page, "closed")
+
+    button.click()
+    page.locator(".jp-toast-message", has_text="Snapshot saved").wait_for()
+    page.locator(".lm-TabBar-tab[data-id='jupyter-ckpt-panel']").click()
+    page.locator(".jp-ckpt-row.jp-ckpt-status-failed").wait_for()
+    row = page.locator(".jp-ckpt-row.jp-ckpt-status-complete").first
+    row.locator(".jp-ToolbarButtonComponent[aria-label='Rename']").click()
+    page.locator(".jp-Dialog input").fill("clean state")
+    page.locator(".jp-Dialog .jp-mod-accept").click()
+    page.locator(".jp-ckpt-label", has_text="clean state").wait_for()
+    assert [s["label"] for s in call(lab, "GET", "/api/ckpt/snapshots") if s["status"] == "complete"] == ["clean state"]
+
+    page.locator(".jp-ckpt-row.jp-ckpt-status-complete .jp-ToolbarButtonComponent[aria-label='Delete']").click()
+    page.locator(".jp-Dialog .jp-mod-warn").click()
+    page.locator(".jp-ckpt-row.jp-ckpt-status-complete").wait_for(state="detached")
+    assert [s["status"] for s in call(lab, "GET", "/api/ckpt/snapshots")] == ["failed"]
+    outside.close()
