@@ -58,8 +58,13 @@ lab: setup
 	cd notebooks && ../$(VENV)/bin/jupyter lab --allow-root --no-browser \
 		--ip=127.0.0.1 --port=$(LAB_PORT) demo.ipynb
 
-bench: setup
-	$(PY) benchmarks/core.py
+# The benchmark suite against raw CRIU, dill and Kishu: a table, and the
+# figures as JSON in test-artifacts/bench.json. QUICK=1: one small workload.
+bench: setup $(STAMPS)/bench
+	$(PY) benchmarks/suite.py $(if $(QUICK),--quick) --json test-artifacts/bench.json
+$(STAMPS)/bench: pyproject.toml $(STAMPS)/venv
+	$(PY) -m pip install -q -e '.[test,lab,dev,bench]'
+	@touch $@
 
 clean:
 	rm -rf $(STAMPS) $(VENV) build dist *.egg-info jupyter_ckpt/labextension labextension/node_modules labextension/lib

@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TOKEN = "kishu-bench"
 EMPTY = {"cells": [], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
@@ -67,16 +67,26 @@ class Server:
 
     def notebook(self, name: str) -> tuple[Any, Path]:
         """A notebook with a kernel, and a client to that kernel."""
-        from jupyter_client import BlockingKernelClient
-
         path = self.root / name
         path.write_text(json.dumps(EMPTY))
         session = self.call("POST", "/api/sessions", {"path": name, "name": name, "type": "notebook", "kernel": {"name": "python3"}})
+        return self._connect(session["kernel"]["id"]), path
+
+    def _connect(self, kernel_id: str) -> Any:
+        from jupyter_client import BlockingKernelClient
+
         client = BlockingKernelClient()
-        client.load_connection_file(str(self.runtime / f"kernel-{session['kernel']['id']}.json"))
+        client.load_connection_file(str(self.runtime / f"kernel-{kernel_id}.json"))
         client.start_channels()
         client.wait_for_ready(timeout=60)
-        return client, path
+        client.bench_kernel_id = kernel_id
+        return client
+
+    def restart(self, client: Any) -> Any:
+        """Restart the client's kernel through the server; a client to the new one."""
+        client.stop_channels()
+        self.call("POST", f"/api/kernels/{client.bench_kernel_id}/restart", {})
+        return self._connect(client.bench_kernel_id)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -86,8 +96,8 @@ class Server:
             self.proc.kill()
 
 
-def run(client: Any, code: str, timeout: float = 1200) -> str | None:
-    out: dict[str, str] = {}
+def result_hook(out: dict[str, str]) -> Callable[[dict], None]:
+    """An IOPub hook keeping a cell's value (text) and its error, if any, in ``out``."""
 
     def hook(msg: dict) -> None:
         if msg["msg_type"] == "execute_result":
@@ -95,15 +105,21 @@ def run(client: Any, code: str, timeout: float = 1200) -> str | None:
         elif msg["msg_type"] == "error":
             out["error"] = f"{msg['content']['ename']}: {msg['content']['evalue']}"
 
-    reply = client.execute_interactive(code, timeout=timeout, output_hook=hook)
+    return hook
+
+
+def run(client: Any, code: str, timeout: float = 1200) -> str | None:
+    out: dict[str, str] = {}
+    reply = client.execute_interactive(code, timeout=timeout, output_hook=result_hook(out))
     if reply["content"]["status"] != "ok":
         raise RuntimeError(out.get("error") or str(reply["content"]))
     return out.get("value")
 
 
 INIT = "from kishu import init_kishu as _ik; _ik({path!r})"
-HEAD = "_kishu._kishu_graph.get_head()"
-LAST_COMMIT = "(lambda c: (c.commit_id, c.checkpoint_runtime_s))(_kishu._kishu_commit.get_commit(_kishu._kishu_graph.get_head()))"
+# The commit made after the previous cell, and how long Kishu took to checkpoint it.
+LAST_COMMIT = ("(lambda c: (c.commit_id, c.checkpoint_runtime_s))"
+               "(_kishu._kishu_commit.get_commit(_kishu._kishu_branch.get_head().commit_id))")
 
 
 def measure(work: Path, workload: tuple[str, str, float]) -> dict:
@@ -115,9 +131,9 @@ def measure(work: Path, workload: tuple[str, str, float]) -> dict:
     try:
         client, path = server.notebook("workload.ipynb")
         run(client, INIT.format(path=str(path)))
-        expected = run(client, check)
         run(client, code)  # Kishu commits after this cell: what it pickles is the workload
         commit_id, commit_s = eval(run(client, LAST_COMMIT))
+        expected = run(client, check)
         run(client, "data = None")
         t = time.perf_counter()
         run(client, f"_kishu.checkout({commit_id!r})")
@@ -132,8 +148,10 @@ def measure(work: Path, workload: tuple[str, str, float]) -> dict:
 
 
 def coverage(work: Path, kinds: list[tuple[str, str, str]]) -> dict[str, str]:
-    """Per kind: build it in a Kishu-instrumented notebook, commit, break the
-    namespace with a later cell, check the commit out, then check the state."""
+    """Per kind: build it in a Kishu-instrumented notebook (Kishu commits after
+    the cell), restart the kernel (as dill's state goes to a fresh kernel), attach
+    Kishu again, check the commit out, then check the state. Kishu restores what
+    it pickled and re-runs the cells that built what it could not pickle."""
     if available() is None:
         return {name: "Kishu not installed" for name, _, _ in kinds}
     server = Server(work)
@@ -149,7 +167,8 @@ def coverage(work: Path, kinds: list[tuple[str, str, str]]) -> dict[str, str]:
                 run(client, INIT.format(path=str(path)))
                 run(client, setup, timeout=60)
                 commit_id = eval(run(client, LAST_COMMIT))[0]
-                run(client, "k_marker = 1")
+                client = server.restart(client)
+                run(client, INIT.format(path=str(path)))
                 run(client, f"_kishu.checkout({commit_id!r})", timeout=120)
                 value = run(client, check, timeout=30)
                 out[name] = "ok" if value == "True" else f"wrong: {value}"

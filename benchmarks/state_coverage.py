@@ -121,7 +121,7 @@ async def measure(work: Path, bench: Any, kishu: bool) -> dict[str, dict[str, st
     print("coverage: dill ...", flush=True)
     result["dill"] = await dill(bench, work)
     if kishu:
-        import kishu_bench
+        import kishu_bench  # only when Kishu is measured
 
         print("coverage: Kishu ...", flush=True)
         result["Kishu"] = kishu_bench.coverage(work / "kishu", KINDS)
