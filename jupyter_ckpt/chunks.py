@@ -99,9 +99,12 @@ class ChunkIndex:
             for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
                 stale.unlink(missing_ok=True)
             self._db = self._open(path)
-        os.chmod(path, 0o600)
 
     def _open(self, path: Path) -> sqlite3.Connection:
+        # Private before SQLite opens it: its WAL and shared-memory files take
+        # the database file's permissions.
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(path, 0o600)
         db = sqlite3.connect(str(path), check_same_thread=False)
         db.execute("pragma journal_mode=wal")
         db.execute("pragma synchronous=off")

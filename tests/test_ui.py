@@ -183,6 +183,7 @@ def test_failure_reason_rename_and_delete_in_the_panel(lab, page, tmp_path):
     button = page.locator(".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent")
     run_cell(page, f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(tmp_path / 'outside.sock')!r}); print('connected')")
     last_output(page, "connected")
+    peer, _ = outside.accept()
     button.click()
     failure = page.locator(".jp-toast-message", has_text="Snapshot failed")
     failure.wait_for()
@@ -205,4 +206,5 @@ def test_failure_reason_rename_and_delete_in_the_panel(lab, page, tmp_path):
     page.locator(".jp-Dialog .jp-mod-warn").click()
     page.locator(".jp-ckpt-row.jp-ckpt-status-complete").wait_for(state="detached")
     assert [s["status"] for s in call(lab, "GET", "/api/ckpt/snapshots")] == ["failed"]
+    peer.close()
     outside.close()
