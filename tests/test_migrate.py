@@ -17,7 +17,7 @@ from jupyter_ckpt import forknet
 
 from .conftest import KernelSocket, needs_root
 from .test_crash import TOKEN
-from .test_recovery import Server, value
+from .test_recovery import Server, take, value
 
 pytestmark = [needs_root, pytest.mark.timeout(300)]
 
@@ -86,17 +86,6 @@ async def kernel_socket(server: Server, kernel_id: str) -> KernelSocket:
     return sock
 
 
-def take_snapshot(server: Server, kernel_id: str) -> dict:
-    import time
-
-    snap = server.call("POST", f"/api/ckpt/kernels/{kernel_id}/snapshots", {})
-    while snap["status"] not in ("complete", "failed"):
-        time.sleep(0.05)
-        snap = server.call("GET", f"/api/ckpt/snapshots/{snap['id']}")
-    assert snap["status"] == "complete", snap
-    return snap
-
-
 def raw(server: Server, method: str, path: str, data: bytes | None = None) -> tuple[int, bytes]:
     import urllib.error
     import urllib.request
@@ -127,7 +116,7 @@ async def test_migrate_through_a_bundle_and_refuse_a_differing_file(two_servers,
     kernel_id = a.call("POST", "/api/kernels", {"name": "python3"})["id"]
     client = a.client(kernel_id)
     value(client, STATE)
-    snap = take_snapshot(a, kernel_id)
+    snap = take(a, kernel_id)
 
     status, bundle = raw(a, "GET", f"/api/ckpt/snapshots/{snap['id']}/bundle")
     assert status == 200
@@ -152,7 +141,7 @@ async def test_migrate_through_a_bundle_and_refuse_a_differing_file(two_servers,
     data = tmp_path / "a" / "root" / "data.csv"
     data.write_text("a,b\n1,2\n")
     value(client, f"f = open({str(data)!r}); header = f.readline()")
-    snap2 = take_snapshot(a, kernel_id)
+    snap2 = take(a, kernel_id)
     data.write_text("a,b\n1,2\n3,4\n")
     status, bundle = raw(a, "GET", f"/api/ckpt/snapshots/{snap2['id']}/bundle")
     assert raw(b, "POST", "/api/ckpt/bundles?trust=true", bundle)[0] == 201
@@ -180,7 +169,7 @@ async def test_migrate_through_a_shared_s3_store(two_servers, s3_store_options, 
     kernel_id = a.call("POST", "/api/kernels", {"name": "python3"})["id"]
     client = a.client(kernel_id)
     value(client, STATE)
-    snap = take_snapshot(a, kernel_id)
+    snap = take(a, kernel_id)
 
     # B reaches the S3 server through its namespace's route to this host.
     b_endpoint = opts["endpoint_url"].replace("127.0.0.1", two_servers.other.here)

@@ -132,3 +132,47 @@ def test_resume_kernels_at_start(tmp_path):
         client.stop_channels()
     finally:
         b.kill()
+
+
+@pytest.mark.timeout(240)
+def test_a_fork_comes_back_as_a_fork_after_a_restart(tmp_path):
+    """A snapshot of a fork whose server went away: restoring it brings the
+    fork back under its own id, in a network namespace of its own again."""
+    from jupyter_ckpt import forknet
+
+    a = Server(tmp_path)
+    try:
+        kernel_id = a.call("POST", "/api/kernels", {"name": "python3"})["id"]
+        client = a.client(kernel_id)
+        value(client, "x = 'original'")
+        client.stop_channels()
+        snap = take(a, kernel_id)
+        fork_id = a.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "new"})["kernel_id"]
+        forked = a.client(fork_id)
+        value(forked, "x = 'the fork'")
+        forked.stop_channels()
+        fork_snap = take(a, fork_id)
+    finally:
+        a.kill()
+    forknet.remove_stale(in_use=set())  # as the next server does at start
+
+    b = Server(tmp_path)
+    try:
+        outcome = b.call("POST", f"/api/ckpt/snapshots/{fork_snap['id']}/restore", {"mode": "replace"})
+        assert outcome["kernel_id"] == fork_id and outcome["mode"] == "new"
+        client = b.client(fork_id)
+        assert value(client, "x") == "'the fork'"
+        assert client.transport == "tcp" and client.ip.startswith("10.213.")
+        client.stop_channels()
+    finally:
+        b.kill()
+        forknet.remove_stale(in_use=set())
+
+
+def take(server: Server, kernel_id: str) -> dict:
+    snap = server.call("POST", f"/api/ckpt/kernels/{kernel_id}/snapshots", {})
+    while snap["status"] not in ("complete", "failed"):
+        time.sleep(0.05)
+        snap = server.call("GET", f"/api/ckpt/snapshots/{snap['id']}")
+    assert snap["status"] == "complete", snap
+    return snap
