@@ -235,3 +235,21 @@ async def test_fork_of_a_checkpoint_call_resumes_as_restored(jp_fetch, jp_ws_fet
     assert await forked.value("where") == "'restored'"
     run = await forked.execute("%checkpoint")
     assert "restored as a new kernel (a fork)" in run.stdout
+
+
+async def test_restarting_a_fork_starts_a_fresh_kernel_in_the_servers_network(jp_fetch, jp_ws_fetch, start_kernel, jp_serverapp):
+    kernel_id, sock = await start_kernel()
+    await sock.execute("x = 1")
+    snap = await snapshot(jp_fetch, kernel_id)
+    fork_id = (await fork(jp_fetch, snap["id"]))["kernel_id"]
+    prov = jp_serverapp.kernel_manager.get_kernel(fork_id).provisioner
+    netns = prov.tree.network.path
+    status, _ = await api(jp_fetch, "POST", "api", "kernels", fork_id, "restart")
+    assert status == 200
+    assert not netns.exists()
+    assert netns_of(prov.tree.init_pid) == netns_of(os.getpid())
+    fresh = await connect(jp_ws_fetch, fork_id)
+    assert await fresh.value("'x' in globals()") == "False"
+    await fresh.execute("x = 2")
+    assert await sock.value("x") == "1"
+    assert (await snapshot(jp_fetch, fork_id))["status"] == "complete"
