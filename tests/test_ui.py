@@ -84,11 +84,27 @@ def page():
         browser.close()
 
 
+def wait_for_kernel(lab: int, path: str) -> None:
+    """Until the notebook's kernel is idle with the page connected to it: a cell
+    run before that may be dropped."""
+    for _ in range(600):
+        sessions = [s for s in call(lab, "GET", "/api/sessions") if s["path"] == path]
+        if sessions:
+            kernel = call(lab, "GET", f"/api/kernels/{sessions[0]['kernel']['id']}")
+            if kernel["connections"] >= 1 and kernel["execution_state"] == "idle":
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"the kernel of {path} is not connected")
+
+
+def open_notebook(page, lab: int, url: str, path: str = "story.ipynb") -> None:
+    page.goto(f"http://127.0.0.1:{lab}/{url}?token={TOKEN}")
+    page.locator(".jp-ckpt-snapshot-button .jp-ToolbarButtonComponent").first.wait_for()
+    wait_for_kernel(lab, path)
+
+
 def run_cell(page, code: str) -> None:
     """Type ``code`` into the last cell and run it (Shift+Enter adds a new one below)."""
-    # Until the kernel is connected and idle, JupyterLab does not run a cell.
-    # (The indicator may sit in the toolbar's overflow menu: attached, not visible.)
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(state="attached")
     editor = page.locator(".jp-NotebookPanel:visible .jp-Cell .cm-content").last
     editor.click()
     page.keyboard.type(code)
@@ -100,9 +116,8 @@ def last_output(page, text: str) -> None:
 
 
 def test_snapshot_and_restore_from_the_panel_in_jupyterlab(lab, page):
-    page.goto(f"http://127.0.0.1:{lab}/lab/tree/story.ipynb?token={TOKEN}")
+    open_notebook(page, lab, "lab/tree/story.ipynb")
     button = page.locator(".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent")
-    button.wait_for()
     run_cell(page, "x = 'before'; print('x is', x)")
     last_output(page, "x is before")
 
@@ -141,7 +156,7 @@ def test_snapshot_and_restore_from_the_panel_in_jupyterlab(lab, page):
 
 
 def test_fork_into_a_copy_from_the_panel(lab, page):
-    page.goto(f"http://127.0.0.1:{lab}/lab/tree/story.ipynb?token={TOKEN}")
+    open_notebook(page, lab, "lab/tree/story.ipynb")
     run_cell(page, "y = 'shared past'; print('y is', y)")
     last_output(page, "y is shared past")
     page.locator(".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent").click()
@@ -152,6 +167,7 @@ def test_fork_into_a_copy_from_the_panel(lab, page):
     page.locator(".jp-toast-message", has_text="New kernel from the snapshot").wait_for()
     # The copy opens, attached to the fork, which has the snapshot's state.
     page.locator(".lm-TabBar-tab", has_text="story-Copy1.ipynb").wait_for()
+    wait_for_kernel(lab, "story-Copy1.ipynb")
     run_cell(page, "print('the fork has', y)")
     last_output(page, "the fork has shared past")
     sessions = call(lab, "GET", "/api/sessions")
@@ -159,9 +175,8 @@ def test_fork_into_a_copy_from_the_panel(lab, page):
 
 
 def test_snapshot_button_in_notebook_7(lab, page):
-    page.goto(f"http://127.0.0.1:{lab}/notebooks/story.ipynb?token={TOKEN}")
+    open_notebook(page, lab, "notebooks/story.ipynb")
     button = page.locator(".jp-ckpt-snapshot-button .jp-ToolbarButtonComponent")
-    button.wait_for()
     run_cell(page, "z = 7; print('z is', z)")
     last_output(page, "z is 7")
     button.click()
@@ -179,7 +194,7 @@ def test_failure_reason_rename_and_delete_in_the_panel(lab, page, tmp_path):
     outside = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     outside.bind(str(tmp_path / "outside.sock"))
     outside.listen()
-    page.goto(f"http://127.0.0.1:{lab}/lab/tree/story.ipynb?token={TOKEN}")
+    open_notebook(page, lab, "lab/tree/story.ipynb")
     button = page.locator(".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent")
     run_cell(page, f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(tmp_path / 'outside.sock')!r}); print('connected')")
     last_output(page, "connected")
