@@ -163,7 +163,7 @@ class CheckpointApp(ExtensionApp):
 
     async def _start_jupyter_server_extension(self, serverapp: object) -> None:
         self._publish_url()
-        for name in forknet.remove_stale(in_use=set()):
+        for name in forknet.remove_stale():
             self.log.info("jupyter_ckpt: removed %s, the namespace of a fork that no longer runs", name)
         self.auto_backup_loop.start()
         previous = self.manager.take_previous_run()

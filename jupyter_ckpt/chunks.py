@@ -260,6 +260,41 @@ class _FrameSink:
         self.writer.abort()
 
 
+class _FrameReader:
+    """Decompressed frames by location, reading each frame once and keeping the
+    pack being read open (a file's frames come mostly in order)."""
+
+    def __init__(self, store: "ChunkStore"):
+        self.store = store
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.key: tuple[str, int] | None = None
+        self.frame = b""
+        self.pack_name: str | None = None
+        self.pack = None
+
+    def get(self, loc: _Location) -> bytes:
+        if self.key != (loc.pack, loc.offset):
+            if self.pack_name != loc.pack:
+                self.close()
+                self.pack = self.store.fs.open(f"{self.store.root}/packs/{loc.pack}.pack", "rb")
+                self.pack_name = loc.pack
+            self.pack.seek(loc.offset)
+            self.frame = self.decompressor.decompress(self.pack.read(loc.length), max_output_size=FRAME_BYTES + OTHER_CHUNK)
+            self.key = (loc.pack, loc.offset)
+        return self.frame
+
+    def close(self) -> None:
+        if self.pack is not None:
+            self.pack.close()
+            self.pack, self.pack_name = None, None
+
+    def __enter__(self) -> "_FrameReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class ChunkStore:
     """Chunks on an fsspec filesystem ``fs`` under ``root``, indexed in ``cache_dir``."""
 
@@ -381,12 +416,8 @@ class ChunkStore:
 
     def read_file(self, stored: StoredFile) -> Iterator[bytes]:
         """The file's bytes, chunk by chunk, each checked against its hash."""
-        decompressor = zstandard.ZstdDecompressor()
-        frame_key: tuple[str, int] | None = None
-        frame: bytes = b""
-        pack_name, pack = None, None  # the pack being read: frames come mostly in order
-        batch = 2048
-        try:
+        with _FrameReader(self) as frames:
+            batch = 2048
             for first in range(0, len(stored.chunks), batch):
                 hashes = stored.chunks[first : first + batch]
                 where = self.index.lookup_many(hashes)
@@ -397,27 +428,14 @@ class ChunkStore:
                     loc = where.get(h)
                     if loc is None:
                         raise SnapshotNotRestorable(f"{stored.name}: chunk {n} ({h.hex()[:16]}) is missing from the store")
-                    if frame_key != (loc.pack, loc.offset):
-                        try:
-                            if pack_name != loc.pack:
-                                if pack is not None:
-                                    pack.close()
-                                pack_name, pack = loc.pack, self.fs.open(f"{self.root}/packs/{loc.pack}.pack", "rb")
-                            pack.seek(loc.offset)
-                            compressed = pack.read(loc.length)
-                            frame = decompressor.decompress(compressed, max_output_size=FRAME_BYTES + OTHER_CHUNK)
-                        except (OSError, zstandard.ZstdError) as e:
-                            raise SnapshotNotRestorable(
-                                f"{stored.name}: chunk {n} cannot be read from pack {loc.pack}: {e}"
-                            ) from None
-                        frame_key = (loc.pack, loc.offset)
+                    try:
+                        frame = frames.get(loc)
+                    except (OSError, zstandard.ZstdError) as e:
+                        raise SnapshotNotRestorable(f"{stored.name}: chunk {n} cannot be read from pack {loc.pack}: {e}") from None
                     data = frame[loc.start : loc.start + loc.size]
                     if chunk_hash(data) != h:
                         raise SnapshotNotRestorable(f"{stored.name}: chunk {n} is corrupt (its content does not match its hash)")
                     yield data
-        finally:
-            if pack is not None:
-                pack.close()
 
     def materialize(self, files: list[StoredFile], dest: Path) -> None:
         """Write verified copies of ``files`` into ``dest`` (private)."""

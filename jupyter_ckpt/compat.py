@@ -64,6 +64,7 @@ def _difference(name: str, reg: dict) -> str | None:
     if "size" in reg and stat.S_ISREG(st.st_mode) and st.st_size != reg["size"]:
         return f"{st.st_size} bytes here, {reg['size']} in the snapshot"
     if "build_id" in reg:
+        # CRIU keeps the build-id as 32-bit words, its last one zero-padded.
         wanted = b"".join(int(w).to_bytes(4, "little") for w in reg["build_id"])
         here = build_id(Path(name))
         if here is None or wanted[: len(here)] != here or len(wanted) - len(here) >= 4:

@@ -7,7 +7,6 @@ use it directly. Every call blocks; the server runs them in a worker thread.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .errors import CriuUnavailable, DumpFailed, RestoreFailed
 
@@ -266,13 +265,17 @@ def allow_resized_files(images_dir: Path, patterns: tuple[str, ...]) -> list[str
 
     if not patterns:
         return []
-    relaxed = []
-    with _editing_files_image(images_dir) as entries:
+    relaxed: list[str] = []
+
+    def relax(entries: list[dict]) -> int:
         for entry in entries:
             reg = entry.get("reg") if entry.get("type") == "REG" else None
             if reg and "size" in reg and any(fnmatch.fnmatch(reg["name"], p) for p in patterns):
                 del reg["size"]
                 relaxed.append(reg["name"])
+        return len(relaxed)
+
+    _edit_files_image(images_dir, relax)
     return relaxed
 
 
@@ -285,8 +288,9 @@ def move_listeners(images_dir: Path, moves: Mapping[int, tuple[str, int]]) -> in
     Listeners on other ports (user code's servers) are left alone. Returns the
     number of listeners moved.
     """
-    moved = 0
-    with _editing_files_image(images_dir) as entries:
+
+    def move(entries: list[dict]) -> int:
+        moved = 0
         for entry in entries:
             isk = entry.get("isk") if entry.get("type") == "INETSK" else None
             if isk and isk.get("state") == _TCP_LISTEN and isk.get("src_port") in moves:
@@ -294,30 +298,31 @@ def move_listeners(images_dir: Path, moves: Mapping[int, tuple[str, int]]) -> in
                 isk["src_addr"] = [int.from_bytes(ipaddress.IPv4Address(address).packed, "little")]
                 isk["src_port"] = port
                 moved += 1
-    return moved
+        return moved
+
+    return _edit_files_image(images_dir, move)
 
 
 _TCP_LISTEN = 10
 
 
-@contextmanager
-def _editing_files_image(images_dir: Path) -> Iterator[list[dict]]:
-    """The entries of ``files.img``, written back (atomically) if the block changes them."""
+def _edit_files_image(images_dir: Path, edit: Callable[[list[dict]], int]) -> int:
+    """Apply ``edit`` to the entries of ``files.img``; it returns how many it
+    changed, and the image is rewritten (atomically) only if that is not 0."""
     import pycriu
 
     path = images_dir / "files.img"
     if not path.exists():
-        yield []
-        return
+        return 0
     with open(path, "rb") as f:
         image = pycriu.images.load(f)
-    before = json.dumps(image["entries"], sort_keys=True, default=str)
-    yield image["entries"]
-    if json.dumps(image["entries"], sort_keys=True, default=str) != before:
+    changed = edit(image["entries"])
+    if changed:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             pycriu.images.dump(image, f)
         os.replace(tmp, path)
+    return changed
 
 
 def _foreign_netns(pid: int) -> int | None:

@@ -32,12 +32,17 @@ class SnapshotNotRestorable(CheckpointError):
 class SnapshotIncompatible(SnapshotNotRestorable):
     """Files the snapshot's processes need are missing or differ on this machine."""
 
+    SHOWN = 10  # a snapshot from another machine can differ in hundreds of libraries
+
     def __init__(self, snapshot_id: str, differences: list[str]):
         self.differences = differences
+        more = len(differences) - self.SHOWN
         super().__init__(
             f"snapshot {snapshot_id} cannot be restored here: {len(differences)} "
-            f"file{'s' if len(differences) != 1 else ''} it needs differ from the machine it was taken on: "
-            + "; ".join(differences)
+            f"file{'s' if len(differences) != 1 else ''} it needs differ from the machine it was taken on "
+            "(restore it where the same environment is installed at the same paths): "
+            + "; ".join(differences[: self.SHOWN])
+            + (f"; and {more} more" if more > 0 else "")
         )
 
 

@@ -32,6 +32,9 @@ from .errors import RestoreFailed
 NETWORK = ipaddress.IPv4Network("10.213.0.0/16")
 NETNS_DIR = Path("/run/netns")
 NAME_PREFIX = "ckpt-fork-"
+# The two ends of each fork's veth pair (names have at most 15 characters).
+HOST_INTERFACE_PREFIX = "ckh"
+KERNEL_INTERFACE_PREFIX = "ckk"  # also how a kernel tells it is a fork (magic.in_fork)
 _NFT_TABLE = "jupyter_ckpt"
 _allocating = threading.Lock()
 log = logging.getLogger(__name__)
@@ -40,7 +43,10 @@ log = logging.getLogger(__name__)
 def _run(*cmd: str, input: str | None = None) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=30)
     if proc.returncode != 0:
-        raise RestoreFailed(f"cannot set up the fork's network: {' '.join(cmd)}: {proc.stderr.strip() or proc.returncode}")
+        raise RestoreFailed(
+            f"cannot set up the network namespace of the new kernel ({' '.join(cmd)}: {proc.stderr.strip() or proc.returncode}); "
+            "restoring as a new kernel needs root, iproute2 and nftables"
+        )
 
 
 @dataclass
@@ -57,11 +63,11 @@ class ForkNetwork:
 
     @property
     def host_interface(self) -> str:
-        return f"ckh{self.index}"  # interface names have at most 15 characters
+        return f"{HOST_INTERFACE_PREFIX}{self.index}"
 
     @property
     def kernel_interface(self) -> str:
-        return f"ckk{self.index}"
+        return f"{KERNEL_INTERFACE_PREFIX}{self.index}"
 
     @property
     def host_address(self) -> str:
@@ -121,22 +127,21 @@ def _enable_nat() -> None:
             f"table ip {_NFT_TABLE} {{\n"
             "  chain postrouting {\n"
             "    type nat hook postrouting priority srcnat; policy accept;\n"
-            f'    ip saddr {NETWORK} oifname != "ckh*" masquerade\n'
+            f'    ip saddr {NETWORK} oifname != "{HOST_INTERFACE_PREFIX}*" masquerade\n'
             "  }\n"
             "}\n"
         ),
     )
 
 
-def remove_stale(in_use: set[str]) -> list[str]:
-    """Remove fork namespaces left by a previous server (none of ``in_use``).
-
-    Only namespaces without a process in them are removed."""
+def remove_stale() -> list[str]:
+    """Remove fork namespaces left by a server that stopped without closing them
+    (a crash): those without a process in them. Returns their names."""
     removed = []
     if not NETNS_DIR.is_dir():
         return removed
     for entry in NETNS_DIR.iterdir():
-        if entry.name.startswith(NAME_PREFIX) and entry.name not in in_use:
+        if entry.name.startswith(NAME_PREFIX):
             pids = subprocess.run(["ip", "netns", "pids", entry.name], capture_output=True, text=True, timeout=30)
             index = entry.name[len(NAME_PREFIX):]
             if index.isdigit() and pids.returncode == 0 and not pids.stdout.strip():

@@ -47,9 +47,11 @@ FORK_UNREACHABLE = (
 def in_fork() -> bool:
     """Is this kernel a fork, in a network namespace of its own? Its namespace
     has the kernel's end of a veth pair (named by forknet.ForkNetwork)."""
+    from .forknet import KERNEL_INTERFACE_PREFIX
+
     try:
         with open("/proc/self/net/dev") as f:
-            return any(line.strip().startswith("ckk") for line in f)
+            return any(line.strip().startswith(KERNEL_INTERFACE_PREFIX) for line in f)
     except OSError:
         return False
 

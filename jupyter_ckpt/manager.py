@@ -392,8 +392,8 @@ class CheckpointManager:
                 images = await self._verified_images(record, work)
                 prepared = time.monotonic() - started
                 network = await asyncio.to_thread(ForkNetwork.create, self.fork_outbound)
-                moves = {record.connection[p]: (network.kernel_address, record.connection[p]) for p in ZMQ_PORTS}
-                await asyncio.to_thread(move_listeners, images, moves)
+                here = {**record.connection, "ip": network.kernel_address}
+                await asyncio.to_thread(move_listeners, images, _listener_moves(record.connection, here))
 
                 def restore() -> tuple[int, KernelStdio]:
                     nonlocal restore_seconds
@@ -403,8 +403,9 @@ class CheckpointManager:
 
                 CheckpointableProvisioner.forking[kernel_id] = ForkPlan(record.id, record.connection, network, restore)
                 try:
-                    cwd = target_path.rsplit("/", 1)[0] if target_path and "/" in target_path else ""
-                    await self.kernel_manager.start_kernel(kernel_id=kernel_id, kernel_name=record.kernel_name, path=cwd)
+                    await self.kernel_manager.start_kernel(
+                        kernel_id=kernel_id, kernel_name=record.kernel_name, path=_folder_of(target_path)
+                    )
                 finally:
                     CheckpointableProvisioner.forking.pop(kernel_id, None)
         except BaseException as e:
@@ -412,6 +413,8 @@ class CheckpointManager:
                 await self.kernel_manager.shutdown_kernel(kernel_id, now=True)  # closes the namespace too
             elif network is not None:
                 await asyncio.to_thread(network.close)
+            if copy_notebook and target_path:
+                await _maybe_await(self.contents_manager.delete(target_path))  # a copy for a fork that never came
             self._busy.discard(kernel_id)
             if isinstance(e, CheckpointError):
                 self._emit("restore_failed", record, message=str(e))
@@ -446,7 +449,7 @@ class CheckpointManager:
         if self.contents_manager is None:
             raise NotSupported("this server has no contents manager to copy the notebook with")
         try:
-            model = await _maybe_await(self.contents_manager.copy(record.path, record.path.rsplit("/", 1)[0] if "/" in record.path else ""))
+            model = await _maybe_await(self.contents_manager.copy(record.path, _folder_of(record.path)))
         except Exception as e:
             raise InvalidRequest(f"cannot copy notebook {record.path}: {e}") from None
         return model["path"]
@@ -473,12 +476,7 @@ class CheckpointManager:
                 prepared = time.monotonic() - started
                 # The snapshot's listeners go where this kernel listens (a
                 # fork's namespace address, or another kernel's ports).
-                here = _connection_info(km)
-                moves = {
-                    record.connection[p]: (here["ip"], here[p])
-                    for p in ZMQ_PORTS
-                    if record.connection.get(p) and (record.connection[p], record.connection.get("ip")) != (here[p], here["ip"])
-                }
+                moves = _listener_moves(record.connection, _connection_info(km))
                 if moves:
                     await asyncio.to_thread(move_listeners, images, moves)
                 before = client_connections(km.ip, kernel_ports(km))
@@ -601,8 +599,9 @@ class CheckpointManager:
         self._claim(record.kernel_id)
         CheckpointableProvisioner.recovering[record.kernel_id] = record.connection
         try:
-            cwd = record.path.rsplit("/", 1)[0] if record.path and "/" in record.path else ""
-            await self.kernel_manager.start_kernel(kernel_id=record.kernel_id, kernel_name=record.kernel_name, path=cwd)
+            await self.kernel_manager.start_kernel(
+                kernel_id=record.kernel_id, kernel_name=record.kernel_name, path=_folder_of(record.path)
+            )
         except Exception as e:
             raise RestoreFailed(f"cannot start kernel {record.kernel_id} again to restore into: {e}") from None
         finally:
@@ -673,6 +672,21 @@ def _connection_info(km: Any) -> dict[str, Any]:
     key = info.get("key", b"")
     info["key"] = key.decode() if isinstance(key, bytes) else key
     return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}
+
+
+def _listener_moves(snapshot: dict[str, Any], here: dict[str, Any]) -> dict[int, tuple[str, int]]:
+    """For engine.move_listeners: each ZMQ listener of the snapshot's kernel
+    whose address or port differs from where the kernel restored now listens."""
+    return {
+        snapshot[p]: (here["ip"], here[p])
+        for p in ZMQ_PORTS
+        if snapshot.get(p) and (snapshot[p], snapshot.get("ip")) != (here[p], here["ip"])
+    }
+
+
+def _folder_of(path: str | None) -> str:
+    """The folder of a notebook's API path ('' for the root)."""
+    return path.rsplit("/", 1)[0] if path and "/" in path else ""
 
 
 def client_connections(address: str, ports: list[int]) -> dict[int, int]:

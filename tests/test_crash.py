@@ -7,75 +7,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
 from jupyter_ckpt.store import SnapshotStore
 
 from .conftest import needs_root
+from .servers import Server, call, descendants
 
 pytestmark = needs_root
-TOKEN = "crash-test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(port: int, method: str, path: str, body: dict | None = None, timeout: float = 60, host: str = "127.0.0.1") -> dict:
-    req = urllib.request.Request(
-        f"http://{host}:{port}{path}",
-        data=json.dumps(body or {}).encode() if method != "GET" else None,
-        method=method,
-        headers={"Authorization": f"token {TOKEN}"},
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read() or b"null")
-
-
-def descendants(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                for child in map(int, f.read().split()):
-                    out += [child, *descendants(child)]
-        except OSError:
-            pass
-    return out
 
 
 @pytest.fixture
 def server(tmp_path):
-    port, store = free_port(), tmp_path / "store"
-    (tmp_path / "root").mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", f"--port={port}",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path / 'root'}",
-         "--ServerApp.jpserver_extensions=jupyter_ckpt=True", f"--CheckpointApp.store_root={store}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), HOME=str(tmp_path)),
-    )
-    for _ in range(200):
-        try:
-            call(port, "GET", "/api/ckpt/status", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield proc, port, store
-    for pid in [*descendants(proc.pid), proc.pid] if proc.poll() is None else []:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+    running = Server(tmp_path)
+    yield running.proc, running.port, tmp_path / "store"
+    running.kill()
 
 
 @pytest.mark.parametrize("kill_while", ["dumping", "storing"])

@@ -253,3 +253,20 @@ async def test_restarting_a_fork_starts_a_fresh_kernel_in_the_servers_network(jp
     await fresh.execute("x = 2")
     assert await sock.value("x") == "1"
     assert (await snapshot(jp_fetch, fork_id))["status"] == "complete"
+
+
+async def test_a_refused_fork_into_a_copy_leaves_no_copy(jp_fetch, jp_ws_fetch, jp_root_dir, tmp_path):
+    (jp_root_dir / "lib.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    status, session = await api(
+        jp_fetch, "POST", "api", "sessions",
+        body={"path": "lib.ipynb", "name": "lib.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
+    )
+    sock = await connect(jp_ws_fetch, session["kernel"]["id"])
+    data = tmp_path / "held-open.txt"
+    data.write_text("8 bytes\n")
+    await sock.execute(f"f = open({str(data)!r})")
+    snap = await snapshot(jp_fetch, session["kernel"]["id"])
+    data.write_text("now 12 bytes")
+    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new", "copy": True})
+    assert status == 409 and "held-open.txt" in out["message"]
+    assert sorted(p.name for p in jp_root_dir.glob("*.ipynb")) == ["lib.ipynb"]

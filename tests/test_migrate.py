@@ -16,8 +16,7 @@ from tornado.websocket import websocket_connect
 from jupyter_ckpt import forknet
 
 from .conftest import KernelSocket, needs_root
-from .test_crash import TOKEN
-from .test_recovery import Server, take, value
+from .servers import TOKEN, Server, take, value
 
 pytestmark = [needs_root, pytest.mark.timeout(300)]
 
@@ -67,7 +66,7 @@ class TwoServers:
         for server in self.servers:
             server.kill()
         self.other.close()
-        forknet.remove_stale(in_use=set())
+        forknet.remove_stale()
 
 
 @pytest.fixture

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from .conftest import needs_root
-from .test_crash import TOKEN, call, descendants, free_port
+from .servers import TOKEN, Server, call
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui"
@@ -46,28 +44,12 @@ def lab(tmp_path):
     settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
-         f"--LabApp.user_settings_dir={tmp_path / 'settings'}", f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
-         f"--CheckpointApp.store_root={tmp_path / 'store'}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), HOME=str(tmp_path)),
+    server = Server(
+        tmp_path, f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+        f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", app="jupyterlab",
     )
-    for _ in range(300):
-        try:
-            call(port, "GET", "/api/ckpt/status", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield port
-    for pid in [*descendants(proc.pid), proc.pid]:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+    yield server.port
+    server.kill()
 
 
 @pytest.fixture
@@ -99,8 +81,19 @@ def wait_for_kernel(lab: int, path: str) -> None:
 
 def open_notebook(page, lab: int, url: str, path: str = "story.ipynb") -> None:
     page.goto(f"http://127.0.0.1:{lab}/{url}?token={TOKEN}")
-    page.locator(".jp-ckpt-snapshot-button .jp-ToolbarButtonComponent").first.wait_for()
+    page.locator(SNAPSHOT_BUTTON).wait_for()
     wait_for_kernel(lab, path)
+
+
+SNAPSHOT_BUTTON = ".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent"
+
+
+def click_snapshot(page, outcome: str = "Snapshot saved"):
+    """Click the notebook's Snapshot button; the notification that ends it."""
+    page.locator(SNAPSHOT_BUTTON).click()
+    toast = page.locator(".jp-toast-message", has_text=outcome).last
+    toast.wait_for()
+    return toast
 
 
 def run_cell(page, code: str) -> None:
@@ -117,13 +110,10 @@ def last_output(page, text: str) -> None:
 
 def test_snapshot_and_restore_from_the_panel_in_jupyterlab(lab, page):
     open_notebook(page, lab, "lab/tree/story.ipynb")
-    button = page.locator(".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent")
     run_cell(page, "x = 'before'; print('x is', x)")
     last_output(page, "x is before")
 
-    button.click()
-    page.locator(".jp-toast-message", has_text="Snapshot saved").wait_for()
-    assert "kernel frozen" in page.locator(".jp-toast-message", has_text="Snapshot saved").inner_text()
+    assert "kernel frozen" in click_snapshot(page).inner_text()
     page.locator(".jp-NotebookPanel:visible .jp-NotebookPanel-toolbar").screenshot(path=str(ARTIFACTS / "toolbar.png"))
 
     # The panel lists it, live (the event stream), with its facts.
@@ -159,8 +149,7 @@ def test_fork_into_a_copy_from_the_panel(lab, page):
     open_notebook(page, lab, "lab/tree/story.ipynb")
     run_cell(page, "y = 'shared past'; print('y is', y)")
     last_output(page, "y is shared past")
-    page.locator(".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent").click()
-    page.locator(".jp-toast-message", has_text="Snapshot saved").wait_for()
+    click_snapshot(page)
     page.locator(".lm-TabBar-tab[data-id='jupyter-ckpt-panel']").click()
     row = page.locator(".jp-ckpt-row.jp-ckpt-status-complete").first
     row.locator(".jp-ToolbarButtonComponent[aria-label='Fork']").click()
@@ -176,11 +165,9 @@ def test_fork_into_a_copy_from_the_panel(lab, page):
 
 def test_snapshot_button_in_notebook_7(lab, page):
     open_notebook(page, lab, "notebooks/story.ipynb")
-    button = page.locator(".jp-ckpt-snapshot-button .jp-ToolbarButtonComponent")
     run_cell(page, "z = 7; print('z is', z)")
     last_output(page, "z is 7")
-    button.click()
-    page.locator(".jp-toast-message", has_text="Snapshot saved").wait_for()
+    click_snapshot(page)
     page.screenshot(path=str(ARTIFACTS / "notebook7.png"))
     snaps = call(lab, "GET", "/api/ckpt/snapshots")
     assert [s["status"] for s in snaps] == ["complete"]
@@ -195,19 +182,14 @@ def test_failure_reason_rename_and_delete_in_the_panel(lab, page, tmp_path):
     outside.bind(str(tmp_path / "outside.sock"))
     outside.listen()
     open_notebook(page, lab, "lab/tree/story.ipynb")
-    button = page.locator(".jp-NotebookPanel:visible .jp-ckpt-snapshot-button .jp-ToolbarButtonComponent")
     run_cell(page, f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(tmp_path / 'outside.sock')!r}); print('connected')")
     last_output(page, "connected")
     peer, _ = outside.accept()
-    button.click()
-    failure = page.locator(".jp-toast-message", has_text="Snapshot failed")
-    failure.wait_for()
-    assert "unix" in failure.inner_text().lower()
+    assert "unix" in click_snapshot(page, "Snapshot failed").inner_text().lower()
     run_cell(page, "s.close(); print('closed')")  # the kernel runs on
     last_output(page, "closed")
 
-    button.click()
-    page.locator(".jp-toast-message", has_text="Snapshot saved").wait_for()
+    click_snapshot(page)
     page.locator(".lm-TabBar-tab[data-id='jupyter-ckpt-panel']").click()
     page.locator(".jp-ckpt-row.jp-ckpt-status-failed").wait_for()
     row = page.locator(".jp-ckpt-row.jp-ckpt-status-complete").first

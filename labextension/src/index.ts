@@ -120,7 +120,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
           return;
         }
         if (result.isChecked && current) {
-          const saved = await snapshotNotebook(panel, `before restoring ${snapshotName(s).replace(/[“”]/g, '')}`);
+          const saved = await snapshotNotebook(panel, `before restoring ${snapshotName(s, false)}`);
           if (!saved) {
             return; // keep what the user would have lost
           }

@@ -208,10 +208,10 @@ export interface IOrigin {
   created: string | null;
 }
 
-/** How a snapshot is named to users: its label, or when it was taken. */
-export function snapshotName(s: { id: string; label?: string | null; created?: string | null }): string {
+/** How a snapshot is named to users: its label (in quotes unless ``quoted`` is false), or when it was taken. */
+export function snapshotName(s: { id: string; label?: string | null; created?: string | null }, quoted = true): string {
   if (s.label) {
-    return `“${s.label}”`;
+    return quoted ? `“${s.label}”` : s.label;
   }
   return s.created ? `the snapshot of ${new Date(s.created).toLocaleString()}` : `snapshot ${s.id.slice(-6)}`;
 }
@@ -244,7 +244,7 @@ export class KernelOrigins {
     } else if (event.action === 'deleted' && event.snapshot_id) {
       for (const [kernelId, origin] of this._origins) {
         if (origin.id === event.snapshot_id) {
-          this._origins.set(kernelId, { ...origin, label: `${snapshotName(origin)} (deleted)`.replace(/[“”]/g, '') });
+          this._origins.set(kernelId, { ...origin, label: `${snapshotName(origin, false)} (deleted)` });
         }
       }
       this._changed.emit();

@@ -1,0 +1,125 @@
+"""Real `jupyter server` (or `jupyter lab`) processes for the tests that need a
+server of their own: crashes, restarts, a second server, the browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from jupyter_client import BlockingKernelClient
+
+TOKEN = "crash-test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(port: int, method: str, path: str, body: dict | None = None, timeout: float = 60, host: str = "127.0.0.1") -> dict:
+    req = urllib.request.Request(
+        f"http://{host}:{port}{path}",
+        data=json.dumps(body or {}).encode() if method != "GET" else None,
+        method=method,
+        headers={"Authorization": f"token {TOKEN}"},
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in map(int, f.read().split()):
+                    out += [child, *descendants(child)]
+        except OSError:
+            pass
+    return out
+
+
+class Server:
+    """A real server process with its own root (``tmp_path/root``), runtime dir
+    and store; ``app`` is the module run (``jupyter_server`` or ``jupyterlab``).
+
+    With ``netns``, it runs in that network namespace (standing for another
+    host) and listens on ``host`` there."""
+
+    def __init__(
+        self,
+        tmp_path,
+        *extra: str,
+        app: str = "jupyter_server",
+        netns: str | None = None,
+        host: str = "127.0.0.1",
+        local_store: bool = True,
+    ):
+        self.port = free_port() if netns is None else 8888
+        self.host = host
+        self.runtime = tmp_path / "runtime"
+        (tmp_path / "root").mkdir(exist_ok=True)
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", app, "--allow-root", "--no-browser", f"--port={self.port}",
+             f"--ip={host}",
+             f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path / 'root'}",
+             "--ServerApp.jpserver_extensions=jupyter_ckpt=True",
+             *([f"--CheckpointApp.store_root={tmp_path / 'store'}"] if local_store else []), *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime), HOME=str(tmp_path)),
+        )
+        for _ in range(300):
+            try:
+                self.call("GET", "/api/ckpt/status", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def call(self, method, path, body=None, timeout=60):
+        return call(self.port, method, path, body, timeout, host=self.host)
+
+    def client(self, kernel_id: str) -> BlockingKernelClient:
+        client = BlockingKernelClient()
+        client.load_connection_file(str(self.runtime / f"kernel-{kernel_id}.json"))
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+        return client
+
+    def kill(self) -> None:
+        """As a crash or a reboot would: the server and its kernels, at once."""
+        if self.proc.poll() is None:
+            for pid in [*descendants(self.proc.pid), self.proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.proc.wait()
+
+
+def value(client: BlockingKernelClient, expr: str) -> str:
+    out = {}
+    reply = client.execute_interactive(
+        expr, timeout=60,
+        output_hook=lambda m: out.update(m["content"].get("data", {})) if m["msg_type"] == "execute_result" else None,
+    )
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return out.get("text/plain")
+
+
+def take(server: Server, kernel_id: str, label: str = "") -> dict:
+    """Take a snapshot through the API and wait until it is complete."""
+    snap = server.call("POST", f"/api/ckpt/kernels/{kernel_id}/snapshots", {"label": label})
+    while snap["status"] not in ("complete", "failed"):
+        time.sleep(0.05)
+        snap = server.call("GET", f"/api/ckpt/snapshots/{snap['id']}")
+    assert snap["status"] == "complete", snap
+    return snap
