@@ -163,7 +163,12 @@ class ChunkIndex:
         return out
 
     def close(self) -> None:
-        self._db.close()
+        # Under the lock: a snapshot still being stored when the server stops
+        # may be querying from a worker thread, and closing a SQLite connection
+        # in the middle of a query crashes the process. Queries after this one
+        # fail with an error instead (the snapshot is recorded failed).
+        with self._lock:
+            self._db.close()
 
 
 class _PackWriter:

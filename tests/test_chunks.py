@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 
 import fsspec
 import numpy as np
 import pytest
 
 from jupyter_ckpt import manifest
-from jupyter_ckpt.chunks import ChunkStore
+from jupyter_ckpt.chunks import ChunkIndex, ChunkStore
 from jupyter_ckpt.errors import SnapshotNotRestorable
 
 MiB = 1 << 20
@@ -142,3 +143,29 @@ def test_index_cache_is_rebuilt_from_the_backend(store, stored, tmp_path):
     again = ChunkStore(store.fs, store.root, cache)
     restore_into(again, stored, tmp_path)
     again.close()
+
+
+def test_closing_the_index_during_a_lookup_fails_the_lookup_without_crashing(tmp_path):
+    """A server stopping while a snapshot is being stored closes the index under
+    a worker thread's query: that query must fail cleanly (it crashed before)."""
+    import sqlite3
+    import threading
+
+    index = ChunkIndex(tmp_path / "index.sqlite")
+    index.add_pack("pack", [(os.urandom(32), 0, 1, 0, 1) for _ in range(20_000)])
+    wanted = [os.urandom(32) for _ in range(20_000)]
+    failures: list[Exception] = []
+
+    def look_up() -> None:
+        try:
+            for _ in range(200):
+                index.lookup_many(wanted)
+        except sqlite3.ProgrammingError as e:
+            failures.append(e)
+
+    worker = threading.Thread(target=look_up)
+    worker.start()
+    time.sleep(0.1)
+    index.close()
+    worker.join()
+    assert failures and "closed" in str(failures[0])
