@@ -3,37 +3,40 @@
 Files are cut into chunks (memory pages: 4 KiB, so that a kernel that changed
 10 % of its pages stores about 10 % again; other images: 1 MiB), each named by
 its BLAKE3 hash and stored once across all snapshots and kernels. New chunks
-are zstd-compressed in runs ("frames", up to 1 MiB of consecutive new chunks)
-and appended to a pack; a pack's index lists, for each chunk, where it is.
+go in runs ("frames", up to 1 MiB of one file's new chunks, in file order),
+zstd-compressed where that pays, and are appended to a pack; a pack's index
+lists, for each chunk, where it is.
 
 On the backend (any fsspec filesystem: a local directory, S3 through s3fs)::
 
-    packs/<pack>.pack    zstd frames, back to back
-    packs/<pack>.idx     per chunk: hash, frame offset, frame length, start in frame, size
+    packs/<pack>.pack    frames, back to back
+    packs/<pack>.idx     per chunk: hash, frame offset, frame length (high bit:
+                         stored as is), start in frame, size
 
 A pack is written, then its index; the index is what makes a pack's chunks
 known, so a crash leaves at worst a pack without index or an index no manifest
 refers to, both reclaimed by gc. Every chunk is checked against its hash when
 read: a damaged pack cannot feed CRIU wrong bytes.
 
-A local SQLite file caches the union of the pack indexes (rebuilt from them
-when missing), so dedup lookups never list the backend.
+The union of the pack indexes is held in memory (copies of them are kept in
+a local cache directory), so dedup lookups never list the backend.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
-import sqlite3
 import struct
 import tempfile
 import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterator
 
 import blake3
+import numpy as np
 import zstandard
 
 from .errors import SnapshotNotRestorable
@@ -41,20 +44,27 @@ from .errors import SnapshotNotRestorable
 PAGE_CHUNK = 4096
 OTHER_CHUNK = 1 << 20
 FRAME_BYTES = 1 << 20  # raw bytes of consecutive new chunks compressed together
+_READ_BYTES = 8 << 20  # read, hashed and looked up at a time
 PACK_BYTES = 64 << 20  # start a new pack after this many compressed bytes
 HASH_BYTES = 32
 _IDX_ENTRY = struct.Struct("<32sQIII")  # hash, frame offset, frame length, start in frame, size
 _IDX_MAGIC = b"JCKIDX1\n"
 _SAMPLE_BYTES = 64 << 10  # compressed first, to see whether a frame is worth compressing
 _WORTH_IT = 0.9
+# In an index entry's frame length: the frame is stored as is, not compressed
+# (frames are at most a few MiB, so the bit is free).
+_RAW_FRAME = 1 << 31
 
 
 def chunk_size_for(name: str) -> int:
     return PAGE_CHUNK if name.startswith("pages-") else OTHER_CHUNK
 
 
-def chunk_hash(data: bytes) -> bytes:
-    return blake3.blake3(data).digest()
+_blake3 = blake3.blake3
+
+
+def chunk_hash(data: bytes | memoryview) -> bytes:
+    return _blake3(data).digest()
 
 
 @dataclass
@@ -75,100 +85,153 @@ class PutStats:
     chunks: int = 0
 
 
-@dataclass
-class _Location:
-    pack: str
-    offset: int  # of the frame in the pack
-    length: int  # of the compressed frame
-    start: int  # of the chunk in the decompressed frame
-    size: int
-
-
 class ChunkIndex:
-    """hash -> location, in a local SQLite cache of the packs' indexes.
+    """hash -> location of every chunk in the packs, held in memory as sorted
+    numpy arrays, so that a block of 2048 pages is looked up in one vectorized
+    search (per-chunk lookups cost more than hashing the pages). About 64 bytes
+    per distinct chunk: 16 MiB per GiB of distinct pages.
 
-    Only a cache: the pack indexes on the backend are the truth. So it is
-    written without fsync, and a cache found damaged is rebuilt from them."""
+    The packs' indexes on the backend are the truth; copies of them in
+    ``cache_dir`` spare a restart downloading them again. A copy found damaged
+    is dropped and fetched again."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def __init__(self, cache_dir: Path):
+        self.dir = Path(cache_dir)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        try:
-            self._db = self._open(path)
-        except sqlite3.DatabaseError:
-            for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-                stale.unlink(missing_ok=True)
-            self._db = self._open(path)
+        self._names: list[str] = []  # pack number -> name (slots of dropped packs stay)
+        self._numbers: dict[str, int] = {}
+        # Arrays of _ROW, each sorted by key, with its keys apart (contiguous:
+        # searchsorted copies a strided array on every call).
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._closed = False
+        loaded = []
+        for path in sorted(self.dir.glob("*.idx")):
+            entries = _parse_idx(path.read_bytes())
+            if entries is None:
+                path.unlink()
+                continue
+            loaded.append(self._rows(path.stem, entries))
+        if loaded:
+            self._runs = [_sorted_run(np.concatenate(loaded))]
 
-    def _open(self, path: Path) -> sqlite3.Connection:
-        # Private before SQLite opens it: its WAL and shared-memory files take
-        # the database file's permissions.
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        os.chmod(path, 0o600)
-        db = sqlite3.connect(str(path), check_same_thread=False)
-        db.execute("pragma journal_mode=wal")
-        db.execute("pragma synchronous=off")
-        with db:
-            db.execute(
-                "create table if not exists chunks (hash blob primary key, pack text, "
-                "offset integer, length integer, start integer, size integer) without rowid"
-            )
-            db.execute("create table if not exists packs (pack text primary key)")
-        return db
+    def _rows(self, pack: str, entries: np.ndarray) -> np.ndarray:
+        number = self._numbers[pack] = len(self._names)
+        self._names.append(pack)
+        rows = np.empty(len(entries), _ROW)
+        rows["hash"] = entries["hash"]
+        rows["key"] = entries["hash"][:, 0]
+        rows["pack"] = number
+        for name in ("offset", "length", "start", "size"):
+            rows[name] = entries[name]
+        return rows
+
+    def _check_open(self) -> None:
+        if self._closed:
+            # A server stopping while a snapshot is still being stored.
+            raise SnapshotNotRestorable("the store was closed while this operation used it")
 
     def known_packs(self) -> set[str]:
         with self._lock:
-            return {row[0] for row in self._db.execute("select pack from packs")}
+            return set(self._numbers)
 
-    def add_pack(self, pack: str, entries: Iterable[tuple[bytes, int, int, int, int]]) -> None:
-        with self._lock, self._db:
-            self._db.executemany(
-                "insert or ignore into chunks values (?, ?, ?, ?, ?, ?)",
-                ((h, pack, off, ln, start, size) for h, off, ln, start, size in entries),
-            )
-            self._db.execute("insert or ignore into packs values (?)", (pack,))
+    def pack_name(self, number: int) -> str:
+        return self._names[number]
+
+    def add_pack(self, pack: str, idx: bytes) -> None:
+        """Index a pack from its index file's bytes (and keep a copy)."""
+        entries = _parse_idx(idx)
+        if entries is None:
+            raise ValueError(f"pack index {pack} is damaged")
+        with self._lock:
+            self._check_open()
+            if pack in self._numbers:
+                return
+            self._runs.append(_sorted_run(self._rows(pack, entries)))
+            # Runs of decreasing size, each at least twice the next: few
+            # runs to search, and every row merged only O(log n) times.
+            while len(self._runs) > 1 and 2 * len(self._runs[-1][0]) >= len(self._runs[-2][0]):
+                merged = np.concatenate([self._runs.pop()[1], self._runs.pop()[1]])
+                self._runs.append(_sorted_run(merged))
+        copy = self.dir / f"{pack}.idx"
+        with open(copy, "wb", opener=_private_opener) as f:
+            f.write(idx)
 
     def drop_pack(self, pack: str) -> None:
-        with self._lock, self._db:
-            self._db.execute("delete from chunks where pack = ?", (pack,))
-            self._db.execute("delete from packs where pack = ?", (pack,))
-
-
-    def lookup_many(self, hashes: list[bytes]) -> dict[bytes, _Location]:
-        """Locations of those of ``hashes`` that are stored (one query per 500)."""
-        found: dict[bytes, _Location] = {}
-        unique = list(dict.fromkeys(hashes))
         with self._lock:
-            for i in range(0, len(unique), 500):
-                batch = unique[i : i + 500]
-                rows = self._db.execute(
-                    "select hash, pack, offset, length, start, size from chunks where hash in "
-                    f"({','.join('?' * len(batch))})",
-                    batch,
-                ).fetchall()
-                for row in rows:
-                    found[row[0]] = _Location(*row[1:])
-        return found
+            number = self._numbers.pop(pack, None)
+            if number is not None:
+                self._runs = [_sorted_run(rows[rows["pack"] != number]) for _, rows in self._runs]
+        (self.dir / f"{pack}.idx").unlink(missing_ok=True)
+
+    def locate(self, hashes: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """For each of ``hashes``: whether it is stored, and its row of _ROW
+        (pack number, frame offset and length, start in frame, size)."""
+        wanted = np.frombuffer(b"".join(hashes), dtype="<u8").reshape(-1, 4)
+        keys = wanted[:, 0]
+        found = np.zeros(len(hashes), bool)
+        rows = np.zeros(len(hashes), _ROW)
+        with self._lock:
+            self._check_open()
+            for run_keys, run in self._runs:
+                if not len(run):
+                    continue
+                at = np.minimum(np.searchsorted(run_keys, keys), len(run) - 1)
+                maybe = np.nonzero((run_keys[at] == keys) & ~found)[0]
+                candidates = run[at[maybe]]
+                same = (candidates["hash"] == wanted[maybe]).all(axis=1)
+                rows[maybe[same]] = candidates[same]
+                found[maybe[same]] = True
+                # Two hashes with the same first 8 bytes: look past the first.
+                for i in maybe[~same]:
+                    j = at[i] + 1
+                    while j < len(run) and run_keys[j] == keys[i]:
+                        if (run["hash"][j] == wanted[i]).all():
+                            rows[i], found[i] = run[j], True
+                            break
+                        j += 1
+        return found, rows
 
     def packs_of(self, hashes: set[bytes]) -> dict[str, int]:
         """pack -> number of the given hashes it holds."""
-        out: dict[str, int] = {}
+        counts = np.zeros(len(self._names) + 1, np.int64)
+        ordered = list(hashes)
+        for first in range(0, len(ordered), 1 << 20):
+            found, rows = self.locate(ordered[first : first + (1 << 20)])
+            counts += np.bincount(rows["pack"][found], minlength=len(counts))[: len(counts)]
         with self._lock:
-            for (pack,) in self._db.execute("select pack from chunks").fetchall():
-                out.setdefault(pack, 0)
-            for h in hashes:
-                row = self._db.execute("select pack from chunks where hash = ?", (h,)).fetchone()
-                if row:
-                    out[row[0]] = out.get(row[0], 0) + 1
-        return out
+            return {pack: int(counts[number]) for pack, number in self._numbers.items()}
 
     def close(self) -> None:
         # Under the lock: a snapshot still being stored when the server stops
-        # may be querying from a worker thread, and closing a SQLite connection
-        # in the middle of a query crashes the process. Queries after this one
-        # fail with an error instead (the snapshot is recorded failed).
+        # may be looking up from a worker thread; it fails with a clear error.
         with self._lock:
-            self._db.close()
+            self._closed = True
+            self._runs = []
+
+
+_IDX_DTYPE = np.dtype(
+    [("hash", "<u8", (4,)), ("offset", "<u8"), ("length", "<u4"), ("start", "<u4"), ("size", "<u4")]
+)  # one entry of a pack index file (_IDX_ENTRY)
+_ROW = np.dtype(
+    [("key", "<u8"), ("hash", "<u8", (4,)), ("pack", "<i4"), ("offset", "<u8"), ("length", "<u4"), ("start", "<u4"), ("size", "<u4")]
+)  # one chunk in the index: key is the hash's first 8 bytes
+
+
+def _parse_idx(data: bytes) -> np.ndarray | None:
+    """A pack index file's entries, or None if it is not one (or cut short)."""
+    if not data.startswith(_IDX_MAGIC) or (len(data) - len(_IDX_MAGIC)) % _IDX_DTYPE.itemsize:
+        return None
+    return np.frombuffer(data, _IDX_DTYPE, offset=len(_IDX_MAGIC))
+
+
+def _sorted_run(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = rows[np.argsort(rows["key"], kind="stable")]
+    return np.ascontiguousarray(rows["key"]), rows
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
 
 
 class _PackWriter:
@@ -181,18 +244,20 @@ class _PackWriter:
         self.file = open(self.tmp_path, "wb")
         os.chmod(self.tmp_path, 0o600)
         self.offset = 0
-        self.entries: list[tuple[bytes, int, int, int, int]] = []
+        self.entries: list[bytes] = []  # packed _IDX_ENTRY
 
-    def add_frame(self, chunks: list[tuple[bytes, bytes]]) -> int:
+    def add_frame(self, chunks: list[tuple[bytes, memoryview]]) -> int:
         raw = b"".join(data for _, data in chunks)
         frame = self.store._compress(raw)
-        self.file.write(frame)
+        self.file.write(frame or raw)
+        length = len(frame) if frame else len(raw) | _RAW_FRAME
         start = 0
         for h, data in chunks:
-            self.entries.append((h, self.offset, len(frame), start, len(data)))
+            self.entries.append(_IDX_ENTRY.pack(h, self.offset, length, start, len(data)))
             start += len(data)
-        self.offset += len(frame)
-        return len(frame)
+        written = len(frame or raw)
+        self.offset += written
+        return written
 
     def finish(self) -> None:
         """Upload pack then index; only then are its chunks part of the store."""
@@ -209,10 +274,10 @@ class _PackWriter:
             _fsync_dir(os.path.dirname(target))
         else:
             fs.put_file(str(self.tmp_path), target)
-        idx = _IDX_MAGIC + b"".join(_IDX_ENTRY.pack(*e) for e in self.entries)
+        idx = _IDX_MAGIC + b"".join(self.entries)
         self.store._write_atomic(f"packs/{self.name}.idx", idx)
         self.tmp_path.unlink(missing_ok=True)
-        self.store.index.add_pack(self.name, self.entries)
+        self.store.index.add_pack(self.name, idx)
 
     def abort(self) -> None:
         self.file.close()
@@ -227,13 +292,13 @@ class _FrameSink:
 
     def __init__(self, store: "ChunkStore", stats: PutStats):
         self.store, self.stats = store, stats
-        self.queue: queue.Queue[list[tuple[bytes, bytes]] | None] = queue.Queue(maxsize=8)
+        self.queue: queue.Queue[list[tuple[bytes, memoryview]] | None] = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         self.writer = _PackWriter(store)
         self.thread = threading.Thread(target=self._work, daemon=True, name="jupyter-ckpt-packs")
         self.thread.start()
 
-    def put(self, chunks: list[tuple[bytes, bytes]]) -> None:
+    def put(self, chunks: list[tuple[bytes, memoryview]]) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put(chunks)
@@ -266,32 +331,59 @@ class _FrameSink:
 
 
 class _FrameReader:
-    """Decompressed frames by location, reading each frame once and keeping the
-    pack being read open (a file's frames come mostly in order)."""
+    """Decompressed frames by location. A file's chunks come from a few frames
+    at a time (the frame of its first version's pages, the frame of the pages
+    changed since), so the last few frames and their packs are kept open."""
+
+    _KEEP = 4
 
     def __init__(self, store: "ChunkStore"):
         self.store = store
         self.decompressor = zstandard.ZstdDecompressor()
-        self.key: tuple[str, int] | None = None
-        self.frame = b""
-        self.pack_name: str | None = None
-        self.pack = None
+        self.frames: dict[tuple[str, int], memoryview] = {}  # oldest first
+        self.packs: dict[str, Any] = {}
 
-    def get(self, loc: _Location) -> bytes:
-        if self.key != (loc.pack, loc.offset):
-            if self.pack_name != loc.pack:
-                self.close()
-                self.pack = self.store.fs.open(f"{self.store.root}/packs/{loc.pack}.pack", "rb")
-                self.pack_name = loc.pack
-            self.pack.seek(loc.offset)
-            self.frame = self.decompressor.decompress(self.pack.read(loc.length), max_output_size=FRAME_BYTES + OTHER_CHUNK)
-            self.key = (loc.pack, loc.offset)
-        return self.frame
+    def get(self, pack: str, offset: int, length: int) -> memoryview:
+        key = (pack, offset)
+        frame = self.frames.pop(key, None)
+        if frame is None:
+            frame = self._read(pack, offset, length)
+        self.frames[key] = frame  # most recent last
+        if len(self.frames) > self._KEEP:
+            del self.frames[next(iter(self.frames))]
+        return frame
+
+    def _read(self, pack: str, offset: int, length: int) -> memoryview:
+        source = self.packs.pop(pack, None) or self._open(pack)
+        self.packs[pack] = source  # most recent last
+        if len(self.packs) > self._KEEP:
+            del self.packs[next(iter(self.packs))]
+        raw, length = length & _RAW_FRAME, length & ~_RAW_FRAME
+        if isinstance(source, memoryview):  # a local pack, mapped
+            data = source[offset : offset + length]
+            if len(data) < length:
+                raise OSError(f"pack {pack} ends before its frame at {offset}")
+        else:
+            source.seek(offset)
+            data = source.read(length)
+        if raw:
+            return memoryview(data)
+        return memoryview(self.decompressor.decompress(data, max_output_size=FRAME_BYTES + OTHER_CHUNK))
+
+    def _open(self, pack: str) -> Any:
+        path = f"{self.store.root}/packs/{pack}.pack"
+        if _is_local(self.store.fs):
+            # Frames stored as is are read without a copy. (Packs are only
+            # ever replaced whole, never truncated in place: a mapped pack
+            # cut short under us would fault.)
+            return _map_file(Path(path))
+        return self.store.fs.open(path, "rb")
 
     def close(self) -> None:
-        if self.pack is not None:
-            self.pack.close()
-            self.pack, self.pack_name = None, None
+        for source in self.packs.values():
+            if not isinstance(source, memoryview):
+                source.close()
+        self.packs.clear()
 
     def __enter__(self) -> "_FrameReader":
         return self
@@ -310,17 +402,18 @@ class ChunkStore:
         self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.makedirs("packs")
         self._compressor = zstandard.ZstdCompressor(level=zstd_level)
-        self._fast = zstandard.ZstdCompressor(level=-1)
-        self.index = ChunkIndex(self.cache_dir / "chunk-index.sqlite")
+        self.index = ChunkIndex(self.cache_dir / "pack-indexes")
         self.sync_index()
 
-    def _compress(self, raw: bytes) -> bytes:
-        """zstd, at full effort only where it pays: random data (most float
-        arrays) barely compresses, at a fifth of the speed of storing it."""
+    def _compress(self, raw: bytes) -> bytes | None:
+        """The frame zstd-compressed, or None where that does not pay: random
+        data (most float arrays) barely compresses, and stored as is it is
+        read back without a copy."""
         sample = raw[:_SAMPLE_BYTES]
         if len(raw) > 2 * _SAMPLE_BYTES and len(self._compressor.compress(sample)) > _WORTH_IT * len(sample):
-            return self._fast.compress(raw)
-        return self._compressor.compress(raw)
+            return None
+        frame = self._compressor.compress(raw)
+        return frame if len(frame) < len(raw) else None
 
     # -- backend helpers ------------------------------------------------------------
 
@@ -363,10 +456,9 @@ class ChunkStore:
             self.index.drop_pack(pack)
         for pack in on_backend - cached:
             data = self.fs.cat_file(f"{self.root}/packs/{pack}.idx")
-            if not data.startswith(_IDX_MAGIC) or (len(data) - len(_IDX_MAGIC)) % _IDX_ENTRY.size:
+            if _parse_idx(data) is None:
                 continue  # not ours, or cut short: its chunks stay unknown and will be stored again
-            body = data[len(_IDX_MAGIC):]
-            self.index.add_pack(pack, (_IDX_ENTRY.unpack_from(body, i) for i in range(0, len(body), _IDX_ENTRY.size)))
+            self.index.add_pack(pack, data)
 
     # -- write ------------------------------------------------------------------------
 
@@ -375,41 +467,37 @@ class ChunkStore:
         stats = PutStats()
         files: list[StoredFile] = []
         sink = _FrameSink(self, stats)
-        pending: list[tuple[bytes, bytes]] = []  # consecutive new chunks of the current frame
+        pending: list[tuple[bytes, memoryview]] = []  # new chunks of the next frame, in file order
         pending_bytes = 0
         seen_here: set[bytes] = set()  # new chunks already queued in this call
-
-        def flush() -> None:
-            nonlocal pending, pending_bytes
-            if pending:
-                sink.put(pending)
-                pending, pending_bytes = [], 0
-
         try:
             for path in sorted(p for p in directory.iterdir() if p.is_file()):
-                size = path.stat().st_size
-                stored = StoredFile(path.name, size, chunk_size_for(path.name))
+                stored = StoredFile(path.name, path.stat().st_size, chunk_size_for(path.name))
                 step = stored.chunk_size
-                with open(path, "rb") as f:
-                    # A block of chunks at a time: one index query per block.
-                    while block := f.read(max(step, FRAME_BYTES)):
-                        pieces = [block[i : i + step] for i in range(0, len(block), step)]
-                        hashes = [chunk_hash(data) for data in pieces]
-                        known = self.index.lookup_many(hashes)
-                        for h, data in zip(hashes, pieces, strict=True):
-                            stored.chunks.append(h)
-                            stats.chunks += 1
-                            stats.raw_bytes += len(data)
-                            if h in seen_here or h in known:
-                                flush()  # a frame holds consecutive new chunks only
-                                continue
-                            seen_here.add(h)
-                            pending.append((h, data))
-                            pending_bytes += len(data)
-                            stats.new_chunks += 1
-                            if pending_bytes >= FRAME_BYTES:
-                                flush()
-                flush()
+                # Chunks are views of the mapped file: copying 4 KiB pages one
+                # by one costs as much as hashing them. The mapping lives as
+                # long as the last view the frame sink still holds.
+                data = _map_file(path)
+                for first in range(0, len(data), _READ_BYTES):
+                    pieces = [data[i : i + step] for i in range(first, min(first + _READ_BYTES, len(data)), step)]
+                    hashes = [_blake3(piece).digest() for piece in pieces]
+                    known, _ = self.index.locate(hashes)  # a block at a time: one lookup
+                    stored.chunks += hashes
+                    stats.chunks += len(pieces)
+                    for h, piece, old in zip(hashes, pieces, known.tolist(), strict=True):
+                        if old or h in seen_here:
+                            continue
+                        seen_here.add(h)
+                        pending.append((h, piece))
+                        pending_bytes += len(piece)
+                        stats.new_chunks += 1
+                        if pending_bytes >= FRAME_BYTES:
+                            sink.put(pending)
+                            pending, pending_bytes = [], 0
+                stats.raw_bytes += len(data)
+                if pending:  # a frame holds one file's chunks
+                    sink.put(pending)
+                    pending, pending_bytes = [], 0
                 files.append(stored)
             sink.close()
         except BaseException:
@@ -419,25 +507,29 @@ class ChunkStore:
 
     # -- read -------------------------------------------------------------------------
 
-    def read_file(self, stored: StoredFile) -> Iterator[bytes]:
+    def read_file(self, stored: StoredFile) -> Iterator[memoryview]:
         """The file's bytes, chunk by chunk, each checked against its hash."""
         with _FrameReader(self) as frames:
             batch = 2048
             for first in range(0, len(stored.chunks), batch):
                 hashes = stored.chunks[first : first + batch]
-                where = self.index.lookup_many(hashes)
-                if len(where) < len(set(hashes)):
+                found, rows = self.index.locate(hashes)
+                if not found.all():
                     self.sync_index()  # written by another server sharing the store, or a cold cache
-                    where = self.index.lookup_many(hashes)
-                for n, h in enumerate(hashes, start=first):
-                    loc = where.get(h)
-                    if loc is None:
-                        raise SnapshotNotRestorable(f"{stored.name}: chunk {n} ({h.hex()[:16]}) is missing from the store")
+                    found, rows = self.index.locate(hashes)
+                if not found.all():
+                    n = int(np.argmin(found))
+                    raise SnapshotNotRestorable(f"{stored.name}: chunk {first + n} ({hashes[n].hex()[:16]}) is missing from the store")
+                where = zip(
+                    hashes, *(rows[f].tolist() for f in ("pack", "offset", "length", "start", "size")), strict=True
+                )
+                for n, (h, pack, offset, length, start, size) in enumerate(where, start=first):
+                    name = self.index.pack_name(pack)
                     try:
-                        frame = frames.get(loc)
+                        frame = frames.get(name, offset, length)
                     except (OSError, zstandard.ZstdError) as e:
-                        raise SnapshotNotRestorable(f"{stored.name}: chunk {n} cannot be read from pack {loc.pack}: {e}") from None
-                    data = frame[loc.start : loc.start + loc.size]
+                        raise SnapshotNotRestorable(f"{stored.name}: chunk {n} cannot be read from pack {name}: {e}") from None
+                    data = frame[start : start + size]
                     if chunk_hash(data) != h:
                         raise SnapshotNotRestorable(f"{stored.name}: chunk {n} is corrupt (its content does not match its hash)")
                     yield data
@@ -446,16 +538,18 @@ class ChunkStore:
         """Write verified copies of ``files`` into ``dest`` (private)."""
         for stored in files:
             target = dest / stored.name
-            with open(target, "wb") as out:
-                os.chmod(target, 0o600)
-                written, buffered = 0, []
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                written, pending = 0, []
                 for data in self.read_file(stored):
-                    buffered.append(data)
-                    written += len(data)
-                    if len(buffered) >= 256:
-                        out.write(b"".join(buffered))
-                        buffered = []
-                out.write(b"".join(buffered))
+                    pending.append(data)
+                    if len(pending) == _IOV_MAX:
+                        written += _write_all(fd, pending)
+                        pending = []
+                written += _write_all(fd, pending)
+            finally:
+                os.close(fd)
             if written != stored.size:
                 raise SnapshotNotRestorable(f"{stored.name}: {written} bytes read, {stored.size} expected")
 
@@ -490,6 +584,32 @@ class ChunkStore:
 
     def close(self) -> None:
         self.index.close()
+
+
+_IOV_MAX = 1024  # buffers per writev
+
+
+def _map_file(path: Path) -> memoryview:
+    """The file's bytes, mapped read-only (not copied)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if not size:
+            return memoryview(b"")
+        # Populated: one fault per 4 KiB page, taken page by page, costs as
+        # much as hashing the page.
+        mapped = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    return memoryview(mapped)
+
+
+def _write_all(fd: int, buffers: list[memoryview]) -> int:
+    """writev the buffers (no joined copy), resuming after a short write."""
+    total = sum(len(b) for b in buffers)
+    written = os.writev(fd, buffers) if buffers else 0
+    if written < total:  # rare (a signal, a full disk): finish with plain writes
+        rest = memoryview(b"".join(buffers))[written:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+    return total
 
 
 def _is_local(fs) -> bool:

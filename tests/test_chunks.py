@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import time
 
 import fsspec
@@ -145,22 +146,22 @@ def test_index_cache_is_rebuilt_from_the_backend(store, stored, tmp_path):
     again.close()
 
 
-def test_closing_the_index_during_a_lookup_fails_the_lookup_without_crashing(tmp_path):
+def test_closing_the_index_during_lookups_fails_them_cleanly(tmp_path):
     """A server stopping while a snapshot is being stored closes the index under
-    a worker thread's query: that query must fail cleanly (it crashed before)."""
-    import sqlite3
+    a worker thread's lookups: they must fail with a clear error (a crash once)."""
     import threading
 
-    index = ChunkIndex(tmp_path / "index.sqlite")
-    index.add_pack("pack", [(os.urandom(32), 0, 1, 0, 1) for _ in range(20_000)])
+    index = ChunkIndex(tmp_path / "index")
+    entries = b"".join(struct.pack("<32sQIII", os.urandom(32), 0, 1, 0, 1) for _ in range(20_000))
+    index.add_pack("pack", b"JCKIDX1\n" + entries)
     wanted = [os.urandom(32) for _ in range(20_000)]
     failures: list[Exception] = []
 
     def look_up() -> None:
         try:
-            for _ in range(200):
-                index.lookup_many(wanted)
-        except sqlite3.ProgrammingError as e:
+            for _ in range(2000):
+                index.locate(wanted)
+        except SnapshotNotRestorable as e:
             failures.append(e)
 
     worker = threading.Thread(target=look_up)
@@ -169,3 +170,28 @@ def test_closing_the_index_during_a_lookup_fails_the_lookup_without_crashing(tmp
     index.close()
     worker.join()
     assert failures and "closed" in str(failures[0])
+
+
+def test_index_finds_chunks_across_packs_and_forgets_dropped_ones(tmp_path):
+    index = ChunkIndex(tmp_path / "index")
+    packs = {}
+    for p in range(20):  # enough packs to be merged into fewer sorted runs
+        hashes = [os.urandom(32) for _ in range(1000)]
+        # Two hashes with the same first 8 bytes: both must be found.
+        hashes[0] = hashes[1][:8] + os.urandom(24)
+        body = b"".join(struct.pack("<32sQIII", h, 4096 * i, 4096, 0, 4096) for i, h in enumerate(hashes))
+        index.add_pack(f"pack{p}", b"JCKIDX1\n" + body)
+        packs[f"pack{p}"] = hashes
+    wanted = [h for hashes in packs.values() for h in hashes[::97]] + [os.urandom(32)]
+    found, rows = index.locate(wanted)
+    assert found[:-1].all() and not found[-1]
+    assert index.pack_name(int(rows["pack"][0])) == "pack0" and int(rows["offset"][1]) == 4096 * 97
+    index.drop_pack("pack0")
+    found, _ = index.locate(packs["pack0"][:2] + packs["pack1"][:2])
+    assert found.tolist() == [False, False, True, True]
+    # A restart reads the copies it kept; a damaged copy is dropped.
+    (tmp_path / "index" / "pack1.idx").write_bytes(b"garbage")
+    index.close()
+    again = ChunkIndex(tmp_path / "index")
+    assert again.known_packs() == {f"pack{p}" for p in range(2, 20)}
+    assert again.locate(packs["pack7"])[0].all()
