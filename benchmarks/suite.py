@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kishu_bench  # noqa: E402  (benchmarks/kishu_bench.py)
 import state_coverage  # noqa: E402  (benchmarks/state_coverage.py)
 
+from jupyter_ckpt.chunks import chunk_hash  # noqa: E402
 from jupyter_ckpt.engine import CriuEngine, errors_from_log  # noqa: E402
 from jupyter_ckpt.manager import CheckpointManager  # noqa: E402
 from jupyter_ckpt.store import SnapshotStore  # noqa: E402
@@ -121,6 +122,32 @@ def disk_write_gbps(directory: Path, size: int = GIB) -> float:
         times.append(time.perf_counter() - t)
         path.unlink()
     return size / median(times) / 1e9
+
+
+def page_cache_write_gbps(directory: Path, size: int = GIB) -> float:
+    """Writing a new file without fsync: what CRIU's dump does with every page
+    while the kernel is frozen (it splices them into the image files)."""
+    block = os.urandom(8 << 20)
+    times = []
+    for _ in range(3):
+        path = directory / "page-cache-probe"
+        t = time.perf_counter()
+        with open(path, "wb") as f:
+            for _ in range(size // len(block)):
+                f.write(block)
+        times.append(time.perf_counter() - t)
+        path.unlink()
+    return size / median(times) / 1e9
+
+
+def page_hash_gbps(size: int = GIB // 4) -> float:
+    """BLAKE3 of 4 KiB pages one by one, in Python on one core: what the store
+    does to every page it is given and every page it restores."""
+    data = memoryview(os.urandom(size))
+    t = time.perf_counter()
+    for i in range(0, size, 4096):
+        chunk_hash(data[i : i + 4096])
+    return size / (time.perf_counter() - t) / 1e9
 
 
 def fsync_tree(directory: Path) -> float:
@@ -211,6 +238,8 @@ class Bench:
         stats = _stats(images / "stats-dump", "dump")
         return {
             "raw_freeze_s": (stats.get("freezing_time", 0) + stats.get("frozen_time", 0)) / 1e6,
+            # Of the freeze: copying the pages into the image files.
+            "raw_memwrite_s": stats.get("memwrite_time", 0) / 1e6,
             "raw_dump_s": dump_s,
             "raw_durable_s": dump_s + sync_s,
             "raw_image_bytes": dir_bytes(images),
@@ -232,6 +261,43 @@ class Bench:
         pid = int((images / "restored.pid").read_text())
         os.kill(pid, signal.SIGKILL)
         return {"raw_restore_s": restore_s}
+
+    async def raw_lazy_restore(self, client: Any, images: Path, check: str) -> dict:
+        """`criu restore --lazy-pages` of the raw images, with `criu lazy-pages`
+        serving the memory from them: the tree runs before its memory is back,
+        pages arrive on first touch (userfaultfd) and in the background. Times
+        until the kernel answers, and until the workload's check (which reads
+        all of its data) has run."""
+        (images / "restored.pid").unlink(missing_ok=True)
+        daemon = subprocess.Popen(
+            [self.criu, "lazy-pages", "-D", str(images), "-o", "lazy-pages.log", "-v4"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(100):  # its socket, which the restore connects to
+                if (images / "lazy-pages.socket").exists():
+                    break
+                time.sleep(0.05)
+            t = time.perf_counter()
+            proc = subprocess.run(
+                [self.criu, "restore", "-D", str(images), "-d", "--tcp-close", "--lazy-pages", "-o",
+                 "restore-lazy.log", "-v4", "--pidfile", str(images / "restored.pid")],
+                capture_output=True, text=True,
+            )
+            restore_s = time.perf_counter() - t
+            if proc.returncode:
+                raise RuntimeError(f"criu restore --lazy-pages: {errors_from_log(images / 'restore-lazy.log')}")
+            await client.kernel_info(reply=True, timeout=120)
+            answer_s = time.perf_counter() - t
+            value = await self.run(client, check)
+            all_s = time.perf_counter() - t
+            daemon.wait(timeout=300)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+            if (images / "restored.pid").exists():
+                os.kill(int((images / "restored.pid").read_text()), signal.SIGKILL)
+        return {"raw_lazy_restore_s": restore_s, "raw_lazy_answer_s": answer_s, "raw_lazy_all_s": all_s, "raw_lazy_check": value}
 
     # -- dill --------------------------------------------------------------------------
 
@@ -303,6 +369,8 @@ async def measure_workload(bench: Bench, name: str, code: str, check: str, gib: 
         try:
             row.update(bench.raw_dump(kernel_id, raw))
             row.update(bench.raw_restore(kernel_id, raw))
+            row.update(await bench.raw_lazy_restore(client, raw, check))
+            row["raw_lazy_ok"] = row.pop("raw_lazy_check") == expected
         except RuntimeError as e:
             row["raw_error"] = str(e)[:200]
         finally:
@@ -318,9 +386,14 @@ async def measure_workload(bench: Bench, name: str, code: str, check: str, gib: 
 async def run_suite(args: argparse.Namespace, work: Path) -> dict:
     criu = shutil.which("criu") or "/usr/local/sbin/criu"
     bench = Bench(work, criu)
-    limits = {"memcpy_gbps": memcpy_gbps(), "first_touch_gbps": first_touch_gbps(), "disk_write_fsync_gbps": disk_write_gbps(work)}
-    print(f"machine: memory copy {limits['memcpy_gbps']:.1f} GB/s, first touch of memory "
-          f"{limits['first_touch_gbps']:.1f} GB/s, disk write with fsync {limits['disk_write_fsync_gbps']:.2f} GB/s", flush=True)
+    limits = {
+        "memcpy_gbps": memcpy_gbps(),
+        "first_touch_gbps": first_touch_gbps(),
+        "disk_write_fsync_gbps": disk_write_gbps(work),
+        "page_cache_write_gbps": page_cache_write_gbps(work),
+        "page_hash_gbps": page_hash_gbps(),
+    }
+    print("machine: " + limits_text(limits), flush=True)
     rows: list[dict] = []
     names = QUICK if args.quick else list(WORKLOADS)
     for name in names:
@@ -354,15 +427,21 @@ def per_gib(value: float | None, gib: float) -> str:
     return "–" if value is None else f"{value / gib:.2f}"
 
 
+def limits_text(lim: dict) -> str:
+    return (
+        f"memory copy {lim['memcpy_gbps']:.1f} GB/s, first touch of memory {lim['first_touch_gbps']:.1f} GB/s, "
+        f"disk write+fsync {lim['disk_write_fsync_gbps']:.2f} GB/s, write to page cache "
+        f"{lim['page_cache_write_gbps']:.2f} GB/s, BLAKE3 of 4 KiB pages {lim['page_hash_gbps']:.2f} GB/s"
+    )
+
+
 def report(result: dict) -> str:
     lim = result["limits"]
     lines = [
         f"Machine: {result['machine']['cpus']} CPUs, {result['machine']['memory_gib']} GiB, Linux "
-        f"{result['machine']['kernel']}, CRIU {result['machine']['criu']}; memory copy "
-        f"{lim['memcpy_gbps']:.1f} GB/s, first touch of memory {lim.get('first_touch_gbps', float('nan')):.1f} GB/s, "
-        f"disk write+fsync {lim['disk_write_fsync_gbps']:.2f} GB/s",
+        f"{result['machine']['kernel']}, CRIU {result['machine']['criu']}; " + limits_text(lim),
         "",
-        "| workload | freeze s/GiB (raw CRIU) | durable s (raw CRIU, dill) | goal durable s | restore s/GiB (raw CRIU, dill load) | new / total stored |",
+        "| workload | freeze s/GiB (raw CRIU) | durable s (raw CRIU, dill) | goal durable s | restore s/GiB (raw CRIU, raw CRIU lazy: answers / all back, dill load) | new / total stored |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
@@ -374,10 +453,11 @@ def report(result: dict) -> str:
         durable_raw = f"{r['raw_durable_s']:.2f}" if "raw_durable_s" in r else "–"
         restore = f"{r['restore_s'] / gib:.2f}" if "restore_s" in r else "–"
         raw_restore = f"{r['raw_restore_s'] / gib:.2f}" if "raw_restore_s" in r else "–"
+        lazy = f"{r['raw_lazy_answer_s'] / gib:.2f} / {r['raw_lazy_all_s'] / gib:.2f}" if "raw_lazy_answer_s" in r else "–"
         dill_load = f"{r['dill_load_s'] / gib:.2f}" if "dill_load_s" in r else "–"
         lines.append(
             f"| {r['workload']} | {r['freeze_s'] / gib:.2f} ({raw}) | {r['durable_s']:.2f} ({durable_raw}, {dill}) | "
-            f"{goal:.2f} | {restore} ({raw_restore}, {dill_load}) | "
+            f"{goal:.2f} | {restore} ({raw_restore}, {lazy}, {dill_load}) | "
             f"{r['new_stored_bytes'] / GIB:.3f} / {r['total_stored_bytes'] / GIB:.2f} GiB |"
         )
     k = result.get("kishu")
