@@ -56,6 +56,8 @@ async def run(gib: float, runs: int, store_dir: str) -> dict:
                 {
                     "freeze_s": record.freeze_seconds,
                     "snapshot_total_s": record.total_seconds,
+                    "restore_prepare_s": outcome.prepare_seconds,  # images ready and checked
+                    "restore_save_previous_s": outcome.save_previous_seconds,
                     "restore_criu_s": outcome.restore_seconds,
                     "restore_until_answering_s": round(answered, 3),
                     "memory_bytes": record.memory_bytes,

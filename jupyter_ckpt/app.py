@@ -18,7 +18,7 @@ from .chunks import write_private_atomic
 from .manifest import load_or_create_key
 from .provisioner import CheckpointableProvisioner
 from .scheduler import AutoBackup, Schedule
-from .store import SnapshotStore
+from .store import DEFAULT_IMAGE_CACHE_BYTES, SnapshotStore
 
 PROVISIONER_NAME = "ckpt-provisioner"
 KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
@@ -50,6 +50,21 @@ class CheckpointApp(ExtensionApp):
         config=True,
         help="The key that signs the store's manifests (created on first use, 0600). Keep it outside "
         "the store. Stores that share snapshots share this key. Default: <store_root>.key.",
+    )
+
+    image_cache_bytes = Int(
+        DEFAULT_IMAGE_CACHE_BYTES,
+        config=True,
+        help="Bytes of CRIU images of the latest snapshots kept in the state directory, beside the "
+        "store's deduplicated chunks, so that restoring them skips reassembling the images (checked "
+        "against the manifest's digests first). 0 keeps none.",
+    )
+    lazy_restore = Bool(
+        True,
+        config=True,
+        help="Restore a kernel's memory lazily (CRIU's lazy pages, with userfaultfd): the kernel runs "
+        "again before all of its memory is back, the rest follows in the background. Used where "
+        "'criu check --feature lazy_pages' passes.",
     )
 
     @default("store_root")
@@ -115,7 +130,11 @@ class CheckpointApp(ExtensionApp):
         else:
             self.log.warning("jupyter_ckpt: snapshots are disabled: %s", health.reason)
         store = SnapshotStore(
-            self.store_root, self.store_state_dir or None, self.store_key_path or None, dict(self.store_options)
+            self.store_root,
+            self.store_state_dir or None,
+            self.store_key_path or None,
+            dict(self.store_options),
+            image_cache_bytes=self.image_cache_bytes,
         )
         for snapshot_id in store.recover():
             self.log.warning("jupyter_ckpt: snapshot %s was interrupted by a server stop; marked failed", snapshot_id)
@@ -126,6 +145,7 @@ class CheckpointApp(ExtensionApp):
             session_manager=self.serverapp.session_manager,
             contents_manager=self.serverapp.contents_manager,
             fork_outbound=self.fork_outbound,
+            lazy_restore=self.lazy_restore,
             log=self.log,
             emit=lambda data: self.serverapp.event_logger.emit(schema_id=SNAPSHOT_EVENTS_SCHEMA, data=data),
         )

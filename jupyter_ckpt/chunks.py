@@ -67,6 +67,11 @@ def chunk_hash(data: bytes | memoryview) -> bytes:
     return _blake3(data).digest()
 
 
+def file_digest(data: bytes | memoryview) -> str:
+    """BLAKE3 of a whole file, on every core (a few tenths of a second per GiB)."""
+    return _blake3(data, max_threads=_blake3.AUTO).hexdigest()
+
+
 @dataclass
 class StoredFile:
     """One image file as a list of chunk hashes."""
@@ -75,6 +80,7 @@ class StoredFile:
     size: int
     chunk_size: int
     chunks: list[bytes] = field(default_factory=list)
+    digest: str = ""  # BLAKE3 of the whole file, hex: checks a local copy in one pass
 
 
 @dataclass
@@ -376,7 +382,7 @@ class _FrameReader:
             # Frames stored as is are read without a copy. (Packs are only
             # ever replaced whole, never truncated in place: a mapped pack
             # cut short under us would fault.)
-            return _map_file(Path(path))
+            return map_file(Path(path))
         return self.store.fs.open(path, "rb")
 
     def close(self) -> None:
@@ -477,7 +483,7 @@ class ChunkStore:
                 # Chunks are views of the mapped file: copying 4 KiB pages one
                 # by one costs as much as hashing them. The mapping lives as
                 # long as the last view the frame sink still holds.
-                data = _map_file(path)
+                data = map_file(path)
                 for first in range(0, len(data), _READ_BYTES):
                     pieces = [data[i : i + step] for i in range(first, min(first + _READ_BYTES, len(data)), step)]
                     hashes = [_blake3(piece).digest() for piece in pieces]
@@ -495,6 +501,7 @@ class ChunkStore:
                             sink.put(pending)
                             pending, pending_bytes = [], 0
                 stats.raw_bytes += len(data)
+                stored.digest = file_digest(data)
                 if pending:  # a frame holds one file's chunks
                     sink.put(pending)
                     pending, pending_bytes = [], 0
@@ -589,7 +596,7 @@ class ChunkStore:
 _IOV_MAX = 1024  # buffers per writev
 
 
-def _map_file(path: Path) -> memoryview:
+def map_file(path: Path) -> memoryview:
     """The file's bytes, mapped read-only (not copied)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size

@@ -31,6 +31,8 @@ DUMP_LOG = "dump.log"
 # fork's): dumped as external, handed back on restore as an open namespace file.
 NETNS_KEY = "jupyter-ckpt-netns"
 RESTORE_LOG = "restore.log"
+LAZY_PAGES_LOG = "lazy-pages.log"
+LAZY_PAGES_SOCKET = "lazy-pages.socket"  # where `criu lazy-pages` waits for the restore, in the work dir
 
 _ERROR_LINE = re.compile(r"Error \([^)]*\):\s*(.*)")
 # Printed on every run where criu cannot raise its own fd limit: not a cause.
@@ -45,6 +47,7 @@ class CriuHealth:
     version: str | None = None
     path: str | None = None
     reason: str = ""
+    lazy_pages: bool = False  # userfaultfd as CRIU's lazy restore needs it (uffd-noncoop)
 
 
 @dataclass
@@ -58,6 +61,40 @@ class DumpResult:
 class RestoreResult:
     pid: int  # host pid of the restored root process
     seconds: float
+    lazy_pages: "LazyPages | None" = None  # still bringing the memory back
+
+
+class LazyPages:
+    """A `criu lazy-pages` daemon serving a restored tree's memory from the
+    images: on first touch (userfaultfd) and in the background until all of it
+    is back, when the daemon exits. The images must stay until then."""
+
+    def __init__(self, criu_path: str, images_dir: Path, work_dir: Path, log_level: int):
+        self.work_dir = work_dir
+        self.process = subprocess.Popen(
+            [criu_path, "lazy-pages", "-D", str(images_dir), "-W", str(work_dir), "-o", LAZY_PAGES_LOG, f"-v{log_level}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a server stopping with Ctrl-C must not cut a kernel's memory short
+        )
+        deadline = time.monotonic() + 10
+        while not (work_dir / LAZY_PAGES_SOCKET).exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RestoreFailed(f"criu lazy-pages did not start: {errors_from_log(work_dir / LAZY_PAGES_LOG)}")
+            time.sleep(0.01)
+
+    def wait(self) -> None:
+        """Until all of the memory is back; RestoreFailed if the daemon failed
+        (the tree's memory is then incomplete)."""
+        if self.process.wait() != 0:
+            raise RestoreFailed(
+                f"bringing back the kernel's memory failed: {errors_from_log(self.work_dir / LAZY_PAGES_LOG)}"
+            )
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -136,7 +173,8 @@ class CriuEngine:
         if chk.returncode != 0:
             detail = (chk.stderr or chk.stdout).strip().splitlines()[-1:] or ["no output"]
             return CriuHealth(False, version, path, f"'criu check' fails: {detail[0]}")
-        return CriuHealth(True, version, path)
+        uffd = subprocess.run([path, "check", "--feature", "uffd-noncoop"], capture_output=True, timeout=60)
+        return CriuHealth(True, version, path, lazy_pages=uffd.returncode == 0)
 
     # -- dump and restore -------------------------------------------------------
 
@@ -211,6 +249,7 @@ class CriuEngine:
         work_dir: Path,
         inherit_fds: Mapping[str, int] = {},
         netns: Path | None = None,
+        lazy: bool = False,
     ) -> RestoreResult:
         """Restore the tree dumped in ``images_dir`` as a child of this process.
 
@@ -218,12 +257,17 @@ class CriuEngine:
         ``socket:[5678]``) to an inheritable fd of this process that takes its place.
         ``netns`` is a network namespace file to restore the tree into; without
         it, the tree lands in this process's namespace. The log goes to ``work_dir``.
+        ``lazy`` (where health().lazy_pages): the tree runs before its memory is
+        all back; the result's ``lazy_pages`` brings in the rest, and the
+        images must stay until its ``wait()`` returns.
         """
         import pycriu
 
         self.require()
         started = time.monotonic()
+        lazy_pages = LazyPages(self.criu_path, images_dir, work_dir, self.log_level) if lazy else None
         with self._rpc(images_dir, work_dir, RESTORE_LOG) as c:
+            c.opts.lazy_pages = lazy
             c.opts.tcp_close = True
             # The restored root becomes our child, so we can wait for it and
             # reap it like any kernel we launched.
@@ -245,11 +289,13 @@ class CriuEngine:
             try:
                 resp = c.restore()
             except pycriu.CRIUException as e:
+                if lazy_pages is not None:
+                    lazy_pages.kill()
                 raise RestoreFailed(errors_from_log(work_dir / RESTORE_LOG) or str(e)) from None
             finally:
                 if netns_fd is not None:
                     os.close(netns_fd)
-        return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started)
+        return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started, lazy_pages=lazy_pages)
 
 
 def allow_resized_files(images_dir: Path, patterns: tuple[str, ...]) -> list[str]:

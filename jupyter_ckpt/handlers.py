@@ -97,6 +97,7 @@ class StatusHandler(CheckpointHandler):
                     "snapshot": health.available,
                     "restore_replace": health.available,
                     "restore_new": health.available,
+                    "lazy_restore": health.available and health.lazy_pages and self.manager.lazy_restore,
                 },
             }
         )

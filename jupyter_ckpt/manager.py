@@ -11,21 +11,22 @@ import asyncio
 import inspect
 import ipaddress
 import json
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import time
 import uuid
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from jupyter_client.session import Session
 
 from . import compat
 from .activity import ActivityTracker
-from .engine import CriuEngine, move_listeners
+from .engine import CriuEngine, LazyPages, move_listeners
 from .errors import (
     CheckpointError,
     DumpFailed,
@@ -63,6 +64,7 @@ class RestoreOutcome:
     total_seconds: float  # until the kernel answers again, everything included
     path: str | None = None  # the notebook the kernel is attached to (mode new)
     prepare_seconds: float = 0.0  # reading and verifying the images, checking the files they need
+    lazy: bool = False  # the kernel answered before all of its memory was back (it follows in the background)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,8 +81,10 @@ class CheckpointManager:
         emit: Callable[..., None] | None = None,
         contents_manager: Any = None,
         fork_outbound: str = "nat",
+        lazy_restore: bool = True,
     ):
         self.kernel_manager = kernel_manager
+        self.lazy_restore = lazy_restore
         self.contents_manager = contents_manager
         self.fork_outbound = fork_outbound
         self.engine = engine
@@ -93,6 +97,7 @@ class CheckpointManager:
         self._running: dict[str, SnapshotRecord] = {}  # snapshots being taken, by id
         self._restoring: set[str] = set()  # kernels restored, whose clients are not back yet
         self._tasks: dict[str, asyncio.Task] = {}  # their background tasks
+        self._memory_loads: dict[str, asyncio.Task] = {}  # lazily restored kernels, until their memory is back
         self._emit_event = emit
 
     # -- kernels ------------------------------------------------------------------
@@ -132,13 +137,12 @@ class CheckpointManager:
             raise OperationInProgress(f"a snapshot or restore of kernel {kernel_id} is already running")
         self._busy.add(kernel_id)
 
-    @asynccontextmanager
-    async def _exclusive(self, kernel_id: str) -> AsyncIterator[None]:
-        self._claim(kernel_id)
-        try:
-            yield
-        finally:
-            self._busy.discard(kernel_id)
+    async def _memory_is_back(self, kernel_id: str) -> None:
+        """Wait (seconds at most) while a lazily restored kernel's memory is
+        still coming back: CRIU cannot dump it before."""
+        loading = self._memory_loads.get(kernel_id)
+        if loading is not None:
+            await asyncio.shield(loading)
 
     # -- kernels running across server restarts -------------------------------------
 
@@ -218,6 +222,7 @@ class CheckpointManager:
         if await prov.poll() is not None:
             raise KernelNotFound(f"kernel {kernel_id} is not running (it exited)")
         self.activity.watch(kernel_id)
+        await self._memory_is_back(kernel_id)
         self._claim(kernel_id)
         try:
             assert prov.tree is not None
@@ -398,7 +403,7 @@ class CheckpointManager:
                 def restore() -> tuple[int, KernelStdio]:
                     nonlocal restore_seconds
                     assert network is not None
-                    pid, stdio, restore_seconds = self._restore_tree(images, work, record.stdio_keys, network.path)
+                    pid, stdio, restore_seconds, _ = self._restore_tree(images, work, record.stdio_keys, network.path)
                     return pid, stdio
 
                 CheckpointableProvisioner.forking[kernel_id] = ForkPlan(record.id, record.connection, network, restore)
@@ -468,38 +473,49 @@ class CheckpointManager:
     async def _restore_into(self, record: SnapshotRecord, kernel_id: str, started_again: bool) -> RestoreOutcome:
         snapshot_id = record.id
         km, prov = self.require_kernel(kernel_id)
-        async with self._exclusive(kernel_id):
+        await self._memory_is_back(kernel_id)
+        self._claim(kernel_id)
+        work = self.store.new_scratch_dir("restore-")
+        lazy_pages: LazyPages | None = None
+        try:
             started = time.monotonic()
-            with self.store.scratch_dir("restore-") as work:
-                # Every byte is verified before the running kernel is touched.
-                images = await self._verified_images(record, work)
-                prepared = time.monotonic() - started
-                # The snapshot's listeners go where this kernel listens (a
-                # fork's namespace address, or another kernel's ports).
-                moves = _listener_moves(record.connection, _connection_info(km))
-                if moves:
-                    await asyncio.to_thread(move_listeners, images, moves)
-                before = client_connections(km.ip, kernel_ports(km))
-                self._restoring.add(kernel_id)
-                try:
-                    with prov.swapping():
-                        saved_seconds, seconds = await asyncio.to_thread(
-                            self._replace_processes, prov, record, work
-                        )
-                except KernelPutBack as e:
-                    await self._wait_until_answering(km, kernel_id, before)
+            # Every byte is verified before the running kernel is touched.
+            images = await self._verified_images(record, work)
+            prepared = time.monotonic() - started
+            # The snapshot's listeners go where this kernel listens (a
+            # fork's namespace address, or another kernel's ports).
+            moves = _listener_moves(record.connection, _connection_info(km))
+            if moves:
+                await asyncio.to_thread(move_listeners, images, moves)
+            before = client_connections(km.ip, kernel_ports(km))
+            self._restoring.add(kernel_id)
+            try:
+                with prov.swapping():
+                    saved_seconds, seconds, lazy_pages = await asyncio.to_thread(
+                        self._replace_processes, prov, record, work
+                    )
+            except KernelPutBack as e:
+                await self._wait_until_answering(km, kernel_id, before)
+                self._emit("restore_failed", record, message=str(e))
+                raise RestoreFailed(str(e)) from None
+            except BaseException as e:
+                self._restoring.discard(kernel_id)  # nothing was changed, or the kernel is gone
+                if isinstance(e, RestoreFailed):
                     self._emit("restore_failed", record, message=str(e))
-                    raise RestoreFailed(str(e)) from None
-                except BaseException as e:
-                    self._restoring.discard(kernel_id)  # nothing was changed, or the kernel is gone
-                    if isinstance(e, RestoreFailed):
-                        self._emit("restore_failed", record, message=str(e))
-                    raise
+                raise
             self._lineage[kernel_id] = snapshot_id
             await self._wait_until_answering(km, kernel_id, before)
+        finally:
+            if lazy_pages is None:
+                shutil.rmtree(work, ignore_errors=True)
+                self._busy.discard(kernel_id)
+            else:  # the kernel runs; its images and the kernel stay claimed until its memory is back
+                task = asyncio.create_task(self._memory_back(kernel_id, prov, record, lazy_pages, work, started))
+                self._memory_loads[kernel_id] = task
+                task.add_done_callback(lambda _: self._memory_loads.pop(kernel_id, None))
         outcome = RestoreOutcome(
             snapshot_id, kernel_id, "replace", round(saved_seconds, 4), round(seconds, 4),
-            round(time.monotonic() - started, 4), prepare_seconds=round(prepared, 4),
+            round(time.monotonic() - started, 4), prepare_seconds=round(prepared, 4), lazy=lazy_pages is not None,
         )
         if started_again and record.path:
             await self._attach_session(record.path, kernel_id)  # only now: clients see the restored kernel only
@@ -507,12 +523,41 @@ class CheckpointManager:
         self._emit("restored", SnapshotRecord(**{**record.to_json(), "kernel_id": kernel_id}))
         return outcome
 
+    async def _memory_back(
+        self,
+        kernel_id: str,
+        prov: CheckpointableProvisioner,
+        record: SnapshotRecord,
+        lazy_pages: LazyPages,
+        work: Path,
+        started: float,
+    ) -> None:
+        """Wait until a lazily restored kernel has all of its memory back, then
+        release its images and the kernel (no snapshot of it until then)."""
+        try:
+            await asyncio.to_thread(lazy_pages.wait)
+            self.log.info("jupyter_ckpt: kernel %s has all its memory back, %.3f s after the restore began",
+                          kernel_id, time.monotonic() - started)
+        except RestoreFailed as e:
+            # Memory that never came back must not be read: stop the kernel.
+            if prov.tree is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(prov.tree.init_pid, signal.SIGKILL)
+            message = f"{e}. The kernel was stopped; restart it, or restore a snapshot again."
+            self.log.error("jupyter_ckpt: kernel %s: %s", kernel_id, message)
+            self._emit("restore_failed", SnapshotRecord(**{**record.to_json(), "kernel_id": kernel_id}), message=message)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            self._busy.discard(kernel_id)
+
     def _replace_processes(
         self, prov: CheckpointableProvisioner, record: SnapshotRecord, work: Path
-    ) -> tuple[float, float]:
+    ) -> tuple[float, float, LazyPages | None]:
         """Blocking: runs in a worker thread while the provisioner reports 'alive'.
         ``work`` holds the snapshot's verified images in ``images/``; CRIU's logs
-        and the replaced state go there too."""
+        and the replaced state go there too. Returns the seconds saving the
+        current state and restoring took, and, for a lazy restore, what brings
+        the rest of the memory back."""
         assert prov.tree is not None
         current = prov.tree
         rollback = work / "previous-state"
@@ -527,11 +572,12 @@ class CheckpointManager:
         os.kill(current.init_pid, signal.SIGKILL)
         prov.reap_old()
         netns = current.network.path if current.network else None
+        lazy = self.lazy_restore and self.engine.health().lazy_pages
         try:
-            pid, stdio, seconds = self._restore_tree(work / "images", work, record.stdio_keys, netns)
+            pid, stdio, seconds, lazy_pages = self._restore_tree(work / "images", work, record.stdio_keys, netns, lazy)
         except RestoreFailed as failure:
             try:
-                pid, stdio, _ = self._restore_tree(rollback, work, current.stdio.keys, netns)
+                pid, stdio, _, _ = self._restore_tree(rollback, work, current.stdio.keys, netns)
             except RestoreFailed as second:
                 raise RestoreFailed(
                     f"restoring snapshot {record.id} failed ({failure}), and so did bringing back the "
@@ -542,7 +588,7 @@ class CheckpointManager:
                 f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
             ) from None
         prov.adopt(pid, stdio, record.id, current.network)
-        return saved_seconds, seconds
+        return saved_seconds, seconds, lazy_pages
 
     async def _wait_until_answering(self, km: Any, kernel_id: str, before: dict[int, int], timeout: float = 10.0) -> None:
         """Return once the restored kernel's clients are connected again, and
@@ -625,16 +671,16 @@ class CheckpointManager:
         return kernel_id not in self._restoring
 
     def _restore_tree(
-        self, images: Path, work: Path, stdio_keys: dict[str, str], netns: Path | None = None
-    ) -> tuple[int, KernelStdio, float]:
+        self, images: Path, work: Path, stdio_keys: dict[str, str], netns: Path | None = None, lazy: bool = False
+    ) -> tuple[int, KernelStdio, float, LazyPages | None]:
         stdio = KernelStdio()
         try:
             inherit = {key: stdio.write_fds[name] for name, key in stdio_keys.items() if name in stdio.write_fds}
             with stdio.inheritable():
-                result = self.engine.restore(images, work_dir=work, inherit_fds=inherit, netns=netns)
+                result = self.engine.restore(images, work_dir=work, inherit_fds=inherit, netns=netns, lazy=lazy)
         finally:
             stdio.close_write_ends()
-        return result.pid, stdio, result.seconds
+        return result.pid, stdio, result.seconds, result.lazy_pages
 
     def emit_plain(self, data: dict[str, Any]) -> None:
         """Publish an event (schema snapshot/v1)."""
@@ -656,6 +702,8 @@ class CheckpointManager:
 
     async def stop(self) -> None:
         """Stop background snapshots (they are recorded failed) and release resources."""
+        if self._memory_loads:  # not cancelled: a kernel's memory is never left half back
+            await asyncio.gather(*self._memory_loads.values(), return_exceptions=True)
         for task in list(self._tasks.values()):
             task.cancel()
         if self._tasks:

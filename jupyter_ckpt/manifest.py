@@ -49,7 +49,10 @@ def encode(record: dict[str, Any], files: list[StoredFile], key: bytes) -> bytes
     header = json.dumps(
         {
             "record": record,
-            "files": [{"name": f.name, "size": f.size, "chunk_size": f.chunk_size, "chunks": len(f.chunks)} for f in files],
+            "files": [
+                {"name": f.name, "size": f.size, "chunk_size": f.chunk_size, "chunks": len(f.chunks), "digest": f.digest}
+                for f in files
+            ],
         },
         sort_keys=True,
     ).encode()
@@ -82,7 +85,7 @@ def decode(
         n = entry["chunks"]
         chunks = [hashes[pos + i * HASH_BYTES : pos + (i + 1) * HASH_BYTES] for i in range(n)]
         pos += n * HASH_BYTES
-        files.append(StoredFile(entry["name"], entry["size"], entry["chunk_size"], chunks))
+        files.append(StoredFile(entry["name"], entry["size"], entry["chunk_size"], chunks, entry.get("digest", "")))
     if pos != len(hashes):
         raise SnapshotNotRestorable(f"{name} lists {pos // HASH_BYTES} chunks but holds {len(hashes) // HASH_BYTES}")
     return header["record"], files

@@ -7,6 +7,9 @@ kernel's memory, secrets included)::
     <root>/packs/                    their deduplicated chunks (chunks.py)
     <state>/records/<id>.json        snapshots being dumped or stored, or failed
     <state>/staging/<id>/            CRIU's images before they are stored
+    <state>/images/<id>/             the same images after, for the latest
+                                     snapshots (a restore from them skips the
+                                     store's chunks; see ``image_cache_bytes``)
     <state>/cache/                   the local index of the chunks
     <state>/tmp/                     scratch (images materialized for a restore)
     <root>.key                       the manifests' HMAC key, outside the store
@@ -34,7 +37,7 @@ from typing import Any, Iterator
 import fsspec
 
 from . import manifest
-from .chunks import ChunkStore, StoredFile, _is_local, write_private_atomic
+from .chunks import ChunkStore, StoredFile, _is_local, file_digest, map_file, write_private_atomic
 from .errors import InvalidRequest, SnapshotNotFound, SnapshotNotRestorable
 
 
@@ -42,6 +45,8 @@ from .errors import InvalidRequest, SnapshotNotFound, SnapshotNotRestorable
 # 48 bits of milliseconds, then 80 random bits).
 _B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+# Images of the latest snapshots kept next to the store, for quick restores.
+DEFAULT_IMAGE_CACHE_BYTES = 8 << 30
 
 STATUSES = ("pending", "dumping", "storing", "complete", "failed")
 INTERNAL_FIELDS = ("stdio_keys", "connection")
@@ -120,8 +125,10 @@ class SnapshotStore:
         state_dir: str | os.PathLike[str] | None = None,
         key_path: str | os.PathLike[str] | None = None,
         storage_options: dict[str, Any] | None = None,
+        image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES,
     ):
         self.url = str(url)
+        self.image_cache_bytes = image_cache_bytes
         self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.root = root.rstrip("/")
         local = _is_local(self.fs)
@@ -136,7 +143,7 @@ class SnapshotStore:
         # The key must not live in the store: write access to the store alone
         # must not be enough to forge a snapshot.
         self.key_path = Path(key_path) if key_path else Path(f"{self.root if local else self.state}.key")
-        for d in (self.state, self.state / "records", self.state / "staging", self.state / "tmp"):
+        for d in (self.state, self.state / "records", self.state / "staging", self.state / "images", self.state / "tmp"):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
         self.key = manifest.load_or_create_key(self.key_path)
@@ -199,7 +206,7 @@ class SnapshotStore:
         if started is not None:
             done.total_seconds = round(time.monotonic() - started, 4)
         self._write_manifest(done, files)
-        shutil.rmtree(staging, ignore_errors=True)
+        self._keep_images(record.id, staging)
         self._record_path(record.id).unlink(missing_ok=True)
         return done
 
@@ -264,6 +271,7 @@ class SnapshotStore:
             record.unlink()
             found = True
         shutil.rmtree(self.staging_dir(snapshot_id), ignore_errors=True)
+        shutil.rmtree(self._images_dir(snapshot_id), ignore_errors=True)
         if not found:
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
 
@@ -280,15 +288,65 @@ class SnapshotStore:
                 shutil.rmtree(d, ignore_errors=True)
         for part in (self.state / "cache").glob("*.part"):
             part.unlink()  # a pack cut short before its upload
+        for d in (self.state / "images").iterdir():
+            if not _ID.match(d.name) or not self.fs.exists(self._manifest_path(d.name)):
+                shutil.rmtree(d, ignore_errors=True)  # kept for a snapshot deleted meanwhile
         return failed
 
     # -- restore ------------------------------------------------------------------
 
     def materialize(self, snapshot_id: str, dest: Path) -> SnapshotRecord:
-        """Write the snapshot's images into ``dest``, every byte verified."""
+        """Write the snapshot's images into ``dest``, every byte verified:
+        linked from the local copy kept at commit when it still matches the
+        manifest's digests, else assembled from the store's chunks."""
         record, files = self._read_manifest(snapshot_id)
-        self.chunks.materialize(files, dest)
+        if not self._link_kept_images(snapshot_id, files, dest):
+            self.chunks.materialize(files, dest)
         return record
+
+    # -- local copies of the latest images --------------------------------------------
+
+    def _images_dir(self, snapshot_id: str) -> Path:
+        return self.state / "images" / self._check_id(snapshot_id)
+
+    def _keep_images(self, snapshot_id: str, staging: Path) -> None:
+        """Keep a committed snapshot's staged images (a rename), dropping the
+        oldest kept ones beyond ``image_cache_bytes``."""
+        if self.image_cache_bytes <= 0 or _dir_bytes(staging) > self.image_cache_bytes:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        for image in staging.iterdir():
+            image.chmod(0o600)  # CRIU writes them 0644 (in a private directory)
+        os.rename(staging, self._images_dir(snapshot_id))
+        kept = sorted((d for d in (self.state / "images").iterdir() if _ID.match(d.name)), key=lambda d: d.name)
+        total = sum(_dir_bytes(d) for d in kept)
+        for d in kept:  # oldest first: ids sort by time
+            if total <= self.image_cache_bytes:
+                break
+            total -= _dir_bytes(d)
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _link_kept_images(self, snapshot_id: str, files: list[StoredFile], dest: Path) -> bool:
+        """Hard-link the kept images into ``dest`` if every file is there and
+        matches its digest in the (verified) manifest. A restore may rewrite
+        files in ``dest``, always by replacing them: the kept copy stays as is.
+        A copy that does not match is dropped; the caller uses the chunks."""
+        kept = self._images_dir(snapshot_id)
+        if not kept.is_dir():
+            return False
+        try:
+            for stored in files:
+                path = kept / stored.name
+                if not stored.digest or path.stat().st_size != stored.size or file_digest(map_file(path)) != stored.digest:
+                    raise ValueError(f"{path} does not match the snapshot's manifest")
+            for stored in files:
+                os.link(kept / stored.name, dest / stored.name)
+        except (OSError, ValueError):
+            shutil.rmtree(kept, ignore_errors=True)
+            for stored in files:
+                (dest / stored.name).unlink(missing_ok=True)
+            return False
+        return True
 
     # -- space --------------------------------------------------------------------
 
@@ -334,10 +392,14 @@ class SnapshotStore:
                 self.fs.rm_file(stray)
         return self.chunks.gc(referenced)
 
+    def new_scratch_dir(self, prefix: str = "op-") -> Path:
+        """A private local directory; the caller removes it."""
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.state / "tmp"))
+
     @contextmanager
     def scratch_dir(self, prefix: str = "op-") -> Iterator[Path]:
         """A private local directory, removed afterwards."""
-        d = Path(tempfile.mkdtemp(prefix=prefix, dir=self.state / "tmp"))
+        d = self.new_scratch_dir(prefix)
         try:
             yield d
         finally:
@@ -345,6 +407,10 @@ class SnapshotStore:
 
     def close(self) -> None:
         self.chunks.close()
+
+
+def _dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
 
 
 def validate_label(label: Any) -> str:

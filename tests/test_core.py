@@ -173,3 +173,22 @@ async def test_restore_after_history_database_grew(jp_fetch, start_kernel):
     await restore(jp_fetch, snap["id"])
     assert await sock.value("x") == "'kept'"
     await sock.execute("z = 1")  # history keeps working
+
+
+async def test_lazy_restore_brings_all_memory_back(jp_fetch, start_kernel):
+    """The kernel answers before its memory is all back (CRIU's lazy pages);
+    every page arrives, and a snapshot asked for meanwhile waits for them."""
+    status, body = await api(jp_fetch, "GET", "api", "ckpt", "status")
+    assert body["features"]["lazy_restore"]  # userfaultfd works on the machines this runs on
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; a = np.random.default_rng(7).random(48_000_000); s = float(a.sum())")
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("a[:] = 0")
+    out = await restore(jp_fetch, snap["id"])
+    assert out["lazy"] is True
+    again = await snapshot(jp_fetch, kernel_id)  # right away: waits for the memory, then dumps it whole
+    assert again["memory_bytes"] >= 384_000_000
+    assert await sock.value("float(a.sum()) == s") == "True"
+    await sock.execute("a[:] = 0")
+    await restore(jp_fetch, again["id"])
+    assert await sock.value("float(a.sum()) == s") == "True"

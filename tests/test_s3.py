@@ -3,6 +3,8 @@ server (moto in server mode, on loopback)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from jupyter_ckpt.bundle import export_bundle, import_bundle
@@ -72,10 +74,12 @@ async def test_server_snapshot_and_restore_reading_only_from_s3(jp_fetch, jp_ser
     snap = await snapshot(jp_fetch, kernel_id)
     await sock.execute("x = 2; a[:] = 0")
 
-    # A cold local cache: every chunk location and byte must come from S3.
+    # A cold local cache and no kept images: every chunk location and byte
+    # must come from S3.
     store = jp_serverapp.web_app.settings["ckpt_manager"].store
     for pack in store.chunks.index.known_packs():
         store.chunks.index.drop_pack(pack)
+    shutil.rmtree(tmp_path / "local-state" / "images" / snap["id"])
     local_files = [p for p in (tmp_path / "local-state").rglob("*") if p.is_file()]
     assert not [p for p in local_files if p.suffix in (".pack", ".img")]
 

@@ -1,9 +1,11 @@
 """Restore refuses a snapshot the store cannot verify, and leaves the running
-kernel as it is; a refused snapshot does not stop others from restoring."""
+kernel as it is; a refused snapshot does not stop others from restoring. The
+local copy of the latest images is used only where it matches the manifest."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -30,6 +32,10 @@ def delete(path):
     path.unlink()
 
 
+def kept_images(store_root, snapshot_id):
+    return store_root / "state" / "images" / snapshot_id
+
+
 @pytest.mark.parametrize("damage", [flip_byte, truncate, delete], ids=["flipped-byte", "truncated", "deleted"])
 async def test_damaged_pack_is_refused_and_kernel_untouched(jp_fetch, start_kernel, store_root, damage):
     kernel_id, sock = await start_kernel()
@@ -37,6 +43,7 @@ async def test_damaged_pack_is_refused_and_kernel_untouched(jp_fetch, start_kern
     snap = await snapshot(jp_fetch, kernel_id)
     await sock.execute("x = 2")
     damage(largest_pack(store_root))
+    shutil.rmtree(kept_images(store_root, snap["id"]))  # else the restore would not need the packs
 
     status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
     assert status == 409
@@ -71,3 +78,34 @@ async def test_second_snapshot_of_unchanged_kernel_stores_little(jp_fetch, start
     await sock.execute("a[:] = 0")
     await restore(jp_fetch, first["id"])
     assert await sock.value("round(float(a.sum()))") != "0"
+
+
+async def test_kept_images_that_differ_from_the_manifest_are_not_used(jp_fetch, start_kernel, store_root):
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; x = 1; a = np.random.default_rng(0).random(2_000_000)")
+    snap = await snapshot(jp_fetch, kernel_id)
+    kept = kept_images(store_root, snap["id"])
+    pages = max(kept.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    flip_byte(pages)  # same size, one bit off: only the digest tells
+    await sock.execute("x = 2; a[:] = 0")
+
+    await restore(jp_fetch, snap["id"])  # from the store's chunks instead
+    assert await sock.value("x") == "1"
+    assert await sock.value("float(a.sum()) == float(np.random.default_rng(0).random(2_000_000).sum())") == "True"
+    assert not kept.exists()  # the bad copy is dropped
+
+
+async def test_restore_uses_the_kept_images(jp_fetch, start_kernel, store_root):
+    """With its kept images intact, a snapshot restores even with the packs gone."""
+    kernel_id, sock = await start_kernel()
+    await sock.execute("x = 1")
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("x = 2")
+    for pack in (store_root / "packs").glob("*.pack"):
+        pack.rename(pack.with_suffix(".away"))
+    try:
+        await restore(jp_fetch, snap["id"])
+        assert await sock.value("x") == "1"
+    finally:
+        for pack in (store_root / "packs").glob("*.away"):
+            pack.rename(pack.with_suffix(".pack"))
