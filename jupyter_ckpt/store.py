@@ -7,9 +7,9 @@ kernel's memory, secrets included)::
     <root>/packs/                    their deduplicated chunks (chunks.py)
     <state>/records/<id>.json        snapshots being dumped or stored, or failed
     <state>/staging/<id>/            CRIU's images before they are stored
-    <state>/images/<id>/             the same images after, for the latest
-                                     snapshots (a restore from them skips the
-                                     store's chunks; see ``image_cache_bytes``)
+    <state>/images/<kernel>/<id>/    the same images after, for each kernel's
+                                     latest snapshot (a restore from them skips
+                                     the store's chunks; see image_cache_bytes)
     <state>/cache/                   the local index of the chunks
     <state>/tmp/                     scratch (images materialized for a restore)
     <root>.key                       the manifests' HMAC key, outside the store
@@ -21,6 +21,8 @@ on a directory.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import re
@@ -45,6 +47,7 @@ from .errors import InvalidRequest, SnapshotNotFound, SnapshotNotRestorable
 # 48 bits of milliseconds, then 80 random bits).
 _B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+_KERNEL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # Images of the latest snapshots kept next to the store, for quick restores.
 DEFAULT_IMAGE_CACHE_BYTES = 8 << 30
 
@@ -206,7 +209,7 @@ class SnapshotStore:
         if started is not None:
             done.total_seconds = round(time.monotonic() - started, 4)
         self._write_manifest(done, files)
-        self._keep_images(record.id, staging)
+        self._keep_images(done, staging)
         self._record_path(record.id).unlink(missing_ok=True)
         return done
 
@@ -271,7 +274,8 @@ class SnapshotStore:
             record.unlink()
             found = True
         shutil.rmtree(self.staging_dir(snapshot_id), ignore_errors=True)
-        shutil.rmtree(self._images_dir(snapshot_id), ignore_errors=True)
+        for kept in (self.state / "images").glob(f"*/{snapshot_id}"):
+            shutil.rmtree(kept, ignore_errors=True)
         if not found:
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
 
@@ -288,7 +292,7 @@ class SnapshotStore:
                 shutil.rmtree(d, ignore_errors=True)
         for part in (self.state / "cache").glob("*.part"):
             part.unlink()  # a pack cut short before its upload
-        for d in (self.state / "images").iterdir():
+        for d in (self.state / "images").glob("*/*"):
             if not _ID.match(d.name) or not self.fs.exists(self._manifest_path(d.name)):
                 shutil.rmtree(d, ignore_errors=True)  # kept for a snapshot deleted meanwhile
         return failed
@@ -300,25 +304,35 @@ class SnapshotStore:
         linked from the local copy kept at commit when it still matches the
         manifest's digests, else assembled from the store's chunks."""
         record, files = self._read_manifest(snapshot_id)
-        if not self._link_kept_images(snapshot_id, files, dest):
+        if not self._link_kept_images(record, files, dest):
             self.chunks.materialize(files, dest)
         return record
 
     # -- local copies of the latest images --------------------------------------------
 
-    def _images_dir(self, snapshot_id: str) -> Path:
-        return self.state / "images" / self._check_id(snapshot_id)
+    def _images_dir(self, record: SnapshotRecord) -> Path | None:
+        if not _KERNEL_ID.match(record.kernel_id or ""):
+            return None  # not a kernel id this server made: never a path
+        return self.state / "images" / record.kernel_id / self._check_id(record.id)
 
-    def _keep_images(self, snapshot_id: str, staging: Path) -> None:
-        """Keep a committed snapshot's staged images (a rename), dropping the
-        oldest kept ones beyond ``image_cache_bytes``."""
-        if self.image_cache_bytes <= 0 or _dir_bytes(staging) > self.image_cache_bytes:
+    def _keep_images(self, record: SnapshotRecord, staging: Path) -> None:
+        """Keep a committed snapshot's staged images (a rename) in place of
+        the kernel's previous ones, then drop the oldest kept images beyond
+        ``image_cache_bytes``. One copy per kernel: restores mostly go back
+        to the latest snapshot, and the memory the previous copy held in the
+        page cache serves the next snapshot's dump."""
+        target = self._images_dir(record)
+        if target is None or self.image_cache_bytes <= 0 or _dir_bytes(staging) > self.image_cache_bytes:
             shutil.rmtree(staging, ignore_errors=True)
             return
         for image in staging.iterdir():
             image.chmod(0o600)  # CRIU writes them 0644 (in a private directory)
-        os.rename(staging, self._images_dir(snapshot_id))
-        kept = sorted((d for d in (self.state / "images").iterdir() if _ID.match(d.name)), key=lambda d: d.name)
+            _start_writeback(image)
+        for previous in target.parent.glob("*"):
+            shutil.rmtree(previous, ignore_errors=True)
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+        os.rename(staging, target)
+        kept = sorted((d for d in (self.state / "images").glob("*/*") if _ID.match(d.name)), key=lambda d: d.name)
         total = sum(_dir_bytes(d) for d in kept)
         for d in kept:  # oldest first: ids sort by time
             if total <= self.image_cache_bytes:
@@ -326,13 +340,13 @@ class SnapshotStore:
             total -= _dir_bytes(d)
             shutil.rmtree(d, ignore_errors=True)
 
-    def _link_kept_images(self, snapshot_id: str, files: list[StoredFile], dest: Path) -> bool:
+    def _link_kept_images(self, record: SnapshotRecord, files: list[StoredFile], dest: Path) -> bool:
         """Hard-link the kept images into ``dest`` if every file is there and
         matches its digest in the (verified) manifest. A restore may rewrite
         files in ``dest``, always by replacing them: the kept copy stays as is.
         A copy that does not match is dropped; the caller uses the chunks."""
-        kept = self._images_dir(snapshot_id)
-        if not kept.is_dir():
+        kept = self._images_dir(record)
+        if kept is None or not kept.is_dir():
             return False
         try:
             for stored in files:
@@ -407,6 +421,27 @@ class SnapshotStore:
 
     def close(self) -> None:
         self.chunks.close()
+
+
+def _start_writeback(path: Path) -> None:
+    """Have the kernel start writing a file's dirty pages to disk now, in the
+    background, rather than during the next snapshot's freeze, where the
+    writeback competes with CRIU. The pages stay cached (sync_file_range)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _libc().sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
+    except (OSError, AttributeError):
+        pass  # not Linux's libc: the kernel writes them back in its own time
+    finally:
+        os.close(fd)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _dir_bytes(directory: Path) -> int:

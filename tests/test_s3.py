@@ -79,7 +79,7 @@ async def test_server_snapshot_and_restore_reading_only_from_s3(jp_fetch, jp_ser
     store = jp_serverapp.web_app.settings["ckpt_manager"].store
     for pack in store.chunks.index.known_packs():
         store.chunks.index.drop_pack(pack)
-    shutil.rmtree(tmp_path / "local-state" / "images" / snap["id"])
+    shutil.rmtree(tmp_path / "local-state" / "images" / kernel_id / snap["id"])
     local_files = [p for p in (tmp_path / "local-state").rglob("*") if p.is_file()]
     assert not [p for p in local_files if p.suffix in (".pack", ".img")]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import uuid
+
 import numpy as np
 import pytest
 
@@ -88,3 +90,27 @@ def test_gc_never_drops_a_chunk_still_referenced(store, tmp_path):
     store.delete(same_content.id)
     deleted, freed = store.gc()
     assert deleted >= 1 and freed >= 256 * 1024 * 0.9
+
+
+def test_each_kernels_latest_images_are_kept_within_the_budget(tmp_path):
+    kernels = [str(uuid.uuid4()) for _ in range(3)]
+    store = SnapshotStore(tmp_path / "s", image_cache_bytes=700 * 1024)
+    images = tmp_path / "s" / "state" / "images"
+    first = commit(store, kernel_id=kernels[0], seed=1)
+    second = commit(store, kernel_id=kernels[0], seed=2)
+    assert [p.name for p in (images / kernels[0]).iterdir()] == [second.id]  # the previous copy is replaced
+    assert {p.stat().st_mode & 0o777 for p in (images / kernels[0] / second.id).iterdir()} == {0o600}
+    commit(store, kernel_id=kernels[1], seed=3)
+    last = commit(store, kernel_id=kernels[2], seed=4)  # 3 x 256 KiB > 700 KiB: the oldest copy goes
+    assert not (images / kernels[0] / second.id).exists()
+    assert len(list(images.glob("*/*"))) == 2
+    # Restores without a kept copy, and one with it (linked), give the same bytes.
+    for snapshot, seed in ((first, 1), (second, 2), (last, 4)):
+        dest = tmp_path / f"out-{snapshot.id}"
+        dest.mkdir()
+        store.materialize(snapshot.id, dest)
+        assert (dest / "pages-1.img").read_bytes() == np.random.default_rng(seed).bytes(256 * 1024)
+    assert (tmp_path / f"out-{last.id}" / "pages-1.img").stat().st_nlink == 2
+    store.delete(commit(store, kernel_id=kernels[1], seed=5).id)  # deleting a snapshot drops its copy
+    assert not list((images / kernels[1]).iterdir())
+    store.close()

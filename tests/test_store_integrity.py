@@ -32,8 +32,8 @@ def delete(path):
     path.unlink()
 
 
-def kept_images(store_root, snapshot_id):
-    return store_root / "state" / "images" / snapshot_id
+def kept_images(store_root, snap):
+    return store_root / "state" / "images" / snap["kernel_id"] / snap["id"]
 
 
 @pytest.mark.parametrize("damage", [flip_byte, truncate, delete], ids=["flipped-byte", "truncated", "deleted"])
@@ -43,7 +43,7 @@ async def test_damaged_pack_is_refused_and_kernel_untouched(jp_fetch, start_kern
     snap = await snapshot(jp_fetch, kernel_id)
     await sock.execute("x = 2")
     damage(largest_pack(store_root))
-    shutil.rmtree(kept_images(store_root, snap["id"]))  # else the restore would not need the packs
+    shutil.rmtree(kept_images(store_root, snap))  # else the restore would not need the packs
 
     status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
     assert status == 409
@@ -84,7 +84,7 @@ async def test_kept_images_that_differ_from_the_manifest_are_not_used(jp_fetch, 
     kernel_id, sock = await start_kernel()
     await sock.execute("import numpy as np; x = 1; a = np.random.default_rng(0).random(2_000_000)")
     snap = await snapshot(jp_fetch, kernel_id)
-    kept = kept_images(store_root, snap["id"])
+    kept = kept_images(store_root, snap)
     pages = max(kept.glob("pages-*.img"), key=lambda p: p.stat().st_size)
     flip_byte(pages)  # same size, one bit off: only the digest tells
     await sock.execute("x = 2; a[:] = 0")
