@@ -475,10 +475,11 @@ class CheckpointManager:
         km, prov = self.require_kernel(kernel_id)
         await self._memory_is_back(kernel_id)
         self._claim(kernel_id)
-        work = self.store.new_scratch_dir("restore-")
+        work: Path | None = None
         lazy_pages: LazyPages | None = None
         try:
             started = time.monotonic()
+            work = self.store.new_scratch_dir("restore-")
             # Every byte is verified before the running kernel is touched.
             images = await self._verified_images(record, work)
             prepared = time.monotonic() - started
@@ -507,9 +508,11 @@ class CheckpointManager:
             await self._wait_until_answering(km, kernel_id, before)
         finally:
             if lazy_pages is None:
-                shutil.rmtree(work, ignore_errors=True)
+                if work is not None:
+                    shutil.rmtree(work, ignore_errors=True)
                 self._busy.discard(kernel_id)
             else:  # the kernel runs; its images and the kernel stay claimed until its memory is back
+                assert work is not None
                 task = asyncio.create_task(self._memory_back(kernel_id, prov, record, lazy_pages, work, started))
                 self._memory_loads[kernel_id] = task
                 task.add_done_callback(lambda _: self._memory_loads.pop(kernel_id, None))
