@@ -149,3 +149,49 @@ async def test_snapshot_files_are_private(jp_fetch, start_kernel, store_root):
         assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
     assert (store_root / "manifests" / f"{snap['id']}.manifest").exists()
     assert list((store_root / "packs").glob("*.pack"))
+
+
+async def test_kernel_is_stopped_when_its_memory_cannot_come_back(jp_fetch, jp_serverapp, start_kernel):
+    """A lazy restore's memory transfer that dies (here: `criu lazy-pages`
+    killed while it still has pages to bring) must not leave the kernel running
+    on memory that never arrived: it is stopped, and the reason is published."""
+    import asyncio
+    import signal
+    import subprocess
+
+    failures = []
+
+    async def listener(logger, schema_id, data):
+        if data["action"] == "restore_failed":
+            failures.append(data["message"])
+
+    jp_serverapp.event_logger.add_listener(schema_id="https://events.jupyter.org/jupyter_ckpt/snapshot/v1", listener=listener)
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; a = np.full(200_000_000, 1.5); x = 1")  # 1.6 GB to bring back
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("x = 2")
+    out = await restore(jp_fetch, snap["id"])
+    assert out["lazy"] is True
+    restored_pid = jp_serverapp.kernel_manager.get_kernel(kernel_id).provisioner.tree.init_pid
+    daemons = subprocess.run(["pgrep", "-f", "criu lazy-pages"], capture_output=True, text=True).stdout.split()
+    assert daemons, "the memory transfer ended before the test could cut it"
+    for pid in daemons:
+        os.kill(int(pid), signal.SIGKILL)
+    for _ in range(200):
+        if failures:
+            break
+        await asyncio.sleep(0.05)
+    assert failures and "memory" in failures[0] and "stopped" in failures[0], failures
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{restored_pid}") or open(f"/proc/{restored_pid}/stat").read().split()[2] == "Z":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the kernel whose memory did not come back still runs")
+    # Jupyter's restarter starts it afresh; let that finish before the server stops.
+    km = jp_serverapp.kernel_manager.get_kernel(kernel_id)
+    for _ in range(600):
+        if km.ready.done() and (km.provisioner.tree is None or km.provisioner.tree.init_pid != restored_pid):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(asyncio.shield(km.ready), 30)
