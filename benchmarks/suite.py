@@ -108,33 +108,21 @@ def first_touch_gbps() -> float:
     return GIB / max(times) / 1e9
 
 
-def disk_write_gbps(directory: Path, size: int = GIB) -> float:
+def file_write_gbps(directory: Path, fsync: bool, size: int = GIB) -> float:
+    """Writing a new file, with fsync (the disk), or without: the page cache,
+    which is what CRIU's dump does with every page while the kernel is frozen
+    (it splices them into the image files)."""
     block = os.urandom(8 << 20)
     times = []
     for _ in range(3):
-        path = directory / "disk-probe"
+        path = directory / "write-probe"
         t = time.perf_counter()
         with open(path, "wb") as f:
             for _ in range(size // len(block)):
                 f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-        times.append(time.perf_counter() - t)
-        path.unlink()
-    return size / median(times) / 1e9
-
-
-def page_cache_write_gbps(directory: Path, size: int = GIB) -> float:
-    """Writing a new file without fsync: what CRIU's dump does with every page
-    while the kernel is frozen (it splices them into the image files)."""
-    block = os.urandom(8 << 20)
-    times = []
-    for _ in range(3):
-        path = directory / "page-cache-probe"
-        t = time.perf_counter()
-        with open(path, "wb") as f:
-            for _ in range(size // len(block)):
-                f.write(block)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         times.append(time.perf_counter() - t)
         path.unlink()
     return size / median(times) / 1e9
@@ -415,8 +403,8 @@ async def run_suite(args: argparse.Namespace, work: Path) -> dict:
     limits = {
         "memcpy_gbps": memcpy_gbps(),
         "first_touch_gbps": first_touch_gbps(),
-        "disk_write_fsync_gbps": disk_write_gbps(work),
-        "page_cache_write_gbps": page_cache_write_gbps(work),
+        "disk_write_fsync_gbps": file_write_gbps(work, fsync=True),
+        "page_cache_write_gbps": file_write_gbps(work, fsync=False),
         "page_hash_gbps": page_hash_gbps(),
     }
     print("machine: " + limits_text(limits), flush=True)

@@ -333,11 +333,12 @@ class SnapshotStore:
         target.parent.mkdir(mode=0o700, exist_ok=True)
         os.rename(staging, target)
         kept = sorted((d for d in (self.state / "images").glob("*/*") if _ID.match(d.name)), key=lambda d: d.name)
-        total = sum(_dir_bytes(d) for d in kept)
-        for d in kept:  # oldest first: ids sort by time
+        sizes = [_dir_bytes(d) for d in kept]
+        total = sum(sizes)
+        for d, size in zip(kept, sizes):  # oldest first: ids sort by time
             if total <= self.image_cache_bytes:
                 break
-            total -= _dir_bytes(d)
+            total -= size
             shutil.rmtree(d, ignore_errors=True)
 
     def _link_kept_images(self, record: SnapshotRecord, files: list[StoredFile], dest: Path) -> bool:
