@@ -1,10 +1,12 @@
 # Set-up and everyday commands. Every target installs what it needs first and
-# is quick when nothing changed (stamps under .make/). Run as root: CRIU needs it.
+# is quick when nothing changed (stamps under .make/, remade only when their
+# inputs change). Run as root: CRIU needs it.
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMPS := .make
+CRIU   := /usr/local/sbin/criu
 PYCRIU := /usr/local/share/criu/pycriu-src
 LAB_PORT ?= 8888
 
@@ -14,7 +16,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 LABEXT_SOURCES := labextension/package.json labextension/yarn.lock labextension/tsconfig.json \
 	$(wildcard labextension/src/*) $(wildcard labextension/schema/*) $(wildcard labextension/style/*)
 
-.PHONY: all setup system criu labextension test lab bench clean
+# Runs a command with its output kept in a log, shown only if it fails.
+quietly = log=$(STAMPS)/last-build.log; mkdir -p $(STAMPS); ( $(1) ) >$$log 2>&1 || { cat $$log; echo "failed: $(1)" >&2; exit 1; }
+
+.PHONY: all setup system criu labextension test test-quick lint lab bench clean FORCE
 
 all: setup
 
@@ -25,12 +30,14 @@ $(STAMPS)/system: scripts/install-system.sh
 	./scripts/install-system.sh
 	@mkdir -p $(STAMPS) && touch $@
 
-# Builds CRIU from Debian's source package unless a good one is installed
-# (the script checks in well under a second).
-criu: $(STAMPS)/system
+# CRIU built from Debian's source package; redone when the script changes or
+# the binary is gone.
+criu: $(STAMPS)/criu
+$(STAMPS)/criu: scripts/install-criu.sh $(STAMPS)/system $(if $(wildcard $(CRIU) $(PYCRIU)/pycriu/version.py),,FORCE)
 	./scripts/install-criu.sh
+	@mkdir -p $(STAMPS) && touch $@
 
-$(STAMPS)/venv: pyproject.toml $(PYCRIU)/pycriu/version.py | criu
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/criu
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test,lab,dev]'
@@ -42,15 +49,28 @@ $(STAMPS)/venv: pyproject.toml $(PYCRIU)/pycriu/version.py | criu
 # The JupyterLab extension, built into the package and linked into the venv.
 labextension: $(STAMPS)/labextension
 $(STAMPS)/labextension: $(LABEXT_SOURCES) $(STAMPS)/venv
-	cd labextension && jlpm install --immutable >/dev/null
-	cd labextension && jlpm build:prod >/dev/null
-	$(VENV)/bin/jupyter-builder develop --overwrite . >/dev/null 2>&1
+	@$(call quietly,cd labextension && jlpm install --immutable)
+	@$(call quietly,cd labextension && jlpm build:prod)
+	@$(call quietly,$(VENV)/bin/jupyter-builder develop --overwrite .)
 	@$(VENV)/bin/jupyter labextension list 2>&1 | grep -q 'jupyter-ckpt.*enabled' && echo "labextension ready"
 	@mkdir -p $(STAMPS) && touch $@
 
-test: setup
+# Python (ruff) and TypeScript (eslint, prettier) style checks.
+lint: $(STAMPS)/venv $(STAMPS)/labextension
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	cd labextension && jlpm lint:check
+
+# The whole suite. scripts/check-skips.py fails the run when a test that CI
+# can run was skipped.
+test: setup lint
 	cd labextension && jlpm test --silent
-	$(PY) -m pytest -p no:cacheprovider -q
+	$(PY) -m pytest -p no:cacheprovider -q -rs --junitxml=test-artifacts/junit.xml
+	$(PY) scripts/check-skips.py test-artifacts/junit.xml
+
+# What needs neither CRIU nor a browser: a minute or less.
+test-quick: $(STAMPS)/venv
+	$(PY) -m pytest -p no:cacheprovider -q -m "not criu and not browser and not slow"
 
 # JupyterLab with jupyter_ckpt and the demo notebook, snapshots in the default
 # local store (<jupyter data dir>/ckpt).
@@ -65,6 +85,8 @@ bench: setup $(STAMPS)/bench
 $(STAMPS)/bench: pyproject.toml $(STAMPS)/venv
 	$(PY) -m pip install -q -e '.[test,lab,dev,bench]'
 	@touch $@
+
+FORCE:
 
 clean:
 	rm -rf $(STAMPS) $(VENV) build dist *.egg-info jupyter_ckpt/labextension labextension/node_modules labextension/lib

@@ -87,12 +87,16 @@ def main() -> None:
     print(f"  freeze (kernel stopped)        {m['freeze_s']:.3f} s   ({m['freeze_s'] / gib:.3f} s/GiB)")
     print(f"  snapshot total (until durable) {m['snapshot_total_s']:.3f} s")
     print(f"  restore (CRIU)                 {m['restore_criu_s']:.3f} s")
-    print(f"  restore until kernel answers   {m['restore_until_answering_s']:.3f} s"
-          "   (includes saving the replaced state first)")
+    print(
+        f"  restore until kernel answers   {m['restore_until_answering_s']:.3f} s"
+        "   (includes saving the replaced state first)"
+    )
     print(f"  memory dumped (CRIU images)    {m['memory_bytes'] / 2**30:.3f} GiB")
     first = result["runs"][0]
-    print(f"  stored: first snapshot {first['stored_bytes'] / 2**30:.3f} GiB, "
-          f"later ones (median) {statistics.median(r['stored_bytes'] for r in result['runs'][1:] or [first]) / 2**20:.1f} MiB")
+    print(
+        f"  stored: first snapshot {first['stored_bytes'] / 2**30:.3f} GiB, "
+        f"later ones (median) {statistics.median(r['stored_bytes'] for r in result['runs'][1:] or [first]) / 2**20:.1f} MiB"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

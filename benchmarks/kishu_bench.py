@@ -17,12 +17,17 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 TOKEN = "kishu-bench"
-EMPTY = {"cells": [], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-         "nbformat": 4, "nbformat_minor": 5}
+EMPTY = {
+    "cells": [],
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    "nbformat": 4,
+    "nbformat_minor": 5,
+}
 
 
 def available() -> str | None:
@@ -44,11 +49,22 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", f"--port={self.port}",
-             f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={self.root}",
-             # Kishu is measured on its own: no auto-backup beside it.
-             "--CheckpointApp.auto_backup=False", f"--CheckpointApp.store_root={work / 'store'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime)),
+            [
+                sys.executable,
+                "-m",
+                "jupyter_server",
+                "--allow-root",
+                "--no-browser",
+                f"--port={self.port}",
+                f"--IdentityProvider.token={TOKEN}",
+                f"--ServerApp.root_dir={self.root}",
+                # Kishu is measured on its own: no auto-backup beside it.
+                "--CheckpointApp.auto_backup=False",
+                f"--CheckpointApp.store_root={work / 'store'}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime)),
         )
         for _ in range(300):
             try:
@@ -59,9 +75,12 @@ class Server:
         raise RuntimeError("jupyter server did not start")
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"token {TOKEN}"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            method=method,
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"token {TOKEN}"},
+        )
         with urllib.request.urlopen(req, timeout=600) as resp:
             return json.loads(resp.read() or b"null")
 
@@ -69,7 +88,9 @@ class Server:
         """A notebook with a kernel, and a client to that kernel."""
         path = self.root / name
         path.write_text(json.dumps(EMPTY))
-        session = self.call("POST", "/api/sessions", {"path": name, "name": name, "type": "notebook", "kernel": {"name": "python3"}})
+        session = self.call(
+            "POST", "/api/sessions", {"path": name, "name": name, "type": "notebook", "kernel": {"name": "python3"}}
+        )
         return self._connect(session["kernel"]["id"]), path
 
     def _connect(self, kernel_id: str) -> Any:
@@ -118,8 +139,10 @@ def run(client: Any, code: str, timeout: float = 1200) -> str | None:
 
 INIT = "from kishu import init_kishu as _ik; _ik({path!r})"
 # The commit made after the previous cell, and how long Kishu took to checkpoint it.
-LAST_COMMIT = ("(lambda c: (c.commit_id, c.checkpoint_runtime_s))"
-               "(_kishu._kishu_commit.get_commit(_kishu._kishu_branch.get_head().commit_id))")
+LAST_COMMIT = (
+    "(lambda c: (c.commit_id, c.checkpoint_runtime_s))"
+    "(_kishu._kishu_commit.get_commit(_kishu._kishu_branch.get_head().commit_id))"
+)
 
 
 def measure(work: Path, workload: tuple[str, str, float]) -> dict:

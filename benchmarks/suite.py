@@ -215,9 +215,23 @@ class Bench:
         images.mkdir()
         t = time.perf_counter()
         proc = subprocess.run(
-            [self.criu, "dump", "-t", str(self.init_pid(kernel_id)), "-D", str(images), "--leave-running",
-             "--tcp-established", "--network-lock", "nftables", "-o", "dump.log", "-v4"],
-            capture_output=True, text=True,
+            [
+                self.criu,
+                "dump",
+                "-t",
+                str(self.init_pid(kernel_id)),
+                "-D",
+                str(images),
+                "--leave-running",
+                "--tcp-established",
+                "--network-lock",
+                "nftables",
+                "-o",
+                "dump.log",
+                "-v4",
+            ],
+            capture_output=True,
+            text=True,
         )
         dump_s = time.perf_counter() - t
         if proc.returncode:
@@ -239,9 +253,21 @@ class Bench:
         time.sleep(0.5)
         t = time.perf_counter()
         proc = subprocess.run(
-            [self.criu, "restore", "-D", str(images), "-d", "--tcp-close", "-o", "restore.log", "-v4",
-             "--pidfile", str(images / "restored.pid")],
-            capture_output=True, text=True,
+            [
+                self.criu,
+                "restore",
+                "-D",
+                str(images),
+                "-d",
+                "--tcp-close",
+                "-o",
+                "restore.log",
+                "-v4",
+                "--pidfile",
+                str(images / "restored.pid"),
+            ],
+            capture_output=True,
+            text=True,
         )
         restore_s = time.perf_counter() - t
         if proc.returncode:
@@ -259,7 +285,8 @@ class Bench:
         (images / "restored.pid").unlink(missing_ok=True)
         daemon = subprocess.Popen(
             [self.criu, "lazy-pages", "-D", str(images), "-o", "lazy-pages.log", "-v4"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             for _ in range(100):  # its socket, which the restore connects to
@@ -268,9 +295,22 @@ class Bench:
                 time.sleep(0.05)
             t = time.perf_counter()
             proc = subprocess.run(
-                [self.criu, "restore", "-D", str(images), "-d", "--tcp-close", "--lazy-pages", "-o",
-                 "restore-lazy.log", "-v4", "--pidfile", str(images / "restored.pid")],
-                capture_output=True, text=True,
+                [
+                    self.criu,
+                    "restore",
+                    "-D",
+                    str(images),
+                    "-d",
+                    "--tcp-close",
+                    "--lazy-pages",
+                    "-o",
+                    "restore-lazy.log",
+                    "-v4",
+                    "--pidfile",
+                    str(images / "restored.pid"),
+                ],
+                capture_output=True,
+                text=True,
             )
             restore_s = time.perf_counter() - t
             if proc.returncode:
@@ -285,7 +325,12 @@ class Bench:
                 daemon.kill()
             if (images / "restored.pid").exists():
                 os.kill(int((images / "restored.pid").read_text()), signal.SIGKILL)
-        return {"raw_lazy_restore_s": restore_s, "raw_lazy_answer_s": answer_s, "raw_lazy_all_s": all_s, "raw_lazy_check": value}
+        return {
+            "raw_lazy_restore_s": restore_s,
+            "raw_lazy_answer_s": answer_s,
+            "raw_lazy_all_s": all_s,
+            "raw_lazy_check": value,
+        }
 
     # -- dill --------------------------------------------------------------------------
 
@@ -392,8 +437,16 @@ async def measure_repeated(bench: Bench, name: str, runs: int) -> dict:
             print(f"  round {i + 1}: " + json.dumps({k: v for k, v in row.items() if k.endswith("_s")}), flush=True)
     finally:
         await bench.stop(kernel_id, client)
-    keys = ("freeze_s", "durable_s", "dill_dump_s", "dill_durable_s", "restore_s", "restore_prepare_s",
-            "restore_save_previous_s", "restore_criu_s")
+    keys = (
+        "freeze_s",
+        "durable_s",
+        "dill_dump_s",
+        "dill_durable_s",
+        "restore_s",
+        "restore_prepare_s",
+        "restore_save_previous_s",
+        "restore_criu_s",
+    )
     return {"workload": name, "gib": gib, "runs": runs, **{k: median([r[k] for r in rounds]) for k in keys}}
 
 
@@ -415,7 +468,9 @@ async def run_suite(args: argparse.Namespace, work: Path) -> dict:
         print(f"workload: {name} ...", flush=True)
         for row in await measure_workload(bench, name, code, check, gib):
             rows.append(row)
-            print("  " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+            print(
+                "  " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True
+            )
     name, runs = ("numpy 0.25 GiB", 2) if args.quick else ("numpy 1 GiB", 5)
     print(f"repeated: {name} ...", flush=True)
     repeated = await measure_repeated(bench, name, runs)
@@ -424,7 +479,14 @@ async def run_suite(args: argparse.Namespace, work: Path) -> dict:
         kishu = kishu_bench.measure(work / "kishu", WORKLOADS["numpy 1 GiB"])
     cover = await state_coverage.measure(work / "coverage", bench, kishu=not args.no_kishu and not args.quick)
     bench.manager.close()
-    return {"machine": machine(), "limits": limits, "rows": rows, "repeated": repeated, "kishu": kishu, "coverage": cover}
+    return {
+        "machine": machine(),
+        "limits": limits,
+        "rows": rows,
+        "repeated": repeated,
+        "kishu": kishu,
+        "coverage": cover,
+    }
 
 
 def machine() -> dict:
@@ -470,7 +532,9 @@ def report(result: dict) -> str:
         durable_raw = f"{r['raw_durable_s']:.2f}" if "raw_durable_s" in r else "–"
         restore = f"{r['restore_s'] / gib:.2f}" if "restore_s" in r else "–"
         raw_restore = f"{r['raw_restore_s'] / gib:.2f}" if "raw_restore_s" in r else "–"
-        lazy = f"{r['raw_lazy_answer_s'] / gib:.2f} / {r['raw_lazy_all_s'] / gib:.2f}" if "raw_lazy_answer_s" in r else "–"
+        lazy = (
+            f"{r['raw_lazy_answer_s'] / gib:.2f} / {r['raw_lazy_all_s'] / gib:.2f}" if "raw_lazy_answer_s" in r else "–"
+        )
         dill_load = f"{r['dill_load_s'] / gib:.2f}" if "dill_load_s" in r else "–"
         lines.append(
             f"| {r['workload']} | {r['freeze_s'] / gib:.2f} ({raw}) | {r['durable_s']:.2f} ({durable_raw}, {dill}) | "
@@ -490,8 +554,15 @@ def report(result: dict) -> str:
         ]
     k = result.get("kishu")
     if k:
-        lines += ["", f"Kishu {k.get('version', '')}: " + (k["error"] if k.get("error") else
-                  f"commit {k['commit_s']:.2f} s, checkout {k['checkout_s']:.2f} s (numpy 1 GiB)")]
+        lines += [
+            "",
+            f"Kishu {k.get('version', '')}: "
+            + (
+                k["error"]
+                if k.get("error")
+                else f"commit {k['commit_s']:.2f} s, checkout {k['checkout_s']:.2f} s (numpy 1 GiB)"
+            ),
+        ]
     lines += ["", state_coverage.report(result["coverage"])]
     return "\n".join(lines)
 

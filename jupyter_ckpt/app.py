@@ -8,21 +8,20 @@ from pathlib import Path
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Enum, Float, Int, List, Unicode, default
+from traitlets import Bool, Dict, Enum, Float, Int, List, Type, Unicode, default
 
 from . import forknet
+from .credentials import KernelCredentials
 from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
+from .events import SCHEMA_ID as SNAPSHOT_EVENTS_SCHEMA
 from .handlers import default_handlers
 from .manager import CheckpointManager
-from .chunks import write_private_atomic
-from .manifest import load_or_create_key
-from .provisioner import CheckpointableProvisioner
+from .private_files import write_private_atomic
 from .scheduler import AutoBackup, Schedule
 from .store import DEFAULT_IMAGE_CACHE_BYTES, SnapshotStore
 
 PROVISIONER_NAME = "ckpt-provisioner"
 KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
-SNAPSHOT_EVENTS_SCHEMA = "https://events.jupyter.org/jupyter_ckpt/snapshot/v1"
 EVENT_SCHEMAS = Path(__file__).parent / "event_schemas"
 
 
@@ -65,6 +64,26 @@ class CheckpointApp(ExtensionApp):
         help="Restore a kernel's memory lazily (CRIU's lazy pages, with userfaultfd): the kernel runs "
         "again before all of its memory is back, the rest follows in the background. Used where "
         "'criu check --feature lazy_pages' passes.",
+    )
+
+    kernel_credentials_secret_path = Unicode(
+        "",
+        config=True,
+        help="The secret that kernels' credentials (for %checkpoint) are derived from (created on first "
+        "use, 0600). Kept across restarts: a kernel restored later carries the same credential. "
+        "Default: <store state dir>/kernel-credentials.key.",
+    )
+    server_url_file = Unicode(
+        "",
+        config=True,
+        help="Where this server writes its URL for the kernels (also ones restored later) to reach it. "
+        "Default: <store state dir>/server-url.",
+    )
+
+    engine_class = Type(CriuEngine, config=True, help="The checkpoint engine (dump and restore of process trees).")
+    store_class = Type(SnapshotStore, config=True, help="The snapshot store.")
+    kernel_credentials_class = Type(
+        KernelCredentials, config=True, help="Issues and checks the kernels' own credentials (the magic's)."
     )
 
     @default("store_root")
@@ -121,7 +140,7 @@ class CheckpointApp(ExtensionApp):
     )
 
     def initialize_settings(self) -> None:
-        engine = CriuEngine(
+        engine = self.engine_class(
             self.criu_path or None, log_level=self.criu_log_level, resizable_files=tuple(self.resizable_files)
         )
         health = engine.health()
@@ -129,7 +148,7 @@ class CheckpointApp(ExtensionApp):
             self.log.info("jupyter_ckpt: CRIU %s at %s", health.version, health.path)
         else:
             self.log.warning("jupyter_ckpt: snapshots are disabled: %s", health.reason)
-        store = SnapshotStore(
+        store = self.store_class(
             self.store_root,
             self.store_state_dir or None,
             self.store_key_path or None,
@@ -156,30 +175,37 @@ class CheckpointApp(ExtensionApp):
             concurrency=self.auto_backup_concurrency,
             log=self.log,
         )
-        self.settings.update(ckpt_manager=self.manager, ckpt_auto_backup=self.auto_backup_loop)
+        secret_path = self.kernel_credentials_secret_path or str(store.state / "kernel-credentials.key")
+        self.server_url_path = Path(self.server_url_file or store.state / "server-url")
+        credentials = self.kernel_credentials_class(secret_path)
+        self.settings.update(
+            ckpt_manager=self.manager, ckpt_auto_backup=self.auto_backup_loop, ckpt_kernel_credentials=credentials
+        )
         self.serverapp.event_logger.register_event_schema(EVENT_SCHEMAS / "snapshot" / "v1.yaml")
         self.serverapp.event_logger.add_listener(schema_id=KERNEL_ACTIONS_SCHEMA, listener=self._on_kernel_action)
-        # Kernels reach this server with a credential of their own (the magic).
-        # Kept across restarts: a kernel restored later carries the same one.
-        secret = load_or_create_key(store.state / "kernel-credentials.key")
-        self.settings["ckpt_kernel_secret"] = secret
-        CheckpointableProvisioner.token_secret = secret
-        CheckpointableProvisioner.server_url = staticmethod(self._publish_url)
-        CheckpointableProvisioner.server_url_file = str(store.state / "server-url")
+        # The provisioner of every kernel started from now on: where the kernel
+        # reaches this server, and its credential (the magic's).
+        provisioner_config = self.serverapp.config.CheckpointableProvisioner
+        provisioner_config.server_url_file = str(self.server_url_path)
+        provisioner_config.credentials_secret_file = secret_path
+        provisioner_config.credentials_class = self.kernel_credentials_class
+        self._publish_url()
         if self.use_provisioner_by_default:
             factory = KernelProvisionerFactory.instance(parent=self.serverapp)
             factory.default_provisioner_name = PROVISIONER_NAME
 
-    def _publish_url(self) -> str:
-        """This server's URL, also written where kernels (restored ones too) look for it."""
-        url = self.serverapp.connection_url
-        path = Path(CheckpointableProvisioner.server_url_file)
+    def _publish_url(self) -> None:
+        """Write this server's URL where kernels (restored ones too) look for it."""
+        try:
+            url = self.serverapp.connection_url
+        except Exception:  # no port yet
+            return
+        path = self.server_url_path
         try:
             if not path.exists() or path.read_text() != url:
                 write_private_atomic(path, url.encode())
         except OSError:
             self.log.warning("jupyter_ckpt: cannot write %s", path)
-        return url
 
     async def _start_jupyter_server_extension(self, serverapp: object) -> None:
         self._publish_url()

@@ -10,31 +10,40 @@ Both directions stream: export reads verified chunks and compresses as it goes;
 import decompresses into the store's staging area, checking every chunk against
 the hash the manifest lists, then stores it like a fresh snapshot. A bundle
 whose manifest is signed with another key is refused unless the caller trusts
-it explicitly; it is then re-signed with this store's key (its content is still
-verified chunk by chunk against the hashes it carries).
+it explicitly. An imported snapshot is signed with this store's key; its record
+keeps who signed the bundle (see import_bundle).
 """
 
 from __future__ import annotations
 
 import shutil
 import struct
+import uuid
+from collections.abc import Collection
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
 
 from . import manifest
-from .chunks import chunk_hash
-from .errors import InvalidRequest, SnapshotNotFound, SnapshotNotRestorable
-from .store import SnapshotRecord, SnapshotStore
+from .errors import InvalidRequest, SnapshotNotRestorable
+from .pack_format import StoredFile, chunk_hash
+from .private_files import key_fingerprint, private_opener
+from .records import SnapshotRecord
+from .store import SnapshotStore
 
 MAGIC = b"JCKPT-BUNDLE-1\n"
 _LEN = struct.Struct("<Q")
 _MAX_MANIFEST = 512 << 20
+# Images a bundle may hold, in all, unless the caller says otherwise
+# (CheckpointApp.max_import_bytes).
+DEFAULT_MAX_IMPORT_BYTES = 256 << 30
 
 
 def export_bundle(store: SnapshotStore, snapshot_id: str, out: BinaryIO) -> int:
     """Write the bundle of a complete snapshot to ``out``; returns bytes written."""
-    data = store.fs.cat_file(store._manifest_path(snapshot_id))
+    data = store.manifest_bytes(snapshot_id)
     record, files = manifest.decode(data, store.key, name=f"the manifest of snapshot {snapshot_id}")
     if record.get("status") != "complete":
         raise SnapshotNotRestorable(f"snapshot {snapshot_id} is not complete")
@@ -42,67 +51,86 @@ def export_bundle(store: SnapshotStore, snapshot_id: str, out: BinaryIO) -> int:
     counter.write(MAGIC + _LEN.pack(len(data)) + data)
     with zstandard.ZstdCompressor(level=3).stream_writer(counter, closefd=False) as z:
         for stored in files:
-            for chunk in store.chunks.read_file(stored):
+            for chunk in store.read_chunks(stored):
                 z.write(chunk)
     return counter.count
 
 
-def import_bundle(store: SnapshotStore, src: BinaryIO, trust: bool = False) -> SnapshotRecord:
-    """Read a bundle from ``src`` into ``store``; returns the imported snapshot."""
+def import_bundle(
+    store: SnapshotStore,
+    src: BinaryIO,
+    trust: bool = False,
+    max_bytes: int = DEFAULT_MAX_IMPORT_BYTES,
+    running_kernels: Collection[str] = (),
+) -> SnapshotRecord:
+    """Read a bundle from ``src`` into ``store``; returns the imported snapshot.
+
+    A bundle is hostile input even when trusted (trust accepts the signer; it
+    skips no check): the manifest's structure, names, sizes and record are
+    checked before a byte is written, the files are decompressed only up to
+    their declared sizes (at most ``max_bytes`` in all) into a private scratch
+    folder, every chunk is checked against its hash, and only then is the
+    snapshot stored. Its record says when it was imported, which key signed
+    it and whether this store could verify that. It never takes the id of a
+    kernel in ``running_kernels`` (the kernels running here)."""
     if src.read(len(MAGIC)) != MAGIC:
         raise InvalidRequest("not a jupyter-ckpt bundle")
     (length,) = _LEN.unpack(_read_exactly(src, _LEN.size))
     if length > _MAX_MANIFEST:
         raise InvalidRequest("bundle manifest is implausibly large")
     data = _read_exactly(src, length)
+    name = "the bundle's manifest"
     try:
-        fields, files = manifest.decode(data, store.key, name="the bundle's manifest")
-        signed_here = True
-    except manifest.SignatureMismatch:
-        if not trust:
-            raise SnapshotNotRestorable(
-                "the bundle is signed with another store's key: share the key between the servers, "
-                "or import it explicitly trusting its origin"
-            ) from None
-        fields, files = manifest.decode(data, None, name="the bundle's manifest")
-        signed_here = False
-    record = SnapshotRecord.from_json(fields)
-    try:
-        store.get(record.id)
-    except SnapshotNotFound:
-        pass
-    else:
+        try:
+            fields, files = manifest.decode(data, store.key, name=name, max_bytes=max_bytes)
+            verified = True
+        except manifest.SignatureMismatch:
+            if not trust:
+                raise SnapshotNotRestorable(
+                    "the bundle is signed with another store's key: share the key between the servers, "
+                    "or import it explicitly trusting its origin"
+                ) from None
+            fields, files = manifest.decode(data, None, name=name, max_bytes=max_bytes)
+            verified = False
+        record = SnapshotRecord.from_untrusted(fields)
+    except (manifest.MalformedManifest, ValueError) as e:
+        raise InvalidRequest(f"the bundle cannot be imported: {e}") from None
+    if store.exists(record.id):
         raise InvalidRequest(f"snapshot {record.id} is already in this store")
-    record.status = "storing"
-    staging = store.create(record)
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(src, closefd=False)
-        for stored in files:
-            with open(staging / stored.name, "wb") as out:
-                for n, expected in enumerate(stored.chunks):
-                    size = min(stored.chunk_size, stored.size - n * stored.chunk_size)
-                    chunk = _read_exactly(reader, size)
-                    if chunk_hash(chunk) != expected:
-                        raise SnapshotNotRestorable(f"bundle: {stored.name} chunk {n} does not match its hash")
-                    out.write(chunk)
-        stored_files, stats = store.chunks.put_files(staging)
-        if [f.chunks for f in stored_files] != [f.chunks for f in files]:
-            raise SnapshotNotRestorable("bundle: its files do not match its manifest")
-        record.status, record.error = "complete", None
-        record.stored_bytes = stats.new_bytes
-        if signed_here:
-            store.chunks._write_atomic(f"manifests/{record.id}.manifest", data)
-        else:
-            store._write_manifest(record, stored_files)
-        store._record_path(record.id).unlink(missing_ok=True)
-    except BaseException as e:
-        reason = str(e) if isinstance(e, (SnapshotNotRestorable, InvalidRequest)) else f"import failed: {e}"
-        store.fail(record, reason)
-        store.delete(record.id)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return store.get(record.id)
+    needed = sum(f.size for f in files)
+    free = shutil.disk_usage(store.state).free
+    if needed > free:
+        raise InvalidRequest(f"the bundle holds {needed} bytes of images; {free} bytes are free here")
+    if record.kernel_id in running_kernels:
+        record.kernel_id = str(uuid.uuid4())  # never another kernel's: it would be listed and restored as that one
+    record.status, record.error = "complete", None
+    record.imported = {
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "signer": key_fingerprint(store.key) if verified else manifest.claimed_signer(data),
+        "verified": verified,
+    }
+    with store.scratch_dir("import-") as scratch:
+        try:
+            _unpack(src, files, scratch)
+        except zstandard.ZstdError as e:
+            raise InvalidRequest(f"bundle: its compressed data is damaged ({e})") from None
+        return store.commit_imported(record, scratch, files)
+
+
+def _unpack(src: BinaryIO, files: list[StoredFile], directory: Path) -> None:
+    """Decompress the bundle's files into ``directory``, never past their
+    declared sizes, every chunk checked against its hash."""
+    reader = zstandard.ZstdDecompressor().stream_reader(src, closefd=False)
+    for stored in files:
+        with open(directory / stored.name, "xb", opener=private_opener) as out:
+            for n, expected in enumerate(stored.chunks):
+                size = min(stored.chunk_size, stored.size - n * stored.chunk_size)
+                chunk = _read_exactly(reader, size)
+                if chunk_hash(chunk) != expected:
+                    raise InvalidRequest(f"bundle: {stored.name} chunk {n} does not match its hash")
+                out.write(chunk)
+    if reader.read(1):
+        raise InvalidRequest("bundle: it holds more data than its manifest lists")
 
 
 def _read_exactly(src: BinaryIO, n: int) -> bytes:
@@ -110,7 +138,7 @@ def _read_exactly(src: BinaryIO, n: int) -> bytes:
     while left:
         part = src.read(left)
         if not part:
-            raise SnapshotNotRestorable("bundle is truncated")
+            raise InvalidRequest("bundle is truncated")
         parts.append(part)
         left -= len(part)
     return b"".join(parts)

@@ -10,25 +10,43 @@ snapshot; 4 CRIU unusable (``check``).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import json
 import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 from jupyter_core.paths import jupyter_data_dir
 
+from .engine import CriuEngine
 from .errors import CheckpointError, SnapshotNotFound
-from .store import SnapshotRecord, SnapshotStore
+from .manager import CheckpointManager
+from .private_files import private_opener
+from .records import SnapshotRecord
+from .store import SnapshotStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_NO_CRIU = 0, 1, 2, 3, 4
 
 
-def _store(args: argparse.Namespace) -> SnapshotStore:
+def _manager(args: argparse.Namespace) -> CheckpointManager:
+    """The facade over the store, without a server (no kernels)."""
     options = json.loads(args.store_options) if args.store_options else None
-    return SnapshotStore(args.store, args.state_dir, args.key, options)
+    store = SnapshotStore(args.store, args.state_dir, args.key, options)
+    return CheckpointManager(kernel_manager=None, engine=CriuEngine(), store=store)
+
+
+def _run(args: argparse.Namespace, call) -> object:
+    """Run one facade call (a coroutine function of the manager) to its end."""
+    manager = _manager(args)
+    try:
+        return asyncio.run(call(manager))
+    finally:
+        manager.close()
 
 
 def _size(n: int | None) -> str:
@@ -44,8 +62,19 @@ def _table(records: list[SnapshotRecord]) -> str:
     rows = [("ID", "CREATED", "TRIGGER", "STATUS", "MEMORY", "STORED", "FROZEN", "KERNEL", "LABEL")]
     for r in records:
         frozen = f"{r.freeze_seconds:.2f}s" if r.freeze_seconds is not None else "-"
-        rows.append((r.id, r.created[:19].replace("T", " "), r.trigger, r.status, _size(r.memory_bytes),
-                     _size(r.stored_bytes), frozen, r.kernel_id[:8], r.label or r.path or ""))
+        rows.append(
+            (
+                r.id,
+                r.created[:19].replace("T", " "),
+                r.trigger,
+                r.status,
+                _size(r.memory_bytes),
+                _size(r.stored_bytes),
+                frozen,
+                r.kernel_id[:8],
+                r.label or r.path or "",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
@@ -87,13 +116,13 @@ class _Progress:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    records = _store(args).list(kernel_id=args.kernel, path=args.path)
+    records = _run(args, lambda m: m.list_snapshots(kernel_id=args.kernel, path=args.path))
     print(json.dumps([r.public_json() for r in records], indent=1) if args.json else _table(records))
     return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    record = _store(args).get(args.id)
+    record = _run(args, lambda m: m.get(args.id))
     if args.json:
         print(json.dumps(record.public_json(), indent=1))
     else:
@@ -103,11 +132,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    store = _store(args)
-    for snapshot_id in args.ids:
-        store.delete(snapshot_id)
-        if not args.json:
-            print(f"deleted {snapshot_id}")
+    async def delete_all(manager: CheckpointManager) -> None:
+        for snapshot_id in args.ids:
+            await manager.delete(snapshot_id)
+            if not args.json:
+                print(f"deleted {snapshot_id}")
+
+    _run(args, delete_all)
     if args.json:
         print(json.dumps({"deleted": args.ids}))
     return EXIT_OK
@@ -117,47 +148,55 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not (args.kernel or args.path):
         print("prune needs --kernel or --path", file=sys.stderr)
         return EXIT_USAGE
-    deleted = _store(args).prune(kernel_id=args.kernel, path=args.path, keep_auto=args.keep, byte_budget=args.budget)
+    deleted = _run(
+        args, lambda m: m.prune(kernel_id=args.kernel, path=args.path, keep_auto=args.keep, byte_budget=args.budget)
+    )
     print(json.dumps({"deleted": deleted}) if args.json else f"pruned {len(deleted)} automatic snapshot(s)")
     return EXIT_OK
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    objects, freed = _store(args).gc()
-    print(json.dumps({"objects_deleted": objects, "bytes_freed": freed}) if args.json
-          else f"gc: deleted {objects} object(s), freed {_size(freed)}")
+    objects, freed = _run(args, lambda m: m.gc())
+    print(
+        json.dumps({"objects_deleted": objects, "bytes_freed": freed})
+        if args.json
+        else f"gc: deleted {objects} object(s), freed {_size(freed)}"
+    )
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .bundle import export_bundle
-
-    store = _store(args)
-    record = store.get(args.id)
     out_path = args.output or f"{args.id}.jckpt"
-    with open(out_path, "wb") as raw:
-        progress = _Progress(raw, "exporting", None)
-        size = export_bundle(store, record.id, progress)  # type: ignore[arg-type]
-        progress.close()
-    os.chmod(out_path, 0o600)
+
+    async def export(manager: CheckpointManager) -> int:
+        await manager.get(args.id)  # no file for a snapshot that does not exist
+        # Created 0600: a bundle holds all of a kernel's memory, and its key.
+        with open(out_path, "wb", opener=private_opener) as raw:
+            os.fchmod(raw.fileno(), 0o600)  # also when it existed before
+            progress = _Progress(raw, "exporting", None)
+            size = await manager.export_bundle(args.id, progress)  # type: ignore[arg-type]
+            progress.close()
+        return size
+
+    size = _run(args, export)
     print(json.dumps({"file": out_path, "bytes": size}) if args.json else f"wrote {out_path} ({_size(size)})")
     return EXIT_OK
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .bundle import import_bundle
+    async def import_(manager: CheckpointManager) -> SnapshotRecord:
+        with open(args.file, "rb") as raw:
+            progress = _Progress(raw, "importing", os.path.getsize(args.file))
+            record = await manager.import_bundle(progress, trust=args.trust)  # type: ignore[arg-type]
+            progress.close()
+        return record
 
-    with open(args.file, "rb") as raw:
-        progress = _Progress(raw, "importing", os.path.getsize(args.file))
-        record = import_bundle(_store(args), progress, trust=args.trust)  # type: ignore[arg-type]
-        progress.close()
+    record = _run(args, import_)
     print(json.dumps(record.public_json()) if args.json else f"imported {record.id} ({record.status})")
     return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .engine import CriuEngine
-
     health = CriuEngine(args.criu or None).health()
     if args.json:
         print(json.dumps(asdict(health)))
@@ -198,54 +237,72 @@ def cmd_restore(args: argparse.Namespace) -> int:
     except urllib.error.URLError as e:
         print(f"cannot reach the server at {url}: {e.reason}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(outcome) if args.json else
-          f"kernel {outcome['kernel_id']} restored from {outcome['snapshot_id']} in {outcome['total_seconds']:.2f} s")
+    print(
+        json.dumps(outcome)
+        if args.json
+        else f"kernel {outcome['kernel_id']} restored from {outcome['snapshot_id']} in {outcome['total_seconds']:.2f} s"
+    )
     return EXIT_OK
 
 
 # -- parser -----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jupyter ckpt", description="Manage jupyter-ckpt snapshots.")
-    parser.add_argument("--store", default=os.path.join(jupyter_data_dir(), "ckpt"),
-                        help="store directory or fsspec URL (default: the server's default store)")
-    parser.add_argument("--state-dir", default=None, help="local state directory (remote stores)")
-    parser.add_argument("--key", default=None, help="manifest key (default: <store>.key)")
-    parser.add_argument("--store-options", default=None, help="fsspec options as JSON (remote stores)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_common_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """The options every command takes, before or after the command's name."""
 
-    p = sub.add_parser("list", help="snapshots, newest first")
+    def given(value: object) -> object:
+        return value if default is None else default
+
+    parser.add_argument(
+        "--store",
+        default=given(os.path.join(jupyter_data_dir(), "ckpt")),
+        help="store directory or fsspec URL (default: the server's default store)",
+    )
+    parser.add_argument("--state-dir", default=given(None), help="local state directory (remote stores)")
+    parser.add_argument("--key", default=given(None), help="manifest key (default: <store>.key)")
+    parser.add_argument("--store-options", default=given(None), help="fsspec options as JSON (remote stores)")
+    parser.add_argument("--json", action="store_true", default=given(False), help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common_options(common, argparse.SUPPRESS)  # after the subcommand: only when given
+    parser = argparse.ArgumentParser(prog="jupyter ckpt", description="Manage jupyter-ckpt snapshots.")
+    _add_common_options(parser, None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = functools.partial(sub.add_parser, parents=[common])
+
+    p = add_parser("list", help="snapshots, newest first")
     p.add_argument("--kernel")
     p.add_argument("--path", help="notebook path")
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("show", help="one snapshot")
+    p = add_parser("show", help="one snapshot")
     p.add_argument("id")
     p.set_defaults(func=cmd_show)
-    p = sub.add_parser("delete", help="delete snapshots (space returns at the next gc)")
+    p = add_parser("delete", help="delete snapshots (space returns at the next gc)")
     p.add_argument("ids", nargs="+")
     p.set_defaults(func=cmd_delete)
-    p = sub.add_parser("prune", help="keep a kernel's or notebook's newest automatic snapshots")
+    p = add_parser("prune", help="keep a kernel's or notebook's newest automatic snapshots")
     p.add_argument("--kernel")
     p.add_argument("--path")
     p.add_argument("--keep", type=int, default=10)
     p.add_argument("--budget", type=int, default=None, help="byte budget for the group")
     p.set_defaults(func=cmd_prune)
-    p = sub.add_parser("gc", help="reclaim space no snapshot uses")
+    p = add_parser("gc", help="reclaim space no snapshot uses")
     p.set_defaults(func=cmd_gc)
-    p = sub.add_parser("export", help="write a snapshot as one bundle file")
+    p = add_parser("export", help="write a snapshot as one bundle file")
     p.add_argument("id")
     p.add_argument("-o", "--output")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("import", help="import a bundle file")
+    p = add_parser("import", help="import a bundle file")
     p.add_argument("file")
     p.add_argument("--trust", action="store_true", help="accept a bundle signed with another store's key")
     p.set_defaults(func=cmd_import)
-    p = sub.add_parser("check", help="is CRIU usable here?")
+    p = add_parser("check", help="is CRIU usable here?")
     p.add_argument("--criu", default=None, help="the criu binary")
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("restore", help="restore a snapshot through a running server")
+    p = add_parser("restore", help="restore a snapshot through a running server")
     p.add_argument("id")
     p.add_argument("--kernel", help="kernel to replace (default: the snapshot's)")
     p.add_argument("--url", help="server URL (default: the first running server)")

@@ -6,17 +6,18 @@ use it directly. Every call blocks; the server runs them in a worker thread.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
+from .criu_images import allow_resized_files
 from .errors import CriuUnavailable, DumpFailed, RestoreFailed
 
 # Oldest CRIU known to work on current kernels: 3.17 cannot read the vDSO layout
@@ -61,7 +62,7 @@ class DumpResult:
 class RestoreResult:
     pid: int  # host pid of the restored root process
     seconds: float
-    lazy_pages: "LazyPages | None" = None  # still bringing the memory back
+    lazy_pages: LazyPages | None = None  # still bringing the memory back
 
 
 class LazyPages:
@@ -72,8 +73,20 @@ class LazyPages:
     def __init__(self, criu_path: str, images_dir: Path, work_dir: Path, log_level: int):
         self.work_dir = work_dir
         self.process = subprocess.Popen(
-            [criu_path, "lazy-pages", "-D", str(images_dir), "-W", str(work_dir), "-o", LAZY_PAGES_LOG, f"-v{log_level}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                criu_path,
+                "lazy-pages",
+                "-D",
+                str(images_dir),
+                "-W",
+                str(work_dir),
+                "-o",
+                LAZY_PAGES_LOG,
+                f"-v{log_level}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             start_new_session=True,  # a server stopping with Ctrl-C must not cut a kernel's memory short
         )
         deadline = time.monotonic() + 10
@@ -166,7 +179,9 @@ class CriuEngine:
         version = m.group(1) if m else None
         if not version or parse_version(version) < MIN_CRIU_VERSION:
             need = ".".join(map(str, MIN_CRIU_VERSION))
-            return CriuHealth(False, version, path, f"CRIU {version or '?'} at {path} is too old; {need} or newer is needed")
+            return CriuHealth(
+                False, version, path, f"CRIU {version or '?'} at {path} is too old; {need} or newer is needed"
+            )
         if os.geteuid() != 0:
             return CriuHealth(False, version, path, "CRIU needs root: the Jupyter server is not running as root")
         chk = subprocess.run([path, "check"], capture_output=True, text=True, timeout=60)
@@ -296,79 +311,6 @@ class CriuEngine:
                 if netns_fd is not None:
                     os.close(netns_fd)
         return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started, lazy_pages=lazy_pages)
-
-
-def allow_resized_files(images_dir: Path, patterns: tuple[str, ...]) -> list[str]:
-    """Drop CRIU's size check for open files matching ``patterns`` (fnmatch).
-
-    CRIU refuses to restore a regular file whose size changed since the dump.
-    That is right for user data, but IPython keeps its history database open in
-    every kernel and it grows with every cell; SQLite re-reads a database that
-    changed under it when it next takes a lock, so restoring over a grown one is
-    safe. Returns the paths relaxed.
-    """
-    import fnmatch
-
-    if not patterns:
-        return []
-    relaxed: list[str] = []
-
-    def relax(entries: list[dict]) -> int:
-        for entry in entries:
-            reg = entry.get("reg") if entry.get("type") == "REG" else None
-            if reg and "size" in reg and any(fnmatch.fnmatch(reg["name"], p) for p in patterns):
-                del reg["size"]
-                relaxed.append(reg["name"])
-        return len(relaxed)
-
-    _edit_files_image(images_dir, relax)
-    return relaxed
-
-
-def move_listeners(images_dir: Path, moves: Mapping[int, tuple[str, int]]) -> int:
-    """Make the dumped IPv4 TCP listeners on the given ports listen at a new
-    address and port on restore: ``{old_port: (address, new_port)}``.
-
-    A fork's kernel lives in a network namespace of its own, where its ZMQ
-    listeners are rebound to the address the server reaches that namespace at.
-    Listeners on other ports (user code's servers) are left alone. Returns the
-    number of listeners moved.
-    """
-
-    def move(entries: list[dict]) -> int:
-        moved = 0
-        for entry in entries:
-            isk = entry.get("isk") if entry.get("type") == "INETSK" else None
-            if isk and isk.get("state") == _TCP_LISTEN and isk.get("src_port") in moves:
-                address, port = moves[isk["src_port"]]
-                isk["src_addr"] = [int.from_bytes(ipaddress.IPv4Address(address).packed, "little")]
-                isk["src_port"] = port
-                moved += 1
-        return moved
-
-    return _edit_files_image(images_dir, move)
-
-
-_TCP_LISTEN = 10
-
-
-def _edit_files_image(images_dir: Path, edit: Callable[[list[dict]], int]) -> int:
-    """Apply ``edit`` to the entries of ``files.img``; it returns how many it
-    changed, and the image is rewritten (atomically) only if that is not 0."""
-    import pycriu
-
-    path = images_dir / "files.img"
-    if not path.exists():
-        return 0
-    with open(path, "rb") as f:
-        image = pycriu.images.load(f)
-    changed = edit(image["entries"])
-    if changed:
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            pycriu.images.dump(image, f)
-        os.replace(tmp, path)
-    return changed
 
 
 def _foreign_netns(pid: int) -> int | None:

@@ -87,7 +87,19 @@ class ForkNetwork:
             _run("ip", "netns", "add", net.name)
         try:
             ns = ("ip", "-n", net.name)
-            _run("ip", "link", "add", net.host_interface, "type", "veth", "peer", "name", net.kernel_interface, "netns", net.name)
+            _run(
+                "ip",
+                "link",
+                "add",
+                net.host_interface,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                net.kernel_interface,
+                "netns",
+                net.name,
+            )
             _run("ip", "addr", "add", f"{net.host_address}/30", "dev", net.host_interface)
             _run("ip", "link", "set", net.host_interface, "up")
             _run(*ns, "link", "set", "lo", "up")
@@ -122,7 +134,9 @@ def _enable_nat() -> None:
     if probe.returncode == 0:
         return
     _run(
-        "nft", "-f", "-",
+        "nft",
+        "-f",
+        "-",
         input=(
             f"table ip {_NFT_TABLE} {{\n"
             "  chain postrouting {\n"
@@ -143,9 +157,8 @@ def remove_stale() -> list[str]:
     for entry in NETNS_DIR.iterdir():
         if entry.name.startswith(NAME_PREFIX):
             pids = subprocess.run(["ip", "netns", "pids", entry.name], capture_output=True, text=True, timeout=30)
-            index = entry.name[len(NAME_PREFIX):]
+            index = entry.name[len(NAME_PREFIX) :]
             if index.isdigit() and pids.returncode == 0 and not pids.stdout.strip():
                 ForkNetwork(int(index)).close()
                 removed.append(entry.name)
     return removed
-

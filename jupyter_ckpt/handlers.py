@@ -7,23 +7,20 @@ reading lists needs ``read``, creating, restoring and deleting need ``write``.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import hmac
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
-from jupyter_server.utils import url_path_join
+from jupyter_server.utils import ensure_async, url_path_join
 from tornado import web
 
 from . import errors
 from ._version import __version__
-from .bundle import export_bundle, import_bundle
 from .manager import CheckpointManager
-from .provisioner import kernel_token
-from .store import SnapshotRecord
+from .records import SnapshotRecord
 
 # The one place where the package's errors become HTTP statuses.
 STATUS_FOR_ERROR: dict[type[errors.CheckpointError], int] = {
@@ -38,6 +35,7 @@ STATUS_FOR_ERROR: dict[type[errors.CheckpointError], int] = {
     errors.NotSupported: 501,
     errors.CriuUnavailable: 503,
 }
+
 
 def translate_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(method)
@@ -83,24 +81,7 @@ class StatusHandler(CheckpointHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        health = self.manager.engine.health()
-        self.write_json(
-            {
-                "version": __version__,
-                "criu": {
-                    "available": health.available,
-                    "version": health.version,
-                    "reason": health.reason,
-                },
-                "store": {"backend": self.manager.store.backend},
-                "features": {
-                    "snapshot": health.available,
-                    "restore_replace": health.available,
-                    "restore_new": health.available,
-                    "lazy_restore": health.available and health.lazy_pages and self.manager.lazy_restore,
-                },
-            }
-        )
+        self.write_json({"version": __version__, **self.manager.status()})
 
 
 class SnapshotListHandler(CheckpointHandler):
@@ -109,7 +90,7 @@ class SnapshotListHandler(CheckpointHandler):
     async def get(self) -> None:
         kernel_id = self.get_query_argument("kernel_id", None)
         path = self.get_query_argument("path", None)
-        records = self.manager.store.list(kernel_id=kernel_id, path=path)
+        records = await self.manager.list_snapshots(kernel_id=kernel_id, path=path)
         self.write_json([snapshot_model(r) for r in records])
 
 
@@ -121,20 +102,7 @@ class KernelHandler(CheckpointHandler):
     @authorized
     @translate_errors
     async def get(self, kernel_id: str) -> None:
-        try:
-            self.manager.require_kernel(kernel_id)
-            checkpointable, reason = True, ""
-        except errors.KernelNotCheckpointable as e:
-            checkpointable, reason = False, str(e)
-        self.write_json(
-            {
-                "id": kernel_id,
-                "checkpointable": checkpointable,
-                "reason": reason,
-                "busy": self.manager.is_busy(kernel_id),
-                "restored_from": self.manager.restored_from(kernel_id),
-            }
-        )
+        self.write_json(self.manager.kernel_info(kernel_id))
 
 
 class KernelSnapshotsHandler(CheckpointHandler):
@@ -143,7 +111,7 @@ class KernelSnapshotsHandler(CheckpointHandler):
     @translate_errors
     async def get(self, kernel_id: str) -> None:
         self.manager.require_kernel(kernel_id)  # 404 for an unknown kernel
-        self.write_json([snapshot_model(r) for r in self.manager.store.list(kernel_id=kernel_id)])
+        self.write_json([snapshot_model(r) for r in await self.manager.list_snapshots(kernel_id=kernel_id)])
 
     @web.authenticated
     @authorized
@@ -162,7 +130,7 @@ class SnapshotHandler(CheckpointHandler):
     @authorized
     @translate_errors
     async def get(self, snapshot_id: str) -> None:
-        self.write_json(snapshot_model(self.manager.get(snapshot_id)))
+        self.write_json(snapshot_model(await self.manager.get(snapshot_id)))
 
     @web.authenticated
     @authorized
@@ -171,13 +139,13 @@ class SnapshotHandler(CheckpointHandler):
         body = self.body()
         if set(body) - {"label"}:
             raise errors.InvalidRequest("only the label of a snapshot can be changed")
-        self.write_json(snapshot_model(self.manager.relabel(snapshot_id, body.get("label"))))
+        self.write_json(snapshot_model(await self.manager.relabel(snapshot_id, body.get("label"))))
 
     @web.authenticated
     @authorized
     @translate_errors
     async def delete(self, snapshot_id: str) -> None:
-        self.manager.delete(snapshot_id)
+        await self.manager.delete(snapshot_id)
         self.set_status(204)
         self.finish()
 
@@ -189,14 +157,10 @@ class BundleHandler(CheckpointHandler):
     @authorized
     @translate_errors
     async def get(self, snapshot_id: str) -> None:
-        store = self.manager.store
-        record = self.manager.get(snapshot_id)
-        if not record.restorable:
-            raise errors.SnapshotNotRestorable(f"snapshot {snapshot_id} is {record.status}")
-        with store.scratch_dir("bundle-") as tmp:
+        with self.manager.scratch_dir("bundle-") as tmp:
             path = tmp / f"{snapshot_id}.jckpt"
             with open(path, "wb") as out:
-                await asyncio.to_thread(export_bundle, store, snapshot_id, out)
+                await self.manager.export_bundle(snapshot_id, out)
             self.set_header("Content-Type", "application/octet-stream")
             self.set_header("Content-Disposition", f'attachment; filename="{snapshot_id}.jckpt"')
             self.set_header("Content-Length", str(path.stat().st_size))
@@ -220,9 +184,12 @@ class BundleUploadHandler(CheckpointHandler):
         await super().prepare()
         if not self.current_user:
             raise web.HTTPError(403)
-        if not self.authorizer.is_authorized(self, self.current_user, "write", self.auth_resource):
+        allowed = await ensure_async(
+            self.authorizer.is_authorized(self, self.current_user, "write", self.auth_resource)
+        )
+        if not allowed:
             raise web.HTTPError(403, "not authorized to upload snapshots")
-        self._scratch = self.manager.store.scratch_dir("upload-")
+        self._scratch = self.manager.scratch_dir("upload-")
         self._dir = self._scratch.__enter__()
         self._upload = open(self._dir / "bundle.jckpt", "wb")
         if self.request.connection is not None:
@@ -243,7 +210,7 @@ class BundleUploadHandler(CheckpointHandler):
         self._upload.close()
         trust = self.get_query_argument("trust", "false").lower() in ("1", "true", "yes")
         with open(self._dir / "bundle.jckpt", "rb") as src:
-            record = await asyncio.to_thread(import_bundle, self.manager.store, src, trust)
+            record = await self.manager.import_bundle(src, trust)
         self.set_header("Location", url_path_join(self.base_url, "api/ckpt/snapshots", record.id))
         self.write_json(snapshot_model(record), status=201)
 
@@ -298,12 +265,12 @@ class KernelSelfHandler(CheckpointHandler):
         kernel_id = self.path_kwargs.get("kernel_id", "")
         header = self.request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        secret = self.settings["ckpt_kernel_secret"]
-        if scheme != "ckpt-kernel" or not hmac.compare_digest(token.strip(), kernel_token(secret, kernel_id)):
+        credentials = self.settings["ckpt_kernel_credentials"]
+        if scheme != "ckpt-kernel" or not credentials.verify(kernel_id, token):
             raise web.HTTPError(403, "a kernel credential for this kernel is required")
 
-    def own(self, kernel_id: str, snapshot_id: str):
-        record = self.manager.get(snapshot_id)
+    async def own(self, kernel_id: str, snapshot_id: str) -> SnapshotRecord:
+        record = await self.manager.get(snapshot_id)
         if record.kernel_id != kernel_id:
             raise errors.SnapshotNotFound(f"no snapshot with id {snapshot_id!r} of this kernel")
         return record
@@ -325,7 +292,7 @@ class KernelSelfInfoHandler(KernelSelfHandler):
 class KernelSelfSnapshotsHandler(KernelSelfHandler):
     @translate_errors
     async def get(self, kernel_id: str) -> None:
-        self.write_json([snapshot_model(r) for r in self.manager.store.list(kernel_id=kernel_id)])
+        self.write_json([snapshot_model(r) for r in await self.manager.list_snapshots(kernel_id=kernel_id)])
 
     @translate_errors
     async def post(self, kernel_id: str) -> None:
@@ -336,7 +303,7 @@ class KernelSelfSnapshotsHandler(KernelSelfHandler):
 class KernelSelfSnapshotHandler(KernelSelfHandler):
     @translate_errors
     async def get(self, kernel_id: str, snapshot_id: str) -> None:
-        self.write_json(snapshot_model(self.own(kernel_id, snapshot_id)))
+        self.write_json(snapshot_model(await self.own(kernel_id, snapshot_id)))
 
 
 class KernelSelfScheduleHandler(KernelSelfHandler):

@@ -71,7 +71,7 @@ class Checkpoint:
         return f"Snapshot {self.id}: {self.memory_bytes / 2**20:.0f} MiB{frozen}"
 
 
-class KernelClient:
+class SelfClient:
     """This kernel's side of /api/ckpt/self/<kernel id>."""
 
     def __init__(self) -> None:
@@ -118,7 +118,7 @@ class KernelClient:
 
 def checkpoint(label: str = "", timeout: float = 3600.0) -> Checkpoint:
     """Snapshot this kernel and return once the snapshot is stored."""
-    client = KernelClient()
+    client = SelfClient()
     snap = client.call("POST", "/snapshots", {"label": label})
     deadline = time.monotonic() + timeout
     try:
@@ -136,7 +136,9 @@ def checkpoint(label: str = "", timeout: float = 3600.0) -> Checkpoint:
             raise
         # Only a copy restored as a new kernel resumes here without a server to
         # ask: the snapshot it was restored from is the one being taken.
-        return Checkpoint(id=snap["id"], label=snap.get("label") or "", restored=True, memory_bytes=0, freeze_seconds=None)
+        return Checkpoint(
+            id=snap["id"], label=snap.get("label") or "", restored=True, memory_bytes=0, freeze_seconds=None
+        )
     # A restored copy goes on only once the notebook is connected to it again:
     # what it prints before would be lost.
     while not me.get("settled", True) and time.monotonic() < deadline:
@@ -156,19 +158,22 @@ def _checkpoint_magic(line: str) -> Checkpoint | None:
     words = line.split()
     try:
         if words[:1] == ["list"]:
-            for s in KernelClient().call("GET", "/snapshots"):
+            for s in SelfClient().call("GET", "/snapshots"):
                 size = f"{(s.get('memory_bytes') or 0) / 2**20:.0f} MiB"
-                print(f"{s['id']}  {s['created'][:19]}  {s['trigger']:6}  {s['status']:8}  {size:>9}  {s.get('label') or ''}")
+                print(
+                    f"{s['id']}  {s['created'][:19]}  {s['trigger']:6}  {s['status']:8}  {size:>9}  {s.get('label') or ''}"
+                )
             return None
         if words[:1] == ["auto"]:
             if len(words) != 2:
                 print("usage: %checkpoint auto <seconds> | %checkpoint auto off")
                 return None
             body = {"enabled": False} if words[1] == "off" else {"enabled": True, "interval_seconds": float(words[1])}
-            sched = KernelClient().call("PUT", "/schedule", body)
+            sched = SelfClient().call("PUT", "/schedule", body)
             print(
                 f"auto-backup every {sched['interval_seconds']:g} s, keeping {sched['keep']}"
-                if sched["enabled"] else "auto-backup off"
+                if sched["enabled"]
+                else "auto-backup off"
             )
             return None
         cp = checkpoint(line.strip())

@@ -15,146 +15,51 @@ Each kernel runs as::
 - no ``JPY_PARENT_PID``: ipykernel's parent poller would kill a restored kernel
   because its parent changed.
 
-After a restore the kernel's root process is a child of the server (CRIU's
-``rst_sibling``), adopted here through :meth:`adopt`, so interrupt, restart and
-shutdown keep working exactly as before.
+A kernel that comes from a snapshot (a fork, or a kernel started again after a
+server restart to restore into) is started with ``start_kernel(ckpt_plan=
+LaunchPlan(...))``. After a restore the kernel's root process is a child of the
+server, adopted here through :meth:`adopt`, so interrupt, restart and shutdown
+keep working exactly as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import os
 import shutil
-import signal
 import subprocess
-import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
-from traitlets import Bool, List, Unicode
+from traitlets import Bool, List, Type, Unicode
 
+from .credentials import KernelCredentials
 from .forknet import ForkNetwork
+from .kernel_tree import KernelStdio, KernelTree, RestoredProcess, RestoredTree
 
-
-def kernel_token(secret: bytes, kernel_id: str) -> str:
-    """The credential of one kernel: valid for /api/ckpt/self/<that kernel> only."""
-    return hmac.new(secret, f"jupyter-ckpt kernel {kernel_id}".encode(), hashlib.sha256).hexdigest()
-
-
-def _copy_until_eof(src: int, dst: int) -> None:
-    """Copy a kernel's output to the server's own fd, as a stock kernel writes there.
-
-    Ends at EOF, when every process holding the pipe's write end is gone.
-    """
-    try:
-        while chunk := os.read(src, 65536):
-            try:
-                while chunk:
-                    chunk = chunk[os.write(dst, chunk):]
-            except OSError:
-                pass  # the server's output is gone; keep draining so the kernel never blocks
-    finally:
-        os.close(src)
-
-
-class KernelStdio:
-    """Pipes for a kernel's stdout and stderr, copied to the server's own streams."""
-
-    def __init__(self) -> None:
-        self.write_fds: dict[str, int] = {}
-        self.keys: dict[str, str] = {}  # stream -> CRIU's name of the pipe
-        for name, target_fd in (("stdout", 1), ("stderr", 2)):
-            r, w = os.pipe()
-            self.write_fds[name] = w
-            self.keys[name] = f"pipe:[{os.fstat(w).st_ino}]"
-            threading.Thread(target=_copy_until_eof, args=(r, target_fd), daemon=True, name=f"kernel-{name}").start()
-
-    def close_write_ends(self) -> None:
-        """Once the kernel holds them, the server must not: EOF comes when it dies."""
-        for fd in self.write_fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.write_fds = {}
-
-    @contextmanager
-    def inheritable(self) -> Iterator[None]:
-        """Make the write ends inheritable for the duration of a CRIU restore."""
-        for fd in self.write_fds.values():
-            os.set_inheritable(fd, True)
-        try:
-            yield
-        finally:
-            for fd in self.write_fds.values():
-                os.set_inheritable(fd, False)
-
-
-class RestoredProcess:
-    """The subset of ``subprocess.Popen`` that the provisioner uses, for a restored
-    kernel: a child of this process that CRIU created, not ``Popen``."""
-
-    stdin = stdout = stderr = None
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def _reap(self, flags: int) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, flags)
-            except ChildProcessError:
-                self.returncode = -signal.SIGKILL  # already reaped elsewhere
-            else:
-                if pid:
-                    self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def poll(self) -> int | None:
-        return self._reap(os.WNOHANG)
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        return self._reap(0)
-
-    def send_signal(self, signum: int) -> None:
-        if self.returncode is None:
-            os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
+PLAN_ARGUMENT = "ckpt_plan"  # the start_kernel keyword that carries a LaunchPlan
+ZMQ_PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 
 @dataclass
-class KernelTree:
-    """What CRIU needs to know of a running kernel."""
+class LaunchPlan:
+    """How a kernel about to start comes from a snapshot.
 
-    init_pid: int  # host pid of the namespace's init: the root of the dump
-    stdio: KernelStdio
-    restored_from: str | None = None  # snapshot id, after a restore
-    network: ForkNetwork | None = None  # a fork's own network namespace
-
-
-@dataclass
-class ForkPlan:
-    """How to bring up a kernel from a snapshot instead of launching its command.
-
-    ``restore`` (blocking, run in a worker thread) restores the snapshot's tree
-    into ``network`` and returns its root pid and stdio; the kernel listens at
-    ``network.kernel_address`` on the snapshot's ports, with the snapshot's key.
+    The kernel listens with the snapshot's ports and key (``connection``). With
+    ``restore`` (a fork), the snapshot's tree is restored (blocking, in a worker
+    thread) into ``network`` instead of launching the kernel's command; without
+    it, the command is launched and the caller restores over it. A plan is used
+    once: a later restart of the kernel starts it afresh.
     """
 
     snapshot_id: str
     connection: dict[str, Any]
-    network: ForkNetwork
-    restore: Callable[[], tuple[int, KernelStdio]]
+    network: ForkNetwork | None = None
+    restore: Callable[[], RestoredTree] | None = None
+    used: bool = False
 
 
 class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
@@ -175,17 +80,17 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         "instead of starting it the stock way (then it cannot be snapshotted).",
     )
 
-    # Set by the server extension: where a kernel reaches its server, and the
-    # secret its per-kernel credentials are derived from (see kernel_token).
-    server_url: Any = staticmethod(lambda: "")  # read at each launch: the port may change at start-up
-    server_url_file: str = ""  # where the current server's URL is kept, for kernels restored later
-    token_secret: bytes = b""
-
-    # kernel id -> connection info of a snapshot, for a kernel started again
-    # to be restored into (recovery after a server restart).
-    recovering: dict[str, dict[str, Any]] = {}
-    # kernel id -> how to restore it, for a kernel that is a snapshot's fork.
-    forking: dict[str, ForkPlan] = {}
+    server_url_file = Unicode(
+        "",
+        config=True,
+        help="File holding the current URL of the server, for the magic in kernels (set by the server extension).",
+    )
+    credentials_secret_file = Unicode(
+        "", config=True, help="The kernel credentials' secret (set by the server extension)."
+    )
+    credentials_class = Type(
+        KernelCredentials, config=True, help="Issues the kernels' credentials (set by the server extension)."
+    )
 
     tree: KernelTree | None = None
     not_checkpointable_reason: str = ""
@@ -193,22 +98,45 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
 
     # -- launch -----------------------------------------------------------------
 
+    _plan: LaunchPlan | None = None
+
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        fork = type(self).forking.get(self.kernel_id)
-        info = fork.connection if fork else type(self).recovering.get(self.kernel_id)
+        plan = kwargs.pop(PLAN_ARGUMENT, None)
+        self._plan = plan if plan is not None and not plan.used else None
         km = self.parent
-        if info and km is not None:
+        if self._plan is not None and km is not None:
+            self._plan.used = True
+            info = self._plan.connection
             # Listen where the snapshot's process listens, with its key: the
             # restored process replaces this one right after it starts.
             # (A fork listens elsewhere, at its namespace's address: launch_kernel
             # says so. jupyter_client only accepts local addresses here.)
-            km.transport, km.ip = info["transport"], "127.0.0.1" if fork else info["ip"]
-            for name in ("shell_port", "iopub_port", "stdin_port", "hb_port", "control_port"):
+            km.transport, km.ip = info["transport"], "127.0.0.1" if self._plan.restore else info["ip"]
+            for name in ZMQ_PORTS:
                 setattr(km, name, info[name])
             km.session.signature_scheme = info.get("signature_scheme", km.session.signature_scheme)
             km.session.key = info["key"].encode()
             self.ports_cached = True  # LocalProvisioner would pick new ports otherwise
         return await super().pre_launch(**kwargs)
+
+    def _kernel_env(self, env: dict[str, str], kernel_id: str) -> dict[str, str]:
+        """The variables through which the magic reaches this server as this kernel."""
+        env = dict(env)
+        env.pop("JPY_PARENT_PID", None)
+        if self.server_url_file and self.credentials_secret_file and kernel_id:
+            try:
+                with open(self.server_url_file) as f:
+                    url = f.read().strip()
+            except OSError:
+                url = ""
+            credentials = self.credentials_class(self.credentials_secret_file)
+            env.update(
+                JUPYTER_CKPT_URL=url,
+                JUPYTER_CKPT_URL_FILE=self.server_url_file,
+                JUPYTER_CKPT_KERNEL_ID=kernel_id,
+                JUPYTER_CKPT_KERNEL_TOKEN=credentials.token(kernel_id),
+            )
+        return env
 
     def _isolation_commands(self) -> tuple[list[str] | None, str]:
         unshare, setsid, tini = shutil.which(self.unshare_path), shutil.which("setsid"), shutil.which(self.tini_path)
@@ -218,9 +146,9 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         return [unshare, "--pid", "--fork", setsid, tini, *self.init_args, "--"], ""  # type:ignore[list-item]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
-        fork = type(self).forking.get(self.kernel_id)
-        if fork is not None:
-            return await self._launch_fork(fork, kwargs)
+        plan, self._plan = self._plan, None
+        if plan is not None and plan.restore is not None:
+            return await self._launch_fork(plan, kwargs)
         prefix, reason = self._isolation_commands()
         if prefix is None:
             if self.require_isolation:
@@ -229,23 +157,19 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
             self.not_checkpointable_reason = reason
             return await super().launch_kernel(cmd, **kwargs)
 
-        env = dict(kwargs.get("env") or os.environ)
-        env.pop("JPY_PARENT_PID", None)
         kernel_id = kwargs.get("kernel_id") or getattr(self, "kernel_id", "")
-        server_url = type(self).server_url()
-        if server_url and self.token_secret and kernel_id:
-            # A credential for this kernel's own snapshots only (the magic).
-            env.update(
-                JUPYTER_CKPT_URL=server_url,
-                JUPYTER_CKPT_URL_FILE=self.server_url_file,
-                JUPYTER_CKPT_KERNEL_ID=kernel_id,
-                JUPYTER_CKPT_KERNEL_TOKEN=kernel_token(self.token_secret, kernel_id),
-            )
-            if any("ipykernel" in part for part in cmd):
-                cmd = [*cmd, "--ext=jupyter_ckpt.magic"]
+        env = self._kernel_env(kwargs.get("env") or dict(os.environ), kernel_id)
+        if "JUPYTER_CKPT_KERNEL_TOKEN" in env and any("ipykernel" in part for part in cmd):
+            cmd = [*cmd, "--ext=jupyter_ckpt.magic"]
         stdio = KernelStdio()
         # independent: jupyter_client then sets no JPY_PARENT_PID (see module doc).
-        kwargs.update(env=env, independent=True, stdin=subprocess.DEVNULL, stdout=stdio.write_fds["stdout"], stderr=stdio.write_fds["stderr"])
+        kwargs.update(
+            env=env,
+            independent=True,
+            stdin=subprocess.DEVNULL,
+            stdout=stdio.write_fds["stdout"],
+            stderr=stdio.write_fds["stderr"],
+        )
         try:
             info = await super().launch_kernel(prefix + list(cmd), **kwargs)
         finally:
@@ -253,13 +177,14 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         self.tree = KernelTree(init_pid=await self._namespace_init(self.process.pid), stdio=stdio)
         return info
 
-    async def _launch_fork(self, fork: ForkPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
+    async def _launch_fork(self, plan: LaunchPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Restore the snapshot's processes as this kernel's, in the fork's namespace."""
-        pid, stdio = await asyncio.to_thread(fork.restore)
-        self.adopt(pid, stdio, fork.snapshot_id, fork.network)
+        assert plan.restore is not None and plan.network is not None
+        tree = await asyncio.to_thread(plan.restore)
+        self.adopt(tree.pid, tree.stdio, plan.snapshot_id, plan.network)
         self.cwd = kwargs.get("cwd") or os.getcwd()
-        key = fork.connection["key"]
-        return {**self.connection_info, **fork.connection, "ip": fork.network.kernel_address, "key": key.encode()}
+        key = plan.connection["key"]
+        return {**self.connection_info, **plan.connection, "ip": plan.network.kernel_address, "key": key.encode()}
 
     async def _namespace_init(self, unshare_pid: int) -> int:
         """unshare forks the namespace's pid 1 (tini); that child is what CRIU dumps."""

@@ -19,6 +19,9 @@ from typing import Any
 from .errors import CheckpointError, InvalidRequest
 from .manager import CheckpointManager
 
+MAX_INTERVAL = 366 * 86400.0  # a year: also keeps NaN and infinities out (they fail every comparison)
+MAX_KEEP = 100_000
+
 
 @dataclass
 class Schedule:
@@ -30,17 +33,22 @@ class Schedule:
         return asdict(self)
 
     @classmethod
-    def parse(cls, body: dict[str, Any], current: "Schedule") -> "Schedule":
+    def parse(cls, body: dict[str, Any], current: Schedule) -> Schedule:
         unknown = set(body) - {"enabled", "interval_seconds", "keep"}
         if unknown:
             raise InvalidRequest(f"unknown schedule fields: {', '.join(sorted(unknown))}")
         merged = {**current.to_json(), **body}
         if not isinstance(merged["enabled"], bool):
             raise InvalidRequest("enabled must be true or false")
-        if not isinstance(merged["interval_seconds"], (int, float)) or merged["interval_seconds"] < 1:
-            raise InvalidRequest("interval_seconds must be a number of at least 1")
-        if not isinstance(merged["keep"], int) or merged["keep"] < 1:
-            raise InvalidRequest("keep must be a whole number of at least 1")
+        interval = merged["interval_seconds"]
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 1 <= interval <= MAX_INTERVAL:
+            raise InvalidRequest(f"interval_seconds must be a number from 1 to {MAX_INTERVAL:g}")
+        if (
+            isinstance(merged["keep"], bool)
+            or not isinstance(merged["keep"], int)
+            or not 1 <= merged["keep"] <= MAX_KEEP
+        ):
+            raise InvalidRequest(f"keep must be a whole number from 1 to {MAX_KEEP}")
         return cls(merged["enabled"], float(merged["interval_seconds"]), merged["keep"])
 
 
@@ -80,8 +88,13 @@ class AutoBackup:
         schedule = Schedule.parse(body, self.get(kernel_id))
         self._schedules[kernel_id] = schedule
         self._state.setdefault(kernel_id, _KernelState(time.monotonic()))
-        self.manager.emit_plain({"action": "schedule_changed", "kernel_id": kernel_id,
-                                 "message": f"enabled={schedule.enabled} every {schedule.interval_seconds:g} s, keep {schedule.keep}"})
+        self.manager.publish(
+            {
+                "action": "schedule_changed",
+                "kernel_id": kernel_id,
+                "message": f"enabled={schedule.enabled} every {schedule.interval_seconds:g} s, keep {schedule.keep}",
+            }
+        )
         return schedule
 
     def forget(self, kernel_id: str) -> None:
@@ -111,12 +124,12 @@ class AutoBackup:
 
     def run_due(self) -> None:
         now = time.monotonic()
-        for kernel_id in list(self.manager.kernel_manager.list_kernel_ids()):
+        for kernel_id in self.manager.kernel_ids():
             schedule = self._schedules.get(kernel_id, self.default)
             state = self._state.setdefault(kernel_id, _KernelState(now))
             if not schedule.enabled or now - state.last_time < schedule.interval_seconds:
                 continue
-            activity = self.manager.activity.get(kernel_id)
+            activity = self.manager.activity_of(kernel_id)
             idle = activity.execution_state == "idle"
             if state.was_idle and idle and activity.executions_seen == state.executions_seen:
                 state.last_time = now  # nothing can have changed: skip, look again next interval
@@ -136,7 +149,7 @@ class AutoBackup:
                 self.log.info("jupyter_ckpt: auto-backup of kernel %s skipped: %s", kernel_id, e)
                 return
             state.was_idle, state.executions_seen = idle, seen
-            pruned = await asyncio.to_thread(self.manager.store.prune, kernel_id=kernel_id, keep_auto=schedule.keep)
+            pruned = await self.manager.prune(kernel_id=kernel_id, keep_auto=schedule.keep)
             for snapshot_id in pruned:
-                self.manager.emit_plain({"action": "pruned", "snapshot_id": snapshot_id, "kernel_id": kernel_id})
+                self.manager.publish({"action": "pruned", "snapshot_id": snapshot_id, "kernel_id": kernel_id})
             self.log.info("jupyter_ckpt: auto-backup %s of kernel %s (%d pruned)", record.id, kernel_id, len(pruned))

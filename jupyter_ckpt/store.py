@@ -1,4 +1,4 @@
-"""Snapshot records and the versioned store that keeps them.
+"""The versioned store of snapshots (records: records.py).
 
 Layout of a store (directories 0700, files 0600: a snapshot holds all of a
 kernel's memory, secrets included)::
@@ -21,95 +21,27 @@ on a directory.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import os
-import re
-import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 
 from . import manifest
-from .chunks import ChunkStore, StoredFile, _is_local, file_digest, map_file, write_private_atomic
-from .errors import InvalidRequest, SnapshotNotFound, SnapshotNotRestorable
+from .chunks import ChunkStore, StoredFile, is_local
+from .errors import SnapshotNotFound, SnapshotNotRestorable
+from .image_cache import ImageCache
+from .private_files import load_or_create_key, private_dir, write_private_atomic
+from .records import SNAPSHOT_ID, SnapshotRecord, check_snapshot_id
 
-
-# Crockford's base32: ids sort by creation time as plain strings (ULID layout:
-# 48 bits of milliseconds, then 80 random bits).
-_B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-_KERNEL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # Images of the latest snapshots kept next to the store, for quick restores.
 DEFAULT_IMAGE_CACHE_BYTES = 8 << 30
-
-STATUSES = ("pending", "dumping", "storing", "complete", "failed")
-INTERNAL_FIELDS = ("stdio_keys", "connection")
-
-
-def new_snapshot_id(now: float | None = None) -> str:
-    ms = int((time.time() if now is None else now) * 1000)
-    value = (ms << 80) | secrets.randbits(80)
-    return "".join(_B32[(value >> shift) & 31] for shift in range(125, -1, -5))
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass
-class SnapshotRecord:
-    """One snapshot of one kernel, as listed and returned by the API."""
-
-    id: str
-    kernel_id: str
-    kernel_name: str = ""
-    path: str | None = None  # notebook path, when the server knows it
-    label: str = ""
-    trigger: str = "manual"  # manual, magic or auto
-    parent_id: str | None = None
-    created: str = field(default_factory=_now_iso)
-    status: str = "pending"
-    error: str | None = None
-    memory_bytes: int = 0
-    stored_bytes: int = 0
-    freeze_seconds: float | None = None
-    total_seconds: float | None = None
-    execution_count: int | None = None
-    criu_version: str | None = None
-    # Engine data needed to restore: CRIU's names of the pipes that carried the
-    # kernel's stdout/stderr, re-attached to fresh pipes on restore.
-    stdio_keys: dict[str, str] = field(default_factory=dict)
-    # The kernel's ports and message key (secret: never in the API), so that a
-    # kernel gone since can be started again with what the snapshot listens on.
-    connection: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def restorable(self) -> bool:
-        return self.status == "complete"
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def public_json(self) -> dict[str, Any]:
-        """The API's model: without the engine's data and the kernel's key."""
-        data = self.to_json()
-        for name in INTERNAL_FIELDS:
-            data.pop(name, None)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "SnapshotRecord":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class SnapshotStore:
@@ -119,7 +51,8 @@ class SnapshotStore:
 
     A snapshot is restorable only once its manifest is written, after its
     chunks: a crash at any moment leaves no half snapshot listed as complete,
-    and at worst chunks that ``gc`` reclaims.
+    and at worst chunks that ``gc`` reclaims. Every call blocks: the server
+    runs them in worker threads.
     """
 
     def __init__(
@@ -131,13 +64,11 @@ class SnapshotStore:
         image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES,
     ):
         self.url = str(url)
-        self.image_cache_bytes = image_cache_bytes
         self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.root = root.rstrip("/")
-        local = _is_local(self.fs)
+        local = is_local(self.fs)
         if local:
-            Path(self.root).mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.root, 0o700)
+            private_dir(self.root)
         if state_dir is None:
             if not local:
                 raise ValueError("a store on a remote backend needs a local state_dir")
@@ -146,38 +77,31 @@ class SnapshotStore:
         # The key must not live in the store: write access to the store alone
         # must not be enough to forge a snapshot.
         self.key_path = Path(key_path) if key_path else Path(f"{self.root if local else self.state}.key")
-        for d in (self.state, self.state / "records", self.state / "staging", self.state / "images", self.state / "tmp"):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(d, 0o700)
-        self.key = manifest.load_or_create_key(self.key_path)
+        for d in (self.state, self.state / "records", self.state / "staging", self.state / "tmp"):
+            private_dir(d)
+        self.key = load_or_create_key(self.key_path)
         self.chunks = ChunkStore(self.fs, self.root, self.state / "cache")
         self.chunks.makedirs("manifests")
+        self.kept_images = ImageCache(self.state / "images", image_cache_bytes)
 
     @property
     def backend(self) -> str:
         """'local', or the fsspec protocol of a remote store ('s3', ...)."""
-        if _is_local(self.fs):
+        if self.chunks.local:
             return "local"
         protocol = self.fs.protocol
         return protocol if isinstance(protocol, str) else protocol[0]
 
     # -- paths --------------------------------------------------------------------
 
-    @staticmethod
-    def _check_id(snapshot_id: str) -> str:
-        # Ids come from URLs: never let one name a path outside the store.
-        if not _ID.match(snapshot_id or ""):
-            raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
-        return snapshot_id
-
     def _manifest_path(self, snapshot_id: str) -> str:
-        return f"{self.root}/manifests/{self._check_id(snapshot_id)}.manifest"
+        return f"{self.root}/manifests/{check_snapshot_id(snapshot_id)}.manifest"
 
     def _record_path(self, snapshot_id: str) -> Path:
-        return self.state / "records" / f"{self._check_id(snapshot_id)}.json"
+        return self.state / "records" / f"{check_snapshot_id(snapshot_id)}.json"
 
     def staging_dir(self, snapshot_id: str) -> Path:
-        return self.state / "staging" / self._check_id(snapshot_id)
+        return self.state / "staging" / check_snapshot_id(snapshot_id)
 
     # -- records ------------------------------------------------------------------
 
@@ -191,7 +115,7 @@ class SnapshotStore:
     def save(self, record: SnapshotRecord) -> None:
         """Pending and failed records: a local file. Complete ones: re-sign the manifest."""
         if record.status == "complete":
-            _, files = self._read_manifest(record.id)
+            _, files = self.read_manifest(record.id)
             self._write_manifest(record, files)
         else:
             write_private_atomic(self._record_path(record.id), json.dumps(record.to_json(), indent=1).encode())
@@ -209,9 +133,22 @@ class SnapshotStore:
         if started is not None:
             done.total_seconds = round(time.monotonic() - started, 4)
         self._write_manifest(done, files)
-        self._keep_images(done, staging)
+        self.kept_images.keep(done, staging)
         self._record_path(record.id).unlink(missing_ok=True)
         return done
+
+    def commit_imported(self, record: SnapshotRecord, directory: Path, expected: list[StoredFile]) -> SnapshotRecord:
+        """Store the verified files of an imported snapshot (in ``directory``),
+        whose chunks must be exactly ``expected``, and sign its manifest here."""
+        files, stats = self.chunks.put_files(directory)
+        if [f.chunks for f in files] != [f.chunks for f in expected]:
+            raise SnapshotNotRestorable("bundle: its files do not match its manifest")
+        record.stored_bytes = stats.new_bytes
+        self._write_manifest(record, files)
+        return record
+
+    def exists(self, snapshot_id: str) -> bool:
+        return self.fs.exists(self._manifest_path(snapshot_id)) or self._record_path(snapshot_id).exists()
 
     def fail(self, record: SnapshotRecord, reason: str) -> None:
         """Keep the record with its reason; drop whatever images were written."""
@@ -219,34 +156,75 @@ class SnapshotStore:
         record.status, record.error = "failed", reason
         self.save(record)
 
+    def relabel(self, snapshot_id: str, label: str) -> SnapshotRecord:
+        """Change a snapshot's label; a damaged one is refused (nothing written)."""
+        if self.fs.exists(self._manifest_path(snapshot_id)):
+            record, files = self.read_manifest(snapshot_id)
+            record.label = label
+            self._write_manifest(record, files)
+            return record
+        path = self._record_path(snapshot_id)
+        if not path.exists():
+            raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
+        record = self._read_record(path)
+        record.label = label
+        self.save(record)
+        return record
+
     def _write_manifest(self, record: SnapshotRecord, files: list[StoredFile]) -> None:
         data = manifest.encode(record.to_json(), files, self.key)
-        self.chunks._write_atomic(f"manifests/{record.id}.manifest", data)
+        self.chunks.write_atomic(f"manifests/{record.id}.manifest", data)
 
-    def _read_manifest(self, snapshot_id: str) -> tuple[SnapshotRecord, list[StoredFile]]:
+    def manifest_bytes(self, snapshot_id: str) -> bytes:
+        """The signed manifest as stored (a bundle carries it as is)."""
         try:
-            data = self.fs.cat_file(self._manifest_path(snapshot_id))
+            return self.fs.cat_file(self._manifest_path(snapshot_id))
         except FileNotFoundError:
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}") from None
+        except OSError as e:  # a directory in its place, unreadable, ...
+            raise SnapshotNotRestorable(f"the manifest of snapshot {snapshot_id} cannot be read: {e}") from None
+
+    def read_manifest(self, snapshot_id: str) -> tuple[SnapshotRecord, list[StoredFile]]:
+        """The verified record and files of a committed snapshot."""
+        data = self.manifest_bytes(snapshot_id)
         fields_, files = manifest.decode(data, self.key, name=f"the manifest of snapshot {snapshot_id}")
         return SnapshotRecord.from_json(fields_), files
 
+    def read_chunks(self, stored: StoredFile) -> Iterator[memoryview]:
+        """A stored file's bytes, chunk by chunk, each verified."""
+        return self.chunks.read_file(stored)
+
+    @staticmethod
+    def _read_record(path: Path) -> SnapshotRecord:
+        try:
+            return SnapshotRecord.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, TypeError) as e:
+            raise SnapshotNotRestorable(f"the record {path.name} cannot be read: {e}") from None
+
     def get(self, snapshot_id: str) -> SnapshotRecord:
+        """Any snapshot; one whose manifest cannot be read or verified is
+        returned as failed, with the reason."""
         path = self._manifest_path(snapshot_id)
         if self.fs.exists(path):
             try:
-                return self._read_manifest(snapshot_id)[0]
+                return self.read_manifest(snapshot_id)[0]
             except SnapshotNotRestorable as e:
                 return SnapshotRecord(id=snapshot_id, kernel_id="", status="failed", error=str(e))
         try:
-            return SnapshotRecord.from_json(json.loads(self._record_path(snapshot_id).read_text()))
+            return self._read_record(self._record_path(snapshot_id))
         except FileNotFoundError:
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}") from None
+        except SnapshotNotRestorable as e:
+            return SnapshotRecord(id=snapshot_id, kernel_id="", status="failed", error=str(e))
 
     def ids(self) -> list[str]:
-        committed = {os.path.basename(p)[: -len(".manifest")] for p in self.chunks.ls("manifests") if p.endswith(".manifest")}
+        committed = {
+            os.path.basename(p)[: -len(".manifest")] for p in self.chunks.ls("manifests") if p.endswith(".manifest")
+        }
         local = {p.stem for p in (self.state / "records").glob("*.json")}
-        return sorted((i for i in committed | local if _ID.match(i)), reverse=True)
+        return sorted((i for i in committed | local if SNAPSHOT_ID.match(i)), reverse=True)
 
     def list(self, kernel_id: str | None = None, path: str | None = None) -> list[SnapshotRecord]:
         """Newest first."""
@@ -254,7 +232,7 @@ class SnapshotStore:
         for snapshot_id in self.ids():
             try:
                 rec = self.get(snapshot_id)
-            except (SnapshotNotFound, ValueError):
+            except SnapshotNotFound:
                 continue  # deleted meanwhile
             if kernel_id and rec.kernel_id != kernel_id:
                 continue
@@ -267,15 +245,20 @@ class SnapshotStore:
         found = False
         path = self._manifest_path(snapshot_id)
         if self.fs.exists(path):
-            self.fs.rm_file(path)
+            if self.fs.isdir(path):
+                self.fs.rm(path, recursive=True)
+            else:
+                self.fs.rm_file(path)
             found = True
         record = self._record_path(snapshot_id)
-        if record.exists():
-            record.unlink()
+        if record.exists() or record.is_symlink():
+            if record.is_dir() and not record.is_symlink():
+                shutil.rmtree(record)
+            else:
+                record.unlink()
             found = True
         shutil.rmtree(self.staging_dir(snapshot_id), ignore_errors=True)
-        for kept in (self.state / "images").glob(f"*/{snapshot_id}"):
-            shutil.rmtree(kept, ignore_errors=True)
+        self.kept_images.drop(snapshot_id)
         if not found:
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
 
@@ -283,18 +266,19 @@ class SnapshotStore:
         """After a crash or restart: snapshots left dumping or storing are failed."""
         failed = []
         for p in (self.state / "records").glob("*.json"):
-            rec = SnapshotRecord.from_json(json.loads(p.read_text()))
+            try:
+                rec = self._read_record(p)
+            except (OSError, SnapshotNotRestorable):
+                continue  # listed as failed, with the reason
             if rec.status in ("pending", "dumping", "storing"):
                 self.fail(rec, "the server stopped before this snapshot was stored")
                 failed.append(rec.id)
         for d in (self.state / "staging").iterdir():
-            if not _ID.match(d.name) or not self._record_path(d.name).exists():
+            if not SNAPSHOT_ID.match(d.name) or not self._record_path(d.name).exists():
                 shutil.rmtree(d, ignore_errors=True)
         for part in (self.state / "cache").glob("*.part"):
             part.unlink()  # a pack cut short before its upload
-        for d in (self.state / "images").glob("*/*"):
-            if not _ID.match(d.name) or not self.fs.exists(self._manifest_path(d.name)):
-                shutil.rmtree(d, ignore_errors=True)  # kept for a snapshot deleted meanwhile
+        self.kept_images.drop_unless(lambda snapshot_id: self.fs.exists(self._manifest_path(snapshot_id)))
         return failed
 
     # -- restore ------------------------------------------------------------------
@@ -303,65 +287,10 @@ class SnapshotStore:
         """Write the snapshot's images into ``dest``, every byte verified:
         linked from the local copy kept at commit when it still matches the
         manifest's digests, else assembled from the store's chunks."""
-        record, files = self._read_manifest(snapshot_id)
-        if not self._link_kept_images(record, files, dest):
+        record, files = self.read_manifest(snapshot_id)
+        if not self.kept_images.link(record, files, dest):
             self.chunks.materialize(files, dest)
         return record
-
-    # -- local copies of the latest images --------------------------------------------
-
-    def _images_dir(self, record: SnapshotRecord) -> Path | None:
-        if not _KERNEL_ID.match(record.kernel_id or ""):
-            return None  # not a kernel id this server made: never a path
-        return self.state / "images" / record.kernel_id / self._check_id(record.id)
-
-    def _keep_images(self, record: SnapshotRecord, staging: Path) -> None:
-        """Keep a committed snapshot's staged images (a rename) in place of
-        the kernel's previous ones, then drop the oldest kept images beyond
-        ``image_cache_bytes``. One copy per kernel: restores mostly go back
-        to the latest snapshot, and the memory the previous copy held in the
-        page cache serves the next snapshot's dump."""
-        target = self._images_dir(record)
-        if target is None or self.image_cache_bytes <= 0 or _dir_bytes(staging) > self.image_cache_bytes:
-            shutil.rmtree(staging, ignore_errors=True)
-            return
-        for image in staging.iterdir():
-            image.chmod(0o600)  # CRIU writes them 0644 (in a private directory)
-            _start_writeback(image)
-        for previous in target.parent.glob("*"):
-            shutil.rmtree(previous, ignore_errors=True)
-        target.parent.mkdir(mode=0o700, exist_ok=True)
-        os.rename(staging, target)
-        kept = sorted((d for d in (self.state / "images").glob("*/*") if _ID.match(d.name)), key=lambda d: d.name)
-        sizes = [_dir_bytes(d) for d in kept]
-        total = sum(sizes)
-        for d, size in zip(kept, sizes):  # oldest first: ids sort by time
-            if total <= self.image_cache_bytes:
-                break
-            total -= size
-            shutil.rmtree(d, ignore_errors=True)
-
-    def _link_kept_images(self, record: SnapshotRecord, files: list[StoredFile], dest: Path) -> bool:
-        """Hard-link the kept images into ``dest`` if every file is there and
-        matches its digest in the (verified) manifest. A restore may rewrite
-        files in ``dest``, always by replacing them: the kept copy stays as is.
-        A copy that does not match is dropped; the caller uses the chunks."""
-        kept = self._images_dir(record)
-        if kept is None or not kept.is_dir():
-            return False
-        try:
-            for stored in files:
-                path = kept / stored.name
-                if not stored.digest or path.stat().st_size != stored.size or file_digest(map_file(path)) != stored.digest:
-                    raise ValueError(f"{path} does not match the snapshot's manifest")
-            for stored in files:
-                os.link(kept / stored.name, dest / stored.name)
-        except (OSError, ValueError):
-            shutil.rmtree(kept, ignore_errors=True)
-            for stored in files:
-                (dest / stored.name).unlink(missing_ok=True)
-            return False
-        return True
 
     # -- space --------------------------------------------------------------------
 
@@ -398,7 +327,7 @@ class SnapshotStore:
         for snapshot_id in self.ids():
             if self.fs.exists(self._manifest_path(snapshot_id)):
                 try:
-                    _, files = self._read_manifest(snapshot_id)
+                    _, files = self.read_manifest(snapshot_id)
                 except SnapshotNotRestorable:
                     continue  # a damaged manifest protects nothing
                 referenced.update(h for f in files for h in f.chunks)
@@ -422,36 +351,3 @@ class SnapshotStore:
 
     def close(self) -> None:
         self.chunks.close()
-
-
-def _start_writeback(path: Path) -> None:
-    """Have the kernel start writing a file's dirty pages to disk now, in the
-    background, rather than during the next snapshot's freeze, where the
-    writeback competes with CRIU. The pages stay cached (sync_file_range)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _libc().sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
-    except (OSError, AttributeError):
-        pass  # not Linux's libc: the kernel writes them back in its own time
-    finally:
-        os.close(fd)
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _dir_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
-
-
-def validate_label(label: Any) -> str:
-    if label is None:
-        return ""
-    if not isinstance(label, str) or len(label) > 200 or any(c in label for c in "\n\r\0"):
-        raise InvalidRequest("label must be a single line of at most 200 characters")
-    return label.strip()

@@ -4,19 +4,32 @@ that talks to them the way the notebook frontend does."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import uuid
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
-from tornado.httpclient import HTTPClientError
+
+from .client import SNAPSHOT_EVENTS, EventRecorder, KernelSocket, api
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="CRIU needs root")
+# Tests of modules that run CRIU set ``pytestmark = pytest.mark.criu``; those
+# that start server processes of their own add ``slow``, the UI's ``browser``.
+# `make test-quick` runs what has none of these.
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("criu") and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason="CRIU needs root (the suite runs as root in CI)"))
+
+
+@pytest.fixture
+def events(jp_serverapp) -> EventRecorder:
+    """The server's snapshot events, as the frontend sees them."""
+    recorder = EventRecorder()
+    jp_serverapp.event_logger.add_listener(schema_id=SNAPSHOT_EVENTS, listener=recorder.listener)
+    yield recorder
+    jp_serverapp.event_logger.remove_listener(schema_id=SNAPSHOT_EVENTS, listener=recorder.listener)
 
 
 @pytest.fixture
@@ -30,129 +43,6 @@ def jp_server_config(store_root):
         "ServerApp": {"jpserver_extensions": {"jupyter_ckpt": True}},
         "CheckpointApp": {"store_root": str(store_root)},
     }
-
-
-async def api(jp_fetch, method: str, *parts: str, body: Any = None, **params: str) -> tuple[int, Any]:
-    """Call the server as a client does; returns (status, decoded JSON or None).
-
-    Error statuses are returned, not raised, so tests assert them directly."""
-    kwargs: dict[str, Any] = {"method": method}
-    if body is not None:
-        kwargs["body"] = json.dumps(body)
-    elif method in ("POST", "PUT", "PATCH"):
-        kwargs["body"] = "{}"
-    if params:
-        kwargs["params"] = params
-    try:
-        resp = await jp_fetch(*parts, **kwargs)
-    except HTTPClientError as e:
-        resp = e.response
-        assert resp is not None, e
-    text = resp.body.decode() if resp.body else ""
-    return resp.code, (json.loads(text) if text else None)
-
-
-@dataclass
-class Execution:
-    msg_id: str
-    stdout: str = ""
-    stderr: str = ""
-    result: str | None = None
-    status: str | None = None  # of the execute_reply
-    error: str | None = None  # ename: evalue
-    idle: bool = False
-
-
-@dataclass
-class KernelSocket:
-    """The notebook's side of a kernel: one websocket through the server."""
-
-    ws: Any
-    session: str = field(default_factory=lambda: uuid.uuid4().hex)
-    runs: dict[str, Execution] = field(default_factory=dict)
-
-    async def send_execute(self, code: str) -> Execution:
-        msg_id = uuid.uuid4().hex
-        msg = {
-            "header": {
-                "msg_id": msg_id,
-                "msg_type": "execute_request",
-                "session": self.session,
-                "username": "test",
-                "version": "5.3",
-                "date": "",
-            },
-            "parent_header": {},
-            "metadata": {},
-            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False},
-            "channel": "shell",
-            "buffers": [],
-        }
-        run = self.runs[msg_id] = Execution(msg_id)
-        await self.ws.write_message(json.dumps(msg))
-        return run
-
-    async def _read_one(self, timeout: float) -> None:
-        raw = await asyncio.wait_for(self.ws.read_message(), timeout)
-        if raw is None:
-            raise ConnectionError("websocket closed")
-        msg = json.loads(raw)
-        parent = msg.get("parent_header", {}).get("msg_id")
-        run = self.runs.get(parent)
-        if run is None:
-            return
-        kind, content = msg["msg_type"], msg["content"]
-        if kind == "stream":
-            if content["name"] == "stdout":
-                run.stdout += content["text"]
-            else:
-                run.stderr += content["text"]
-        elif kind == "execute_result":
-            run.result = content["data"].get("text/plain")
-        elif kind == "error":
-            run.error = f"{content['ename']}: {content['evalue']}"
-        elif kind == "execute_reply":
-            run.status = content["status"]
-        elif kind == "status" and content["execution_state"] == "idle":
-            run.idle = True
-
-    async def wait_until(self, predicate, timeout: float = 60) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not predicate():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError("kernel did not answer in time")
-            try:
-                await self._read_one(remaining)
-            except asyncio.TimeoutError:
-                raise TimeoutError("kernel did not answer in time") from None
-
-    async def finish(self, run: Execution, timeout: float = 60) -> Execution:
-        await self.wait_until(lambda: run.status is not None and run.idle, timeout)
-        return run
-
-    async def execute(self, code: str, timeout: float = 60) -> Execution:
-        run = await self.finish(await self.send_execute(code), timeout)
-        assert run.status == "ok", f"{code!r} failed: {run.error}\n{run.stderr}"
-        return run
-
-    async def wait_ready(self, timeout: float = 60) -> None:
-        """After a restart, as a frontend does: probe until the kernel answers
-        on shell and on IOPub (messages published before its subscribers
-        reconnect are lost, with any provisioner)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            try:
-                await self.finish(await self.send_execute("None"), timeout=2)
-                return
-            except TimeoutError:
-                if loop.time() > deadline:
-                    raise
-
-    async def value(self, expr: str, timeout: float = 60) -> str | None:
-        return (await self.execute(expr, timeout)).result
 
 
 @pytest.fixture
@@ -173,32 +63,6 @@ def start_kernel(jp_fetch, jp_ws_fetch):
     return start
 
 
-async def wait_for_snapshot(jp_fetch, snapshot_id: str, timeout: float = 120) -> dict:
-    """Poll the snapshot until it is complete or failed, as a script would."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        status, model = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", snapshot_id)
-        assert status == 200, model
-        if model["status"] in ("complete", "failed") or loop.time() > deadline:
-            return model
-        await asyncio.sleep(0.05)
-
-
-async def snapshot(jp_fetch, kernel_id: str, label: str = "") -> dict:
-    status, model = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots", body={"label": label})
-    assert status == 202, model
-    model = await wait_for_snapshot(jp_fetch, model["id"])
-    assert model["status"] == "complete", model
-    return model
-
-
-async def restore(jp_fetch, snapshot_id: str, **body: Any) -> dict:
-    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snapshot_id, "restore", body={"mode": "replace", **body})
-    assert status == 200, out
-    return out
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A real S3-protocol server process (moto's server mode)."""
@@ -213,7 +77,9 @@ def s3_endpoint(tmp_path_factory):
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     # On every address: the migration tests reach it from another network namespace.
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(port)], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(port)], stdout=log, stderr=log
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:

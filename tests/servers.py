@@ -23,7 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def call(port: int, method: str, path: str, body: dict | None = None, timeout: float = 60, host: str = "127.0.0.1") -> dict:
+def call(
+    port: int, method: str, path: str, body: dict | None = None, timeout: float = 60, host: str = "127.0.0.1"
+) -> dict:
     req = urllib.request.Request(
         f"http://{host}:{port}{path}",
         data=json.dumps(body or {}).encode() if method != "GET" else None,
@@ -68,12 +70,23 @@ class Server:
         (tmp_path / "root").mkdir(exist_ok=True)
         prefix = ["ip", "netns", "exec", netns] if netns else []
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", app, "--allow-root", "--no-browser", f"--port={self.port}",
-             f"--ip={host}",
-             f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path / 'root'}",
-             "--ServerApp.jpserver_extensions=jupyter_ckpt=True",
-             *([f"--CheckpointApp.store_root={tmp_path / 'store'}"] if local_store else []), *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                app,
+                "--allow-root",
+                "--no-browser",
+                f"--port={self.port}",
+                f"--ip={host}",
+                f"--IdentityProvider.token={TOKEN}",
+                f"--ServerApp.root_dir={tmp_path / 'root'}",
+                "--ServerApp.jpserver_extensions=jupyter_ckpt=True",
+                *([f"--CheckpointApp.store_root={tmp_path / 'store'}"] if local_store else []),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime), HOME=str(tmp_path)),
         )
         for _ in range(300):
@@ -108,7 +121,8 @@ class Server:
 def value(client: BlockingKernelClient, expr: str) -> str:
     out = {}
     reply = client.execute_interactive(
-        expr, timeout=60,
+        expr,
+        timeout=60,
         output_hook=lambda m: out.update(m["content"].get("data", {})) if m["msg_type"] == "execute_result" else None,
     )
     assert reply["content"]["status"] == "ok", reply["content"]

@@ -3,44 +3,32 @@ progress and events, relabel, delete, bundle download and upload."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
+import pytest
 from tornado.httpclient import HTTPClientError
 
-from .conftest import api, needs_root, restore, snapshot, wait_for_snapshot
+from .client import api, restore, snapshot, wait_for_snapshot
 
-pytestmark = needs_root
-SCHEMA = "https://events.jupyter.org/jupyter_ckpt/snapshot/v1"
+pytestmark = pytest.mark.criu
 
 
-async def test_post_answers_202_and_progress_shows_in_get_and_events(jp_fetch, jp_serverapp, start_kernel):
-    events: list[dict] = []
-
-    async def listener(logger, schema_id, data):
-        events.append(data)
-
-    jp_serverapp.event_logger.add_listener(schema_id=SCHEMA, listener=listener)
+async def test_post_answers_202_and_progress_shows_in_get_and_events(jp_fetch, events, start_kernel):
     kernel_id, sock = await start_kernel()
     await sock.execute("import numpy as np; a = np.ones(10_000_000)")
-    resp = await jp_fetch("api", "ckpt", "kernels", kernel_id, "snapshots", method="POST", body=json.dumps({"label": "l1"}))
+    resp = await jp_fetch(
+        "api", "ckpt", "kernels", kernel_id, "snapshots", method="POST", body=json.dumps({"label": "l1"})
+    )
     assert resp.code == 202
     model = json.loads(resp.body)
     assert model["status"] == "pending" and model["label"] == "l1"
     assert resp.headers["Location"].endswith(f"/api/ckpt/snapshots/{model['id']}")
-    seen = set()
-    while True:
-        status, now = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", model["id"])
-        seen.add(now["status"])
-        if now["status"] in ("complete", "failed"):
-            break
-        await asyncio.sleep(0.01)
+    seen: set[str] = set()
+    now = await wait_for_snapshot(jp_fetch, model["id"], seen=seen)
     assert now["status"] == "complete" and now["freeze_seconds"] > 0 and now["stored_bytes"] > 0
     assert seen & {"dumping", "storing"}  # progress was visible
-    await asyncio.sleep(0.1)  # listeners run as tasks
-    actions = [e["action"] for e in events if e.get("snapshot_id") == model["id"]]
-    assert actions == ["started", "storing", "completed"]
-    completed = events[-1]
+    completed = await events.wait_for_action("completed", snapshot_id=model["id"])
+    assert events.actions(model["id"]) == ["started", "storing", "completed"]
     assert completed["memory_bytes"] > 80_000_000 and completed["freeze_seconds"] > 0
 
     # A second snapshot while one runs is refused, not queued.
@@ -59,7 +47,9 @@ async def test_relabel_and_delete(jp_fetch, jp_serverapp, start_kernel):
     assert model["label"] == "after" and model["status"] == "complete"
     status, body = await api(jp_fetch, "PATCH", "api", "ckpt", "snapshots", snap["id"], body={"kernel_id": "x"})
     assert status == 400 and "label" in body["message"]
-    status, _ = await api(jp_fetch, "PATCH", "api", "ckpt", "snapshots", "01M8G6NHZS1PKW09RTTN07H2K4", body={"label": "x"})
+    status, _ = await api(
+        jp_fetch, "PATCH", "api", "ckpt", "snapshots", "01M8G6NHZS1PKW09RTTN07H2K4", body={"label": "x"}
+    )
     assert status == 404
     status, _ = await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", snap["id"])
     assert status == 204
@@ -105,15 +95,9 @@ async def test_bundle_download_then_upload_and_restore(jp_fetch, start_kernel):
     assert (await api(jp_fetch, "GET", "api", "ckpt", "kernels", "nope"))[0] == 404
 
 
-async def test_events_for_failure_restore_delete_and_schedule(jp_fetch, jp_serverapp, start_kernel, tmp_path):
+async def test_events_for_failure_restore_delete_and_schedule(jp_fetch, events, start_kernel, tmp_path):
     import socket
 
-    events: list[dict] = []
-
-    async def listener(logger, schema_id, data):
-        events.append(data)
-
-    jp_serverapp.event_logger.add_listener(schema_id=SCHEMA, listener=listener)
     kernel_id, sock = await start_kernel()
     snap = await snapshot(jp_fetch, kernel_id)
     await restore(jp_fetch, snap["id"])
@@ -126,11 +110,9 @@ async def test_events_for_failure_restore_delete_and_schedule(jp_fetch, jp_serve
     peer, _ = listener_sock.accept()  # an accepted connection to outside: CRIU refuses
     status, body = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
     await wait_for_snapshot(jp_fetch, body["id"])
-    await asyncio.sleep(0.1)
-    actions = [e["action"] for e in events]
-    for expected in ("restored", "schedule_changed", "deleted", "failed"):
-        assert expected in actions, actions
-    failed = [e for e in events if e["action"] == "failed"][0]
+    failed = await events.wait_for_action("failed")
+    for expected in ("restored", "schedule_changed", "deleted"):
+        assert expected in events.actions(), events.actions()
     assert "unix" in failed["message"].lower()
     peer.close()
     listener_sock.close()

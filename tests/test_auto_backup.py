@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from .conftest import api, needs_root
+from .client import api
 
-pytestmark = needs_root
+pytestmark = pytest.mark.criu
 SCHEMA = "https://events.jupyter.org/jupyter_ckpt/snapshot/v1"
 
 
@@ -30,21 +30,14 @@ async def auto_snapshots(jp_fetch, kernel_id):
     return [s for s in listed if s["trigger"] == "auto"]
 
 
-async def test_busy_kernel_is_backed_up_and_retention_applies(jp_fetch, jp_serverapp, start_kernel):
-    pruned = []
-
-    async def listener(logger, schema_id, data):
-        if data["action"] == "pruned":
-            pruned.append(data["snapshot_id"])
-
-    jp_serverapp.event_logger.add_listener(schema_id=SCHEMA, listener=listener)
+async def test_busy_kernel_is_backed_up_and_retention_applies(jp_fetch, events, start_kernel):
     kernel_id, sock = await start_kernel()
     run = await sock.send_execute("import time\nfor i in range(80):\n    time.sleep(0.1)\nprint('done')")
     await asyncio.sleep(7)
     autos = await auto_snapshots(jp_fetch, kernel_id)
     complete = [s for s in autos if s["status"] == "complete"]
     assert 1 <= len(complete) <= 2  # keep = 2
-    assert len(pruned) >= 1  # more were taken, and pruned
+    assert len(events.of("pruned")) >= 1  # more were taken, and pruned
     assert all(s["kernel_id"] == kernel_id for s in autos)
     await sock.finish(run, timeout=30)
     assert "done" in run.stdout
@@ -66,7 +59,9 @@ async def test_schedule_endpoints(jp_fetch, start_kernel):
     kernel_id, sock = await start_kernel()
     status, schedule = await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id, "schedule")
     assert status == 200 and schedule == {"enabled": True, "interval_seconds": 1.0, "keep": 2}
-    status, schedule = await api(jp_fetch, "PUT", "api", "ckpt", "kernels", kernel_id, "schedule", body={"enabled": False})
+    status, schedule = await api(
+        jp_fetch, "PUT", "api", "ckpt", "kernels", kernel_id, "schedule", body={"enabled": False}
+    )
     assert status == 200 and schedule["enabled"] is False
     await asyncio.sleep(1)  # one may have started before it was disabled: let it land
     before = await auto_snapshots(jp_fetch, kernel_id)

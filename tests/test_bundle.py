@@ -9,7 +9,8 @@ import pytest
 
 from jupyter_ckpt.bundle import export_bundle, import_bundle
 from jupyter_ckpt.errors import InvalidRequest, SnapshotNotRestorable
-from jupyter_ckpt.store import SnapshotRecord, SnapshotStore, new_snapshot_id
+from jupyter_ckpt.records import SnapshotRecord, new_snapshot_id
+from jupyter_ckpt.store import SnapshotStore
 
 
 def commit(store, size=3 << 20):

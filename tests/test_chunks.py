@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from jupyter_ckpt import manifest
-from jupyter_ckpt.chunks import ChunkIndex, ChunkStore
+from jupyter_ckpt.chunk_index import ChunkIndex
+from jupyter_ckpt.chunks import ChunkStore
 from jupyter_ckpt.errors import SnapshotNotRestorable
+from jupyter_ckpt.private_files import load_or_create_key
 
 MiB = 1 << 20
 
@@ -110,9 +112,9 @@ def test_deleted_pack_is_refused(store, stored, tmp_path):
 
 
 def test_manifest_signature(stored, tmp_path):
-    key = manifest.load_or_create_key(tmp_path / "keys" / "store.key")
+    key = load_or_create_key(tmp_path / "keys" / "store.key")
     assert os.stat(tmp_path / "keys" / "store.key").st_mode & 0o777 == 0o600
-    assert manifest.load_or_create_key(tmp_path / "keys" / "store.key") == key  # created once
+    assert load_or_create_key(tmp_path / "keys" / "store.key") == key  # created once
     data = manifest.encode({"id": "S1", "label": "x"}, stored, key)
     record, files = manifest.decode(data, key)
     assert record["label"] == "x" and [f.chunks for f in files] == [f.chunks for f in stored]

@@ -11,14 +11,16 @@ import pytest
 
 from jupyter_ckpt.store import SnapshotStore
 
-from .conftest import needs_root, snapshot
+from .client import snapshot
 from .test_store import commit
 
 
 def ckpt(store_dir, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jupyter_ckpt.cli", "--store", str(store_dir), *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -70,7 +72,7 @@ def test_export_import(filled, tmp_path):
     assert [r["id"] for r in json.loads(ckpt(other, "--json", "list").stdout)] == [records[0].id]
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/usr/local/sbin/criu"), reason="needs CRIU")
+@pytest.mark.criu
 def test_check():
     out = ckpt("/tmp", "check")
     assert out.returncode == 0 and "OK" in out.stdout
@@ -78,7 +80,7 @@ def test_check():
     assert bad.returncode == 4 and "not installed" in bad.stdout
 
 
-@needs_root
+@pytest.mark.criu
 async def test_restore_through_a_running_server(jp_fetch, jp_serverapp, start_kernel, jp_http_port, jp_base_url):
     kernel_id, sock = await start_kernel()
     await sock.execute("x = 'saved'")
@@ -87,16 +89,34 @@ async def test_restore_through_a_running_server(jp_fetch, jp_serverapp, start_ke
     url = f"http://127.0.0.1:{jp_http_port}{jp_base_url}"
     token = jp_serverapp.identity_provider.token
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jupyter_ckpt.cli", "restore", snap["id"], "--url", url, "--token", token,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "jupyter_ckpt.cli",
+        "restore",
+        snap["id"],
+        "--url",
+        url,
+        "--token",
+        token,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err
     assert f"restored from {snap['id']}" in out.decode()
     assert await sock.value("x") == "'saved'"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jupyter_ckpt.cli", "restore", "01M8G6NHZS1PKW09RTTN07H2K4", "--url", url, "--token", token,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "jupyter_ckpt.cli",
+        "restore",
+        "01M8G6NHZS1PKW09RTTN07H2K4",
+        "--url",
+        url,
+        "--token",
+        token,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     assert proc.returncode == 3 and b"404" in err

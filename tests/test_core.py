@@ -5,10 +5,11 @@ from __future__ import annotations
 import ast
 import os
 
+import pytest
 
-from .conftest import api, needs_root, restore, snapshot
+from .client import api, restore, snapshot
 
-pytestmark = needs_root
+pytestmark = pytest.mark.criu
 
 
 async def test_round_trip_keeps_kernel_id_and_connected_client(jp_fetch, start_kernel):

@@ -13,10 +13,9 @@ import pytest
 
 from jupyter_ckpt.store import SnapshotStore
 
-from .conftest import needs_root
 from .servers import Server, call, descendants
 
-pytestmark = needs_root
+pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
 
 @pytest.fixture

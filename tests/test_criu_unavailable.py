@@ -7,7 +7,7 @@ import pytest
 from jupyter_ckpt.engine import CriuEngine
 from jupyter_ckpt.errors import CriuUnavailable
 
-from .conftest import api
+from .client import api
 
 
 @pytest.fixture

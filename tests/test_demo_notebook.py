@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .conftest import needs_root, restore, snapshot
+import pytest
 
-pytestmark = needs_root
+from .client import restore, snapshot
+
+pytestmark = pytest.mark.criu
 
 DEMO = Path(__file__).parent.parent / "notebooks" / "demo.ipynb"
 

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from .conftest import api, needs_root, restore, snapshot, wait_for_snapshot
+from .client import api, restore, snapshot, wait_for_snapshot
 
-pytestmark = needs_root
+pytestmark = pytest.mark.criu
 
 
 @pytest.fixture

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from .conftest import api, needs_root, restore, snapshot, wait_for_snapshot
+from .client import api, restore, snapshot, wait_for_snapshot
+from .servers import descendants
 
-pytestmark = needs_root
+pytestmark = pytest.mark.criu
 
 UNKNOWN_KERNEL = "00000000-0000-0000-0000-000000000000"
 UNKNOWN_SNAPSHOT = "01M8G6NHZS1PKW09RTTN07H2K4"
@@ -27,7 +29,9 @@ async def test_unknown_snapshot_is_404(jp_fetch):
         status, body = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", snapshot_id)
         assert status == 404, snapshot_id
         assert "no snapshot" in body["message"]
-    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", UNKNOWN_SNAPSHOT, "restore", body={"mode": "replace"})
+    status, body = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", UNKNOWN_SNAPSHOT, "restore", body={"mode": "replace"}
+    )
     assert status == 404
 
 
@@ -56,7 +60,9 @@ async def test_bad_requests_are_400(jp_fetch, start_kernel):
     status, body = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots", body={"label": "a\nb"})
     assert status == 400 and "label" in body["message"]
     snap = await snapshot(jp_fetch, kernel_id)
-    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "sideways"})
+    status, body = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "sideways"}
+    )
     assert status == 400 and "mode" in body["message"]
 
 
@@ -102,7 +108,9 @@ async def test_a_grown_open_file_is_refused_before_anything_is_touched(jp_fetch,
     with open(data, "a") as f:
         f.write("appended after the snapshot\n")
 
-    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
+    status, body = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"}
+    )
     assert status == 409
     assert f"{data} (file): 39 bytes here, 11 in the snapshot" in body["message"]
     assert await sock.value("x") == "2"
@@ -118,7 +126,9 @@ async def test_failed_restore_brings_the_kernel_back(jp_fetch, start_kernel):
     # CRIU fails half-way, after the kernel was stopped: its state from just
     # before is restored instead.
     kernel_id, sock = await start_kernel()
-    await sock.execute("import socket; srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(); port = srv.getsockname()[1]; x = 1")
+    await sock.execute(
+        "import socket; srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(); port = srv.getsockname()[1]; x = 1"
+    )
     port = int(await sock.value("port"))
     snap = await snapshot(jp_fetch, kernel_id)
     await sock.execute("srv.close(); x = 2")
@@ -126,7 +136,9 @@ async def test_failed_restore_brings_the_kernel_back(jp_fetch, start_kernel):
     squatter.bind(("127.0.0.1", port))
     squatter.listen()
 
-    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
+    status, body = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"}
+    )
     assert status == 500
     assert "Address already in use" in body["message"]
     assert "put back as it was" in body["message"]
@@ -151,21 +163,13 @@ async def test_snapshot_files_are_private(jp_fetch, start_kernel, store_root):
     assert list((store_root / "packs").glob("*.pack"))
 
 
-async def test_kernel_is_stopped_when_its_memory_cannot_come_back(jp_fetch, jp_serverapp, start_kernel):
+async def test_kernel_is_stopped_when_its_memory_cannot_come_back(jp_fetch, jp_serverapp, events, start_kernel):
     """A lazy restore's memory transfer that dies (here: `criu lazy-pages`
     killed while it still has pages to bring) must not leave the kernel running
     on memory that never arrived: it is stopped, and the reason is published."""
     import asyncio
     import signal
-    import subprocess
 
-    failures = []
-
-    async def listener(logger, schema_id, data):
-        if data["action"] == "restore_failed":
-            failures.append(data["message"])
-
-    jp_serverapp.event_logger.add_listener(schema_id="https://events.jupyter.org/jupyter_ckpt/snapshot/v1", listener=listener)
     kernel_id, sock = await start_kernel()
     await sock.execute("import numpy as np; a = np.full(200_000_000, 1.5); x = 1")  # 1.6 GB to bring back
     snap = await snapshot(jp_fetch, kernel_id)
@@ -173,15 +177,13 @@ async def test_kernel_is_stopped_when_its_memory_cannot_come_back(jp_fetch, jp_s
     out = await restore(jp_fetch, snap["id"])
     assert out["lazy"] is True
     restored_pid = jp_serverapp.kernel_manager.get_kernel(kernel_id).provisioner.tree.init_pid
-    daemons = subprocess.run(["pgrep", "-f", "criu lazy-pages"], capture_output=True, text=True).stdout.split()
+    # The server's own `criu lazy-pages` child, found by pid (never by name).
+    daemons = [pid for pid in descendants(os.getpid()) if _cmdline(pid)[1:2] == ["lazy-pages"]]
     assert daemons, "the memory transfer ended before the test could cut it"
     for pid in daemons:
-        os.kill(int(pid), signal.SIGKILL)
-    for _ in range(200):
-        if failures:
-            break
-        await asyncio.sleep(0.05)
-    assert failures and "memory" in failures[0] and "stopped" in failures[0], failures
+        os.kill(pid, signal.SIGKILL)
+    failure = await events.wait_for_action("restore_failed", timeout=10)
+    assert "memory" in failure["message"] and "stopped" in failure["message"], failure
     for _ in range(100):
         if not os.path.exists(f"/proc/{restored_pid}") or open(f"/proc/{restored_pid}/stat").read().split()[2] == "Z":
             break
@@ -195,3 +197,11 @@ async def test_kernel_is_stopped_when_its_memory_cannot_come_back(jp_fetch, jp_s
             break
         await asyncio.sleep(0.05)
     await asyncio.wait_for(asyncio.shield(km.ready), 30)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [part.decode() for part in f.read().split(b"\0") if part]
+    except OSError:
+        return []

@@ -8,13 +8,17 @@ import os
 import socket
 import threading
 
-from .conftest import KernelSocket, api, needs_root, restore, snapshot
+import pytest
 
-pytestmark = needs_root
+from .client import KernelSocket, api, restore, snapshot
+
+pytestmark = pytest.mark.criu
 
 
 async def fork(jp_fetch, snapshot_id: str, **body) -> dict:
-    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snapshot_id, "restore", body={"mode": "new", **body})
+    status, out = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snapshot_id, "restore", body={"mode": "new", **body}
+    )
     assert status == 201, out
     assert out["mode"] == "new"
     return out
@@ -167,7 +171,10 @@ async def test_fork_opens_outbound_connections_to_this_host(jp_fetch, jp_ws_fetc
 async def test_fork_into_a_copy_of_the_notebook(jp_fetch, jp_ws_fetch, start_kernel, jp_root_dir):
     (jp_root_dir / "analysis.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
     status, session = await api(
-        jp_fetch, "POST", "api", "sessions",
+        jp_fetch,
+        "POST",
+        "api",
+        "sessions",
         body={"path": "analysis.ipynb", "name": "analysis.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
     )
     kernel_id = session["kernel"]["id"]
@@ -178,17 +185,33 @@ async def test_fork_into_a_copy_of_the_notebook(jp_fetch, jp_ws_fetch, start_ker
     out = await fork(jp_fetch, snap["id"], copy=True)
     assert out["path"] != "analysis.ipynb" and (jp_root_dir / out["path"]).exists()
     status, sessions = await api(jp_fetch, "GET", "api", "sessions")
-    assert {(s["path"], s["kernel"]["id"]) for s in sessions} == {("analysis.ipynb", kernel_id), (out["path"], out["kernel_id"])}
+    assert {(s["path"], s["kernel"]["id"]) for s in sessions} == {
+        ("analysis.ipynb", kernel_id),
+        (out["path"], out["kernel_id"]),
+    }
 
 
 async def test_fork_refusals(jp_fetch, start_kernel):
     kernel_id, sock = await start_kernel()
     snap = await snapshot(jp_fetch, kernel_id)
-    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new", "kernel_id": kernel_id})
+    status, out = await api(
+        jp_fetch,
+        "POST",
+        "api",
+        "ckpt",
+        "snapshots",
+        snap["id"],
+        "restore",
+        body={"mode": "new", "kernel_id": kernel_id},
+    )
     assert status == 400 and "new kernel id" in out["message"]
-    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace", "path": "x.ipynb"})
+    status, out = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace", "path": "x.ipynb"}
+    )
     assert status == 400
-    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new", "copy": True})
+    status, out = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new", "copy": True}
+    )
     assert status == 400 and "no notebook" in out["message"]
     status, out = await api(jp_fetch, "GET", "api", "ckpt", "status")
     assert out["features"]["restore_new"] is True
@@ -199,7 +222,7 @@ async def test_restore_refuses_a_library_of_another_build(jp_fetch, start_kernel
     library rebuilt with the same size is refused, and the kernel runs on."""
     import shutil
 
-    from jupyter_ckpt.compat import build_id
+    from jupyter_ckpt.criu_images import build_id
 
     lib = tmp_path / "libckpttest.so"
     shutil.copy("/usr/lib/x86_64-linux-gnu/libz.so.1", lib)
@@ -214,7 +237,9 @@ async def test_restore_refuses_a_library_of_another_build(jp_fetch, start_kernel
         f.seek(at)
         f.write(bytes([first ^ 0xFF]))  # same size, another build-id
 
-    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
+    status, out = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"}
+    )
     assert status == 409, out
     assert f"{lib} (library): another build here" in out["message"]
     status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new"})
@@ -237,7 +262,9 @@ async def test_fork_of_a_checkpoint_call_resumes_as_restored(jp_fetch, jp_ws_fet
     assert "restored as a new kernel (a fork)" in run.stdout
 
 
-async def test_restarting_a_fork_starts_a_fresh_kernel_in_the_servers_network(jp_fetch, jp_ws_fetch, start_kernel, jp_serverapp):
+async def test_restarting_a_fork_starts_a_fresh_kernel_in_the_servers_network(
+    jp_fetch, jp_ws_fetch, start_kernel, jp_serverapp
+):
     kernel_id, sock = await start_kernel()
     await sock.execute("x = 1")
     snap = await snapshot(jp_fetch, kernel_id)
@@ -258,7 +285,10 @@ async def test_restarting_a_fork_starts_a_fresh_kernel_in_the_servers_network(jp
 async def test_a_refused_fork_into_a_copy_leaves_no_copy(jp_fetch, jp_ws_fetch, jp_root_dir, tmp_path):
     (jp_root_dir / "lib.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
     status, session = await api(
-        jp_fetch, "POST", "api", "sessions",
+        jp_fetch,
+        "POST",
+        "api",
+        "sessions",
         body={"path": "lib.ipynb", "name": "lib.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
     )
     sock = await connect(jp_ws_fetch, session["kernel"]["id"])
@@ -267,6 +297,8 @@ async def test_a_refused_fork_into_a_copy_leaves_no_copy(jp_fetch, jp_ws_fetch, 
     await sock.execute(f"f = open({str(data)!r})")
     snap = await snapshot(jp_fetch, session["kernel"]["id"])
     data.write_text("now 12 bytes")
-    status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new", "copy": True})
+    status, out = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new", "copy": True}
+    )
     assert status == 409 and "held-open.txt" in out["message"]
     assert sorted(p.name for p in jp_root_dir.glob("*.ipynb")) == ["lib.ipynb"]

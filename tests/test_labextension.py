@@ -15,13 +15,24 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_jupyterlab_lists_the_extension_enabled():
     out = subprocess.run([sys.executable, "-m", "jupyterlab.labextensions", "list"], capture_output=True, text=True)
     listing = out.stdout + out.stderr
-    line = next((l for l in listing.splitlines() if "jupyter-ckpt" in l), "")
+    line = next((entry for entry in listing.splitlines() if "jupyter-ckpt" in entry), "")
     assert "enabled" in line and "OK" in line, listing
 
 
 def test_the_wheel_carries_the_built_extension(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     wheel = next(tmp_path.glob("jupyter_ckpt-*.whl"))

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import ast
 
+import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from .conftest import api, needs_root, restore
+from .client import api, restore
 
-pytestmark = needs_root
+pytestmark = pytest.mark.criu
 
 
 async def test_magic_snapshots_and_returns_twice(jp_fetch, start_kernel):
     kernel_id, sock = await start_kernel()
     await sock.execute("x = 'at the checkpoint'")
-    run = await sock.execute("cp = %checkpoint before the change\nprint('restored' if cp.restored else 'original', cp.id)")
+    run = await sock.execute(
+        "cp = %checkpoint before the change\nprint('restored' if cp.restored else 'original', cp.id)"
+    )
     assert run.stdout.startswith("Snapshot ") and "MiB" in run.stdout and "frozen" in run.stdout
     assert "original" in run.stdout
     snapshot_id = run.stdout.split()[-1]
@@ -69,8 +72,13 @@ async def test_kernel_credential_is_limited_to_its_own_kernel(jp_fetch, start_ke
     base = f"http://127.0.0.1:{jp_http_port}{jp_base_url}api/ckpt"
 
     async def code(method, path, token, body=None):
-        resp = await client.fetch(f"{base}/{path}", method=method, body=body, raise_error=False,
-                                  headers={"Authorization": f"ckpt-kernel {token}"})
+        resp = await client.fetch(
+            f"{base}/{path}",
+            method=method,
+            body=body,
+            raise_error=False,
+            headers={"Authorization": f"ckpt-kernel {token}"},
+        )
         return resp.code
 
     assert await code("GET", f"self/{kernel_a}", token_a) == 200

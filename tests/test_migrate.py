@@ -15,10 +15,10 @@ from tornado.websocket import websocket_connect
 
 from jupyter_ckpt import forknet
 
-from .conftest import KernelSocket, needs_root
+from .client import KernelSocket
 from .servers import TOKEN, Server, take, value
 
-pytestmark = [needs_root, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.criu, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 class OtherHost:
@@ -89,8 +89,12 @@ def raw(server: Server, method: str, path: str, data: bytes | None = None) -> tu
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(f"http://{server.host}:{server.port}{path}", data=data, method=method,
-                                 headers={"Authorization": f"token {TOKEN}"})
+    req = urllib.request.Request(
+        f"http://{server.host}:{server.port}{path}",
+        data=data,
+        method=method,
+        headers={"Authorization": f"token {TOKEN}"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return resp.status, resp.read()
@@ -132,7 +136,9 @@ async def test_migrate_through_a_bundle_and_refuse_a_differing_file(two_servers,
     sock = await kernel_socket(b, kernel_id)
     assert await sock.value("x") == "'computed on A'"
     assert await sock.value("next(counter)") == "11"
-    assert await sock.value("n = len(ticks); import time; time.sleep(0.3); len(ticks) > n and worker.is_alive()") == "True"
+    assert (
+        await sock.value("n = len(ticks); import time; time.sleep(0.3); len(ticks) > n and worker.is_alive()") == "True"
+    )
     # A's kernel runs on, untouched.
     assert value(client, "next(counter)") == "11"
 
@@ -157,12 +163,14 @@ async def test_migrate_through_a_shared_s3_store(two_servers, s3_store_options, 
     bucket, opts = s3_store_options
 
     def config(state: str, endpoint: str) -> dict:
-        return {"CheckpointApp": {
-            "store_root": f"s3://{bucket}/team",
-            "store_state_dir": str(tmp_path / state),
-            "store_key_path": str(tmp_path / "shared-store.key"),  # servers sharing a store share its key
-            "store_options": {**opts, "endpoint_url": endpoint},
-        }}
+        return {
+            "CheckpointApp": {
+                "store_root": f"s3://{bucket}/team",
+                "store_state_dir": str(tmp_path / state),
+                "store_key_path": str(tmp_path / "shared-store.key"),  # servers sharing a store share its key
+                "store_options": {**opts, "endpoint_url": endpoint},
+            }
+        }
 
     a = two_servers.start("a", config("a-state", opts["endpoint_url"]))
     kernel_id = a.call("POST", "/api/kernels", {"name": "python3"})["id"]

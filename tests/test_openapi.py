@@ -9,7 +9,7 @@ import yaml
 
 import jupyter_ckpt
 from jupyter_ckpt.handlers import default_handlers
-from jupyter_ckpt.store import SnapshotRecord
+from jupyter_ckpt.records import SnapshotRecord
 
 SPEC = Path(jupyter_ckpt.__file__).parent / "openapi.yaml"
 

@@ -10,9 +10,9 @@ import pytest
 
 from jupyter_ckpt.provisioner import CheckpointableProvisioner
 
-from .conftest import api, needs_root, restore, snapshot
+from .client import api, restore, snapshot
 
-pytestmark = needs_root
+pytestmark = pytest.mark.criu
 
 
 def provisioner(jp_serverapp, kernel_id) -> CheckpointableProvisioner:

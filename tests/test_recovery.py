@@ -7,16 +7,18 @@ import time
 
 import pytest
 
-from .conftest import needs_root
 from .servers import Server, take, value
 
-pytestmark = needs_root
+pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
 
 def first_run(tmp_path) -> tuple[str, str]:
     a = Server(tmp_path)
-    session = a.call("POST", "/api/sessions", {"path": "work/analysis.ipynb", "name": "analysis.ipynb",
-                                               "type": "notebook", "kernel": {"name": "python3"}})
+    session = a.call(
+        "POST",
+        "/api/sessions",
+        {"path": "work/analysis.ipynb", "name": "analysis.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
+    )
     kernel_id = session["kernel"]["id"]
     client = a.client(kernel_id)
     value(client, "import threading; x = 'from the first run'; t = threading.Thread(target=lambda: None)")
@@ -99,4 +101,3 @@ def test_a_fork_comes_back_as_a_fork_after_a_restart(tmp_path):
     finally:
         b.kill()
         forknet.remove_stale()
-

@@ -10,7 +10,7 @@ import pytest
 from jupyter_ckpt.bundle import export_bundle, import_bundle
 from jupyter_ckpt.store import SnapshotStore
 
-from .conftest import api, needs_root, restore, snapshot
+from .client import api, restore, snapshot
 from .test_store import commit
 
 
@@ -44,7 +44,9 @@ def test_bundle_from_local_store_into_s3(s3_store_options, tmp_path):
     bundle = tmp_path / "b.jckpt"
     with open(bundle, "wb") as out:
         export_bundle(local, record.id, out)
-    remote = SnapshotStore(f"s3://{bucket}/x", state_dir=tmp_path / "st", key_path=tmp_path / "k.key", storage_options=opts)
+    remote = SnapshotStore(
+        f"s3://{bucket}/x", state_dir=tmp_path / "st", key_path=tmp_path / "k.key", storage_options=opts
+    )
     with open(bundle, "rb") as src:
         assert import_bundle(remote, src).restorable
     local.close()
@@ -65,7 +67,7 @@ def jp_server_config(store_root, s3_store_options, tmp_path):
     }
 
 
-@needs_root
+@pytest.mark.criu
 async def test_server_snapshot_and_restore_reading_only_from_s3(jp_fetch, jp_serverapp, start_kernel, tmp_path):
     status, body = await api(jp_fetch, "GET", "api", "ckpt", "status")
     assert body["store"]["backend"] == "s3"
@@ -86,3 +88,39 @@ async def test_server_snapshot_and_restore_reading_only_from_s3(jp_fetch, jp_ser
     await restore(jp_fetch, snap["id"])
     assert await sock.value("x") == "1"
     assert await sock.value("round(float(a.sum()))") != "0"
+
+
+async def test_the_server_answers_while_it_lists_a_thousand_snapshots_on_s3(
+    jp_fetch, jp_serverapp, s3_store_options, tmp_path
+):
+    """Reading the store runs in a worker thread: a listing that reads 1,000
+    manifests from S3 takes seconds, and the server keeps answering meanwhile."""
+    import asyncio
+    import time
+
+    from jupyter_ckpt import manifest
+    from jupyter_ckpt.records import SnapshotRecord, new_snapshot_id
+    from jupyter_ckpt.store import SnapshotStore
+
+    bucket, opts = s3_store_options
+    # Another store on the same bucket and key (a second server, say) writes them.
+    writer = SnapshotStore(f"s3://{bucket}/snapshots", tmp_path / "writer-state", tmp_path / "s3-store.key", opts)
+    manifests = {}
+    for n in range(1000):
+        record = SnapshotRecord(id=new_snapshot_id(), kernel_id="k", label=f"#{n}", status="complete")
+        manifests[f"{writer.root}/manifests/{record.id}.manifest"] = manifest.encode(record.to_json(), [], writer.key)
+    writer.fs.pipe(manifests)
+    writer.close()
+
+    listing = asyncio.ensure_future(api(jp_fetch, "GET", "api", "ckpt", "snapshots"))
+    waits = []
+    while not listing.done():
+        started = time.monotonic()
+        resp = await jp_fetch("api", "status")
+        waits.append(time.monotonic() - started)
+        assert resp.code == 200
+        await asyncio.sleep(0.05)
+    status, listed = await listing
+    assert status == 200 and len(listed) == 1000
+    assert len(waits) >= 5, f"the listing took only {len(waits)} probes: too quick to tell"
+    assert max(waits) < 0.1, f"/api/status waited {max(waits) * 1000:.0f} ms while the store was listed"

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-
 import uuid
 
 import numpy as np
 import pytest
 
 from jupyter_ckpt.errors import SnapshotNotFound, SnapshotNotRestorable
-from jupyter_ckpt.store import SnapshotRecord, SnapshotStore, new_snapshot_id
+from jupyter_ckpt.records import SnapshotRecord, new_snapshot_id
+from jupyter_ckpt.store import SnapshotStore
 
 
 @pytest.fixture

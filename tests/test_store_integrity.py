@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from .conftest import api, needs_root, restore, snapshot
+from .client import api, restore, snapshot
 
-pytestmark = needs_root
+pytestmark = pytest.mark.criu
 
 
 def largest_pack(store_root):
@@ -45,7 +45,9 @@ async def test_damaged_pack_is_refused_and_kernel_untouched(jp_fetch, start_kern
     damage(largest_pack(store_root))
     shutil.rmtree(kept_images(store_root, snap))  # else the restore would not need the packs
 
-    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
+    status, body = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"}
+    )
     assert status == 409
     assert "corrupt" in body["message"] or "cannot be read" in body["message"] or "missing" in body["message"]
     assert await sock.value("x") == "2"  # never touched
@@ -59,7 +61,9 @@ async def test_edited_manifest_is_refused(jp_fetch, start_kernel, store_root):
     path = store_root / "manifests" / f"{snap['id']}.manifest"
     path.write_bytes(path.read_bytes().replace(b'"label": "original"', b'"label": "0riginal"'))
 
-    status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"})
+    status, body = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"}
+    )
     assert status == 409
     assert "signature" in body["message"]
     assert await sock.value("x") == "2"

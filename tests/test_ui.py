@@ -15,16 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import needs_root
 from .servers import TOKEN, Server, call
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui"
 
 pytestmark = [
-    needs_root,
+    pytest.mark.criu,
+    pytest.mark.browser,
+    pytest.mark.slow,
     pytest.mark.timeout(300),
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make test installs it)"),
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make test installs it)"
+    ),
 ]
 
 EMPTY_NOTEBOOK = {
@@ -43,10 +46,14 @@ def lab(tmp_path):
     (root / "story.ipynb").write_text(json.dumps(EMPTY_NOTEBOOK))
     settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    (settings / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
     server = Server(
-        tmp_path, f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
-        f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", app="jupyterlab",
+        tmp_path,
+        f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+        f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+        app="jupyterlab",
     )
     yield server.port
     server.kill()
@@ -182,7 +189,10 @@ def test_failure_reason_rename_and_delete_in_the_panel(lab, page, tmp_path):
     outside.bind(str(tmp_path / "outside.sock"))
     outside.listen()
     open_notebook(page, lab, "lab/tree/story.ipynb")
-    run_cell(page, f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(tmp_path / 'outside.sock')!r}); print('connected')")
+    run_cell(
+        page,
+        f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(tmp_path / 'outside.sock')!r}); print('connected')",
+    )
     last_output(page, "connected")
     peer, _ = outside.accept()
     assert "unix" in click_snapshot(page, "Snapshot failed").inner_text().lower()

@@ -6,7 +6,8 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-export type SnapshotStatus = 'pending' | 'dumping' | 'storing' | 'complete' | 'failed';
+export type SnapshotStatus =
+  'pending' | 'dumping' | 'storing' | 'complete' | 'failed';
 
 export interface ISnapshot {
   id: string;
@@ -19,17 +20,32 @@ export interface ISnapshot {
   created: string;
   status: SnapshotStatus;
   error: string | null;
-  memory_bytes: number | null;
-  stored_bytes: number | null;
+  memory_bytes: number;
+  /** New bytes this snapshot added to the store. */
+  stored_bytes: number;
   freeze_seconds: number | null;
   total_seconds: number | null;
   execution_count: number | null;
+  criu_version: string | null;
+  /** Set when the snapshot came in a bundle. */
+  imported: IImport | null;
+}
+
+export interface IImport {
+  /** When it was imported here. */
+  at: string;
+  /** Fingerprint of the key that signed the bundle ('unknown' if it named none). */
+  signer: string;
+  /** The signature verified with this store's key; false: imported trusting its origin. */
+  verified: boolean;
 }
 
 export interface IServerStatus {
   version: string;
   criu: { available: boolean; version: string | null; reason: string };
-  features: { snapshot: boolean; restore_replace: boolean; restore_new: boolean };
+  store: { backend: string };
+  /** What the server can do now: snapshot, restore_replace, restore_new, lazy_restore, ... */
+  features: Record<string, boolean>;
 }
 
 export interface IKernelState {
@@ -56,10 +72,15 @@ export interface IRestoreOptions {
 export interface IRestoreOutcome {
   snapshot_id: string;
   kernel_id: string;
+  /** The restore's mode: 'replace' or 'new' (openapi.yaml types it as a plain string). */
   mode: 'replace' | 'new';
+  save_previous_seconds: number;
   restore_seconds: number;
   total_seconds: number;
   path: string | null;
+  prepare_seconds: number;
+  /** The kernel answered before all of its memory was back (CRIU's lazy pages). */
+  lazy: boolean;
 }
 
 /** A refusal or failure, with the server's own reason. */
@@ -74,14 +95,18 @@ export class CheckpointError extends Error {
 }
 
 export class CheckpointClient {
-  constructor(readonly settings: ServerConnection.ISettings = ServerConnection.makeSettings()) {}
+  constructor(
+    readonly settings: ServerConnection.ISettings = ServerConnection.makeSettings()
+  ) {}
 
   status(): Promise<IServerStatus> {
     return this.request('status');
   }
 
   /** Snapshots, newest first: of one notebook, one kernel, or all. */
-  list(filter: { path?: string; kernelId?: string } = {}): Promise<ISnapshot[]> {
+  list(
+    filter: { path?: string; kernelId?: string } = {}
+  ): Promise<ISnapshot[]> {
     const query: Record<string, string> = {};
     if (filter.path) {
       query.path = filter.path;
@@ -99,7 +124,9 @@ export class CheckpointClient {
 
   /** Start a snapshot; it answers at once (status "pending"), progress comes as events. */
   snapshot(kernelId: string, label = ''): Promise<ISnapshot> {
-    return this.request(`kernels/${enc(kernelId)}/snapshots`, 'POST', { label });
+    return this.request(`kernels/${enc(kernelId)}/snapshots`, 'POST', {
+      label
+    });
   }
 
   relabel(snapshotId: string, label: string): Promise<ISnapshot> {
@@ -110,8 +137,15 @@ export class CheckpointClient {
     return this.request(`snapshots/${enc(snapshotId)}`, 'DELETE');
   }
 
-  restore(snapshotId: string, options: IRestoreOptions): Promise<IRestoreOutcome> {
-    return this.request(`snapshots/${enc(snapshotId)}/restore`, 'POST', options);
+  restore(
+    snapshotId: string,
+    options: IRestoreOptions
+  ): Promise<IRestoreOutcome> {
+    return this.request(
+      `snapshots/${enc(snapshotId)}/restore`,
+      'POST',
+      options
+    );
   }
 
   kernel(kernelId: string): Promise<IKernelState> {
@@ -122,20 +156,36 @@ export class CheckpointClient {
     return this.request(`kernels/${enc(kernelId)}/schedule`);
   }
 
-  setSchedule(kernelId: string, schedule: Partial<ISchedule>): Promise<ISchedule> {
+  setSchedule(
+    kernelId: string,
+    schedule: Partial<ISchedule>
+  ): Promise<ISchedule> {
     return this.request(`kernels/${enc(kernelId)}/schedule`, 'PUT', schedule);
   }
 
   /** Where the browser downloads a snapshot's bundle (the session cookie authenticates it). */
   bundleUrl(snapshotId: string): string {
-    return URLExt.join(this.settings.baseUrl, 'api/ckpt/snapshots', enc(snapshotId), 'bundle');
+    return URLExt.join(
+      this.settings.baseUrl,
+      'api/ckpt/snapshots',
+      enc(snapshotId),
+      'bundle'
+    );
   }
 
   uploadBundle(bundle: Blob, trust: boolean): Promise<ISnapshot> {
-    return this.request(`bundles?trust=${trust ? 'true' : 'false'}`, 'POST', bundle);
+    return this.request(
+      `bundles?trust=${trust ? 'true' : 'false'}`,
+      'POST',
+      bundle
+    );
   }
 
-  private async request<T>(path: string, method = 'GET', body?: unknown): Promise<T> {
+  private async request<T>(
+    path: string,
+    method = 'GET',
+    body?: unknown
+  ): Promise<T> {
     const url = URLExt.join(this.settings.baseUrl, 'api/ckpt', path);
     const init: RequestInit = { method };
     if (body instanceof Blob) {
@@ -147,7 +197,10 @@ export class CheckpointClient {
     try {
       response = await ServerConnection.makeRequest(url, init, this.settings);
     } catch (error) {
-      throw new CheckpointError(0, `cannot reach the Jupyter server: ${String(error)}`);
+      throw new CheckpointError(
+        0,
+        `cannot reach the Jupyter server: ${String(error)}`
+      );
     }
     const text = await response.text();
     let data: any = undefined;
@@ -157,7 +210,10 @@ export class CheckpointClient {
       data = undefined;
     }
     if (!response.ok) {
-      const reason = (data && (data.message || data.reason)) || response.statusText || `HTTP ${response.status}`;
+      const reason =
+        (data && (data.message || data.reason)) ||
+        response.statusText ||
+        `HTTP ${response.status}`;
       throw new CheckpointError(response.status, reason);
     }
     return data as T;

@@ -7,4 +7,7 @@ const svg = `<svg xmlns="http://www.w3.org/2000/svg" width="16" viewBox="0 0 24 
   </g>
 </svg>`;
 
-export const snapshotIcon = new LabIcon({ name: 'jupyter-ckpt:snapshot', svgstr: svg });
+export const snapshotIcon = new LabIcon({
+  name: 'jupyter-ckpt:snapshot',
+  svgstr: svg
+});

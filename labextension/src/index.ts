@@ -6,15 +6,43 @@
  * Talks to the server only through the REST API (api.ts) and the server's event
  * stream (schema snapshot/v1).
  */
-import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { Dialog, ICommandPalette, IToolbarWidgetRegistry, InputDialog, Notification, showDialog } from '@jupyterlab/apputils';
+import {
+  JupyterFrontEnd,
+  JupyterFrontEndPlugin
+} from '@jupyterlab/application';
+import {
+  Dialog,
+  ICommandPalette,
+  IToolbarWidgetRegistry,
+  InputDialog,
+  Notification,
+  showDialog
+} from '@jupyterlab/apputils';
 import { IDocumentManager } from '@jupyterlab/docmanager';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 
-import { CheckpointClient, CheckpointError, ISnapshot, formatBytes, formatSeconds } from './api';
+import {
+  CheckpointClient,
+  CheckpointError,
+  ISnapshot,
+  formatBytes,
+  formatSeconds
+} from './api';
 import { snapshotIcon } from './icons';
-import { ISnapshotEvent, KernelOrigins, ProgressTracker, SnapshotsModel, isSnapshotEvent, snapshotName } from './model';
-import { IPanelActions, LineageIndicator, SnapshotButton, SnapshotsPanel } from './panel';
+import {
+  ISnapshotEvent,
+  KernelOrigins,
+  ProgressTracker,
+  SnapshotsModel,
+  isSnapshotEvent,
+  snapshotName
+} from './model';
+import {
+  IPanelActions,
+  LineageIndicator,
+  SnapshotButton,
+  SnapshotsPanel
+} from './panel';
 
 const PLUGIN_ID = 'jupyter-ckpt:plugin';
 
@@ -28,18 +56,35 @@ function kernelOf(panel: NotebookPanel | null | undefined): string | null {
 }
 
 function reason(error: unknown): string {
-  return error instanceof CheckpointError || error instanceof Error ? error.message : String(error);
+  return error instanceof CheckpointError || error instanceof Error
+    ? error.message
+    : String(error);
 }
 
 /** A notification while ``work`` runs, then its result or the reason it failed. */
-async function notifying<T>(work: Promise<T>, pending: string, success: (out: T) => string, failure: string): Promise<T | null> {
+async function notifying<T>(
+  work: Promise<T>,
+  pending: string,
+  success: (out: T) => string,
+  failure: string
+): Promise<T | null> {
   const id = Notification.emit(pending, 'in-progress', { autoClose: false });
   try {
     const out = await work;
-    Notification.update({ id, message: success(out), type: 'success', autoClose: 5000 });
+    Notification.update({
+      id,
+      message: success(out),
+      type: 'success',
+      autoClose: 5000
+    });
     return out;
   } catch (error) {
-    Notification.update({ id, message: `${failure}: ${reason(error)}`, type: 'error', autoClose: false });
+    Notification.update({
+      id,
+      message: `${failure}: ${reason(error)}`,
+      type: 'error',
+      autoClose: false
+    });
     return null;
   }
 }
@@ -73,20 +118,32 @@ const plugin: JupyterFrontEndPlugin<void> = {
     });
 
     /** Snapshot a notebook's kernel, with progress on its button and a notification. */
-    async function snapshotNotebook(panel: NotebookPanel | null, label = ''): Promise<ISnapshot | null> {
+    async function snapshotNotebook(
+      panel: NotebookPanel | null,
+      label = ''
+    ): Promise<ISnapshot | null> {
       const kernelId = kernelOf(panel);
       if (!panel || !kernelId) {
-        Notification.warning('This notebook has no running kernel to snapshot.', { autoClose: 5000 });
+        Notification.warning(
+          'This notebook has no running kernel to snapshot.',
+          { autoClose: 5000 }
+        );
         return null;
       }
       let started: ISnapshot;
       try {
         started = await client.snapshot(kernelId, label);
       } catch (error) {
-        Notification.error(`Snapshot not taken: ${reason(error)}`, { autoClose: false });
+        Notification.error(`Snapshot not taken: ${reason(error)}`, {
+          autoClose: false
+        });
         return null;
       }
-      const note = Notification.emit(`Snapshotting the kernel of ${panel.context.path}…`, 'in-progress', { autoClose: false });
+      const note = Notification.emit(
+        `Snapshotting the kernel of ${panel.context.path}…`,
+        'in-progress',
+        { autoClose: false }
+      );
       try {
         const done = await progress.track(kernelId, started.id);
         Notification.update({
@@ -99,7 +156,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
         });
         return await client.get(started.id);
       } catch (error) {
-        Notification.update({ id: note, message: `Snapshot failed: ${reason(error)}`, type: 'error', autoClose: false });
+        Notification.update({
+          id: note,
+          message: `Snapshot failed: ${reason(error)}`,
+          type: 'error',
+          autoClose: false
+        });
         return null;
       }
     }
@@ -107,28 +169,43 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const actions: IPanelActions = {
       async restore(s) {
         const panel = tracker.currentWidget;
-        const current = panel && panel.context.path === s.path ? kernelOf(panel) : null;
+        const current =
+          panel && panel.context.path === s.path ? kernelOf(panel) : null;
         const result = await showDialog({
           title: 'Restore this snapshot?',
           body:
             `The kernel of ${s.path ?? 'its notebook'} goes back to ${snapshotName(s)}: ` +
             'its variables, running cells and threads become what they were then.',
-          checkbox: current ? { label: 'Snapshot the current state first', checked: true } : null,
-          buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Restore' })]
+          checkbox: current
+            ? { label: 'Snapshot the current state first', checked: true }
+            : null,
+          buttons: [
+            Dialog.cancelButton(),
+            Dialog.warnButton({ label: 'Restore' })
+          ]
         });
         if (!result.button.accept) {
           return;
         }
         if (result.isChecked && current) {
-          const saved = await snapshotNotebook(panel, `before restoring ${snapshotName(s, false)}`);
+          const saved = await snapshotNotebook(
+            panel,
+            `before restoring ${snapshotName(s, false)}`
+          );
           if (!saved) {
             return; // keep what the user would have lost
           }
         }
         await notifying(
-          client.restore(s.id, current ? { mode: 'replace', kernel_id: current } : { mode: 'replace' }),
+          client.restore(
+            s.id,
+            current
+              ? { mode: 'replace', kernel_id: current }
+              : { mode: 'replace' }
+          ),
           `Restoring ${snapshotName(s)}…`,
-          out => `Kernel restored from the snapshot in ${formatSeconds(out.total_seconds)}.`,
+          out =>
+            `Kernel restored from the snapshot in ${formatSeconds(out.total_seconds)}.`,
           'Restore failed'
         );
         await model.refresh();
@@ -136,9 +213,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
 
       async fork(s) {
         const outcome = await notifying(
-          client.restore(s.id, s.path ? { mode: 'new', copy: true } : { mode: 'new' }),
+          client.restore(
+            s.id,
+            s.path ? { mode: 'new', copy: true } : { mode: 'new' }
+          ),
           `Starting a new kernel from ${snapshotName(s)}…`,
-          out => `New kernel from the snapshot${out.path ? ` in ${out.path}` : ''}, in ${formatSeconds(out.total_seconds)}.`,
+          out =>
+            `New kernel from the snapshot${out.path ? ` in ${out.path}` : ''}, in ${formatSeconds(out.total_seconds)}.`,
           'Fork failed'
         );
         if (outcome?.path) {
@@ -147,9 +228,17 @@ const plugin: JupyterFrontEndPlugin<void> = {
       },
 
       async rename(s) {
-        const result = await InputDialog.getText({ title: 'Rename snapshot', text: s.label, okLabel: 'Rename' });
+        const result = await InputDialog.getText({
+          title: 'Rename snapshot',
+          text: s.label,
+          okLabel: 'Rename'
+        });
         if (result.button.accept && result.value !== null) {
-          await client.relabel(s.id, result.value).catch(error => Notification.error(`Not renamed: ${reason(error)}`));
+          await client
+            .relabel(s.id, result.value)
+            .catch(error =>
+              Notification.error(`Not renamed: ${reason(error)}`)
+            );
           await model.refresh();
         }
       },
@@ -158,10 +247,17 @@ const plugin: JupyterFrontEndPlugin<void> = {
         const result = await showDialog({
           title: 'Delete this snapshot?',
           body: `${snapshotName(s)} is deleted for good.`.replace(/^t/, 'T'),
-          buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Delete' })]
+          buttons: [
+            Dialog.cancelButton(),
+            Dialog.warnButton({ label: 'Delete' })
+          ]
         });
         if (result.button.accept) {
-          await client.remove(s.id).catch(error => Notification.error(`Not deleted: ${reason(error)}`));
+          await client
+            .remove(s.id)
+            .catch(error =>
+              Notification.error(`Not deleted: ${reason(error)}`)
+            );
           await model.refresh();
         }
       },
@@ -185,26 +281,38 @@ const plugin: JupyterFrontEndPlugin<void> = {
             return;
           }
           try {
-            const s = await client.uploadBundle(file, false).catch(async error => {
-              if (!(error instanceof CheckpointError) || error.status !== 409) {
-                throw error;
-              }
-              const answer = await showDialog({
-                title: 'Trust this bundle?',
-                body: `${error.message}. Import it anyway, signed again with this server's key?`,
-                buttons: [Dialog.cancelButton(), Dialog.okButton({ label: 'Trust and import' })]
+            const s = await client
+              .uploadBundle(file, false)
+              .catch(async error => {
+                if (
+                  !(error instanceof CheckpointError) ||
+                  error.status !== 409
+                ) {
+                  throw error;
+                }
+                const answer = await showDialog({
+                  title: 'Trust this bundle?',
+                  body: `${error.message}. Import it anyway, signed again with this server's key?`,
+                  buttons: [
+                    Dialog.cancelButton(),
+                    Dialog.okButton({ label: 'Trust and import' })
+                  ]
+                });
+                if (!answer.button.accept) {
+                  return null;
+                }
+                return client.uploadBundle(file, true);
               });
-              if (!answer.button.accept) {
-                return null;
-              }
-              return client.uploadBundle(file, true);
-            });
             if (s) {
-              Notification.success(`Imported ${snapshotName(s)}.`, { autoClose: 5000 });
+              Notification.success(`Imported ${snapshotName(s)}.`, {
+                autoClose: 5000
+              });
               await model.refresh();
             }
           } catch (error) {
-            Notification.error(`Bundle not imported: ${reason(error)}`, { autoClose: false });
+            Notification.error(`Bundle not imported: ${reason(error)}`, {
+              autoClose: false
+            });
           }
         };
         input.click();
@@ -215,8 +323,13 @@ const plugin: JupyterFrontEndPlugin<void> = {
           return;
         }
         await client
-          .setSchedule(model.kernelId, { enabled, interval_seconds: intervalSeconds })
-          .catch(error => Notification.error(`Auto-backup not changed: ${reason(error)}`));
+          .setSchedule(model.kernelId, {
+            enabled,
+            interval_seconds: intervalSeconds
+          })
+          .catch(error =>
+            Notification.error(`Auto-backup not changed: ${reason(error)}`)
+          );
         await model.refresh();
       }
     };
@@ -236,32 +349,45 @@ const plugin: JupyterFrontEndPlugin<void> = {
     });
     follow();
 
-    toolbarRegistry.addFactory<NotebookPanel>('Notebook', 'ckpt-snapshot', nb => {
-      const button = new SnapshotButton(progress, () => kernelOf(nb), () => void snapshotNotebook(nb));
-      nb.sessionContext.kernelChanged.connect(() => button.update());
-      return button;
-    });
-    toolbarRegistry.addFactory<NotebookPanel>('Notebook', 'ckpt-lineage', nb => {
-      const indicator = new LineageIndicator(origins, () => kernelOf(nb));
-      const load = () => {
-        const kernelId = kernelOf(nb);
-        if (kernelId) {
-          void origins.load(kernelId);
-        }
-      };
-      nb.sessionContext.kernelChanged.connect(load);
-      nb.sessionContext.statusChanged.connect((_, status) => {
-        if (status === 'restarting' || status === 'autorestarting') {
-          setTimeout(load, 1000); // a restarted kernel no longer runs from a snapshot
-        }
-      });
-      void nb.sessionContext.ready.then(load);
-      return indicator;
-    });
+    toolbarRegistry.addFactory<NotebookPanel>(
+      'Notebook',
+      'ckpt-snapshot',
+      nb => {
+        const button = new SnapshotButton(
+          progress,
+          () => kernelOf(nb),
+          () => void snapshotNotebook(nb)
+        );
+        nb.sessionContext.kernelChanged.connect(() => button.update());
+        return button;
+      }
+    );
+    toolbarRegistry.addFactory<NotebookPanel>(
+      'Notebook',
+      'ckpt-lineage',
+      nb => {
+        const indicator = new LineageIndicator(origins, () => kernelOf(nb));
+        const load = () => {
+          const kernelId = kernelOf(nb);
+          if (kernelId) {
+            void origins.load(kernelId);
+          }
+        };
+        nb.sessionContext.kernelChanged.connect(load);
+        nb.sessionContext.statusChanged.connect((_, status) => {
+          if (status === 'restarting' || status === 'autorestarting') {
+            setTimeout(load, 1000); // a restarted kernel no longer runs from a snapshot
+          }
+        });
+        void nb.sessionContext.ready.then(load);
+        return indicator;
+      }
+    );
 
     app.commands.addCommand(CommandIDs.snapshot, {
       label: 'Snapshot Kernel',
-      caption: "Snapshot the current notebook's kernel: all of its memory, also in the middle of a cell",
+      caption:
+        "Snapshot the current notebook's kernel: all of its memory, also in the middle of a cell",
       icon: snapshotIcon,
       isEnabled: () => !!kernelOf(tracker.currentWidget),
       execute: () => snapshotNotebook(tracker.currentWidget)

@@ -4,9 +4,16 @@
  */
 import { ISignal, Signal } from '@lumino/signaling';
 
-import { CheckpointClient, IKernelState, ISchedule, IServerStatus, ISnapshot } from './api';
+import {
+  CheckpointClient,
+  IKernelState,
+  ISchedule,
+  IServerStatus,
+  ISnapshot
+} from './api';
 
-export const SNAPSHOT_SCHEMA = 'https://events.jupyter.org/jupyter_ckpt/snapshot/v1';
+export const SNAPSHOT_SCHEMA =
+  'https://events.jupyter.org/jupyter_ckpt/snapshot/v1';
 
 /** One event of schema snapshot/v1, as the server emits it. */
 export interface ISnapshotEvent {
@@ -21,12 +28,17 @@ export interface ISnapshotEvent {
   message?: string;
 }
 
-export function isSnapshotEvent(event: { schema_id?: string }): event is ISnapshotEvent {
+export function isSnapshotEvent(event: {
+  schema_id?: string;
+}): event is ISnapshotEvent {
   return event.schema_id === SNAPSHOT_SCHEMA;
 }
 
 /** The calls the panel model makes (the client, or a test's stand-in). */
-export type IModelClient = Pick<CheckpointClient, 'list' | 'status' | 'kernel' | 'schedule'>;
+export type IModelClient = Pick<
+  CheckpointClient,
+  'list' | 'status' | 'kernel' | 'schedule'
+>;
 
 /**
  * The snapshots the panel shows: those of the current notebook (or all of
@@ -50,7 +62,10 @@ export class SnapshotsModel {
   error = '';
 
   /** The notebook (and its kernel) the panel is about. */
-  async setContext(path: string | null, kernelId: string | null): Promise<void> {
+  async setContext(
+    path: string | null,
+    kernelId: string | null
+  ): Promise<void> {
     if (path === this.path && kernelId === this.kernelId) {
       return;
     }
@@ -70,10 +85,17 @@ export class SnapshotsModel {
       const filter = this.showAll || !this.path ? {} : { path: this.path };
       const listed = await this.client.list(filter);
       // Ids are ULIDs: their order is the order of creation.
-      this.snapshots = [...listed].sort((a, b) => (a.id < b.id ? 1 : a.id > b.id ? -1 : 0));
-      this.kernel = this.kernelId ? await this.client.kernel(this.kernelId).catch(() => null) : null;
+      this.snapshots = [...listed].sort((a, b) =>
+        a.id < b.id ? 1 : a.id > b.id ? -1 : 0
+      );
+      this.kernel = this.kernelId
+        ? await this.client.kernel(this.kernelId).catch(() => null)
+        : null;
       this.restoredFrom = this.kernel?.restored_from ?? null;
-      this.schedule = this.kernelId && this.kernel?.checkpointable ? await this.client.schedule(this.kernelId).catch(() => null) : null;
+      this.schedule =
+        this.kernelId && this.kernel?.checkpointable
+          ? await this.client.schedule(this.kernelId).catch(() => null)
+          : null;
       this.error = '';
     } catch (error) {
       this.error = (error as Error).message;
@@ -98,7 +120,17 @@ export class SnapshotsModel {
     }
     this._changed.emit();
     // New, finished or gone snapshots change the list itself: fetch it again.
-    if (['started', 'completed', 'failed', 'deleted', 'pruned', 'restored', 'schedule_changed'].includes(event.action)) {
+    if (
+      [
+        'started',
+        'completed',
+        'failed',
+        'deleted',
+        'pruned',
+        'restored',
+        'schedule_changed'
+      ].includes(event.action)
+    ) {
       void this.refresh();
     }
   }
@@ -198,7 +230,10 @@ export class ProgressTracker {
 
   private _running = new Map<string, IRunning>();
   private _ended = new Map<string, ISnapshotEvent>();
-  private _waiting = new Map<string, { resolve: (e: ISnapshotEvent) => void; reject: (e: Error) => void }>();
+  private _waiting = new Map<
+    string,
+    { resolve: (e: ISnapshotEvent) => void; reject: (e: Error) => void }
+  >();
   private _changed = new Signal<this, string>(this);
 }
 
@@ -209,16 +244,23 @@ export interface IOrigin {
 }
 
 /** How a snapshot is named to users: its label (in quotes unless ``quoted`` is false), or when it was taken. */
-export function snapshotName(s: { id: string; label?: string | null; created?: string | null }, quoted = true): string {
+export function snapshotName(
+  s: { id: string; label?: string | null; created?: string | null },
+  quoted = true
+): string {
   if (s.label) {
     return quoted ? `“${s.label}”` : s.label;
   }
-  return s.created ? `the snapshot of ${new Date(s.created).toLocaleString()}` : `snapshot ${s.id.slice(-6)}`;
+  return s.created
+    ? `the snapshot of ${new Date(s.created).toLocaleString()}`
+    : `snapshot ${s.id.slice(-6)}`;
 }
 
 /** Which snapshot each kernel's processes were restored from (for the toolbar). */
 export class KernelOrigins {
-  constructor(private readonly client: Pick<CheckpointClient, 'kernel' | 'get'>) {}
+  constructor(
+    private readonly client: Pick<CheckpointClient, 'kernel' | 'get'>
+  ) {}
 
   get changed(): ISignal<this, void> {
     return this._changed;
@@ -244,19 +286,29 @@ export class KernelOrigins {
     } else if (event.action === 'deleted' && event.snapshot_id) {
       for (const [kernelId, origin] of this._origins) {
         if (origin.id === event.snapshot_id) {
-          this._origins.set(kernelId, { ...origin, label: `${snapshotName(origin, false)} (deleted)` });
+          this._origins.set(kernelId, {
+            ...origin,
+            label: `${snapshotName(origin, false)} (deleted)`
+          });
         }
       }
       this._changed.emit();
     }
   }
 
-  private async set(kernelId: string, snapshotId: string | null): Promise<void> {
+  private async set(
+    kernelId: string,
+    snapshotId: string | null
+  ): Promise<void> {
     if (!snapshotId) {
       this._origins.delete(kernelId);
     } else {
       const found = await this.client.get(snapshotId).catch(() => null);
-      this._origins.set(kernelId, { id: snapshotId, label: found?.label ?? '', created: found?.created ?? null });
+      this._origins.set(kernelId, {
+        id: snapshotId,
+        label: found?.label ?? '',
+        created: found?.created ?? null
+      });
     }
     this._changed.emit();
   }

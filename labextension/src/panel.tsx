@@ -16,7 +16,12 @@ import {
 import * as React from 'react';
 
 import { ISnapshot, formatBytes, formatSeconds } from './api';
-import { KernelOrigins, ProgressTracker, SnapshotsModel, snapshotName } from './model';
+import {
+  KernelOrigins,
+  ProgressTracker,
+  SnapshotsModel,
+  snapshotName
+} from './model';
 import { snapshotIcon } from './icons';
 
 /** What the panel's buttons do; the plugin implements them with dialogs. */
@@ -36,33 +41,53 @@ const TRIGGER_TITLE: Record<string, string> = {
   auto: 'taken by auto-backup'
 };
 
-function SnapshotRow(props: { snapshot: ISnapshot; model: SnapshotsModel; actions: IPanelActions }): JSX.Element {
+function SnapshotRow(props: {
+  snapshot: ISnapshot;
+  model: SnapshotsModel;
+  actions: IPanelActions;
+}): JSX.Element {
   const { snapshot: s, model, actions } = props;
   const created = new Date(s.created);
   const done = s.status === 'complete';
   const forkReason = model.forkUnavailableReason;
   const isOrigin = model.restoredFrom === s.id;
   return (
-    <li className={`jp-ckpt-row jp-ckpt-status-${s.status}${isOrigin ? ' jp-ckpt-origin' : ''}`} data-snapshot-id={s.id}>
+    <li
+      className={`jp-ckpt-row jp-ckpt-status-${s.status}${isOrigin ? ' jp-ckpt-origin' : ''}`}
+      data-snapshot-id={s.id}
+    >
       <div className="jp-ckpt-row-head">
         <span className="jp-ckpt-time" title={created.toString()}>
           {created.toLocaleString()}
         </span>
-        <span className={`jp-ckpt-trigger jp-ckpt-trigger-${s.trigger}`} title={TRIGGER_TITLE[s.trigger] ?? ''}>
+        <span
+          className={`jp-ckpt-trigger jp-ckpt-trigger-${s.trigger}`}
+          title={TRIGGER_TITLE[s.trigger] ?? ''}
+        >
           {s.trigger}
         </span>
       </div>
       <div className="jp-ckpt-label">{s.label || <em>no label</em>}</div>
       <div className="jp-ckpt-facts">
         <span title="kernel memory">{formatBytes(s.memory_bytes)}</span>
-        <span title="how long the kernel was frozen">frozen {formatSeconds(s.freeze_seconds)}</span>
+        <span title="how long the kernel was frozen">
+          frozen {formatSeconds(s.freeze_seconds)}
+        </span>
         <span className="jp-ckpt-status" title={s.error ?? ''}>
           {s.status}
         </span>
-        {model.showAll && s.path ? <span title="notebook">{s.path}</span> : null}
+        {model.showAll && s.path ? (
+          <span title="notebook">{s.path}</span>
+        ) : null}
       </div>
-      {s.status === 'failed' && s.error ? <div className="jp-ckpt-error">{s.error}</div> : null}
-      {isOrigin ? <div className="jp-ckpt-origin-note">the running kernel was restored from this snapshot</div> : null}
+      {s.status === 'failed' && s.error ? (
+        <div className="jp-ckpt-error">{s.error}</div>
+      ) : null}
+      {isOrigin ? (
+        <div className="jp-ckpt-origin-note">
+          the running kernel was restored from this snapshot
+        </div>
+      ) : null}
       <div className="jp-ckpt-actions">
         <ToolbarButtonComponent
           icon={undoIcon}
@@ -74,22 +99,43 @@ function SnapshotRow(props: { snapshot: ISnapshot; model: SnapshotsModel; action
         <ToolbarButtonComponent
           icon={copyIcon}
           label="Fork"
-          tooltip={forkReason || 'Restore as a new kernel, in a copy of the notebook'}
+          tooltip={
+            forkReason || 'Restore as a new kernel, in a copy of the notebook'
+          }
           enabled={done && !forkReason}
           onClick={() => actions.fork(s)}
         />
-        <ToolbarButtonComponent icon={editIcon} tooltip="Rename" enabled={s.status !== 'failed'} onClick={() => actions.rename(s)} />
-        <ToolbarButtonComponent icon={downloadIcon} tooltip="Download as a bundle" enabled={done} onClick={() => actions.download(s)} />
-        <ToolbarButtonComponent icon={deleteIcon} tooltip="Delete" onClick={() => actions.remove(s)} />
+        <ToolbarButtonComponent
+          icon={editIcon}
+          tooltip="Rename"
+          enabled={s.status !== 'failed'}
+          onClick={() => actions.rename(s)}
+        />
+        <ToolbarButtonComponent
+          icon={downloadIcon}
+          tooltip="Download as a bundle"
+          enabled={done}
+          onClick={() => actions.download(s)}
+        />
+        <ToolbarButtonComponent
+          icon={deleteIcon}
+          tooltip="Delete"
+          onClick={() => actions.remove(s)}
+        />
       </div>
     </li>
   );
 }
 
-function ScheduleControls(props: { model: SnapshotsModel; actions: IPanelActions }): JSX.Element | null {
+function ScheduleControls(props: {
+  model: SnapshotsModel;
+  actions: IPanelActions;
+}): JSX.Element | null {
   const { model, actions } = props;
   const schedule = model.schedule;
-  const [minutes, setMinutes] = React.useState(schedule ? Math.round(schedule.interval_seconds / 60) : 30);
+  const [minutes, setMinutes] = React.useState(
+    schedule ? Math.round(schedule.interval_seconds / 60) : 30
+  );
   React.useEffect(() => {
     if (schedule) {
       setMinutes(Math.round(schedule.interval_seconds / 60));
@@ -105,7 +151,9 @@ function ScheduleControls(props: { model: SnapshotsModel; actions: IPanelActions
           type="checkbox"
           className="jp-ckpt-auto-backup"
           checked={schedule.enabled}
-          onChange={e => actions.setSchedule(e.currentTarget.checked, minutes * 60)}
+          onChange={e =>
+            actions.setSchedule(e.currentTarget.checked, minutes * 60)
+          }
         />{' '}
         Auto-backup every
       </label>
@@ -114,7 +162,9 @@ function ScheduleControls(props: { model: SnapshotsModel; actions: IPanelActions
         min={1}
         className="jp-mod-styled jp-ckpt-interval"
         value={minutes}
-        onChange={e => setMinutes(Math.max(1, Number(e.currentTarget.value) || 1))}
+        onChange={e =>
+          setMinutes(Math.max(1, Number(e.currentTarget.value) || 1))
+        }
         onBlur={() => actions.setSchedule(schedule.enabled, minutes * 60)}
       />{' '}
       min, keeping {schedule.keep}
@@ -143,30 +193,66 @@ export class SnapshotsPanel extends ReactWidget {
             <div className="jp-ckpt-panel-body">
               <header className="jp-ckpt-header">
                 <h2>Snapshots</h2>
-                <div className="jp-ckpt-context">{m.showAll ? 'all notebooks' : m.path ?? 'no notebook open'}</div>
+                <div className="jp-ckpt-context">
+                  {m.showAll ? 'all notebooks' : (m.path ?? 'no notebook open')}
+                </div>
                 <div className="jp-ckpt-header-actions">
                   <label title="Show the snapshots of every notebook">
-                    <input type="checkbox" className="jp-ckpt-show-all" checked={m.showAll} onChange={e => void m.setShowAll(e.currentTarget.checked)} /> all
+                    <input
+                      type="checkbox"
+                      className="jp-ckpt-show-all"
+                      checked={m.showAll}
+                      onChange={e => void m.setShowAll(e.currentTarget.checked)}
+                    />{' '}
+                    all
                   </label>
-                  <ToolbarButtonComponent icon={fileUploadIcon} tooltip="Upload a bundle" onClick={() => this.actions.upload()} />
-                  <ToolbarButtonComponent icon={refreshIcon} tooltip="Refresh" onClick={() => void m.refresh()} />
+                  <ToolbarButtonComponent
+                    icon={fileUploadIcon}
+                    tooltip="Upload a bundle"
+                    onClick={() => this.actions.upload()}
+                  />
+                  <ToolbarButtonComponent
+                    icon={refreshIcon}
+                    tooltip="Refresh"
+                    onClick={() => void m.refresh()}
+                  />
                 </div>
                 {m.restoredFrom ? (
                   <div className="jp-ckpt-lineage">
-                    <historyIcon.react tag="span" className="jp-ckpt-inline-icon" />
-                    <span>The kernel runs from {snapshotName(m.origin ?? { id: m.restoredFrom })}</span>
+                    <historyIcon.react
+                      tag="span"
+                      className="jp-ckpt-inline-icon"
+                    />
+                    <span>
+                      The kernel runs from{' '}
+                      {snapshotName(m.origin ?? { id: m.restoredFrom })}
+                    </span>
                   </div>
                 ) : null}
                 <ScheduleControls model={m} actions={this.actions} />
-                {m.server && !m.server.criu.available ? <div className="jp-ckpt-error">Snapshots are disabled: {m.server.criu.reason}</div> : null}
-                {m.error ? <div className="jp-ckpt-error">{m.error}</div> : null}
+                {m.server && !m.server.criu.available ? (
+                  <div className="jp-ckpt-error">
+                    Snapshots are disabled: {m.server.criu.reason}
+                  </div>
+                ) : null}
+                {m.error ? (
+                  <div className="jp-ckpt-error">{m.error}</div>
+                ) : null}
               </header>
               {m.snapshots.length === 0 ? (
-                <p className="jp-ckpt-empty">No snapshots yet. Use the Snapshot button in the notebook toolbar.</p>
+                <p className="jp-ckpt-empty">
+                  No snapshots yet. Use the Snapshot button in the notebook
+                  toolbar.
+                </p>
               ) : (
                 <ul className="jp-ckpt-list">
                   {m.snapshots.map(s => (
-                    <SnapshotRow key={s.id} snapshot={s} model={m} actions={this.actions} />
+                    <SnapshotRow
+                      key={s.id}
+                      snapshot={s}
+                      model={m}
+                      actions={this.actions}
+                    />
                   ))}
                 </ul>
               )}
@@ -200,12 +286,22 @@ export class SnapshotButton extends ReactWidget {
       <UseSignal signal={this.progress.changed}>
         {() => {
           const kernelId = this.kernelId();
-          const running = kernelId ? this.progress.running(kernelId) : undefined;
+          const running = kernelId
+            ? this.progress.running(kernelId)
+            : undefined;
           return (
             <ToolbarButtonComponent
               icon={snapshotIcon}
-              label={running ? STATUS_WORD[running.status] ?? 'Snapshot…' : 'Snapshot'}
-              tooltip={running ? `Snapshot ${running.snapshotId}: ${running.status}` : 'Snapshot the kernel (all of its memory, also mid-cell)'}
+              label={
+                running
+                  ? (STATUS_WORD[running.status] ?? 'Snapshot…')
+                  : 'Snapshot'
+              }
+              tooltip={
+                running
+                  ? `Snapshot ${running.snapshotId}: ${running.status}`
+                  : 'Snapshot the kernel (all of its memory, also mid-cell)'
+              }
               enabled={!running && !!kernelId}
               onClick={this.onClick}
               dataset={{ command: 'jupyter-ckpt:snapshot' }}
@@ -234,9 +330,15 @@ export class LineageIndicator extends ReactWidget {
           const kernelId = this.kernelId();
           const origin = kernelId ? this.origins.get(kernelId) : null;
           return origin ? (
-            <span title={`The kernel was restored from ${snapshotName(origin)} (${origin.id})`}>
-              <historyIcon.react tag="span" className="jp-ckpt-inline-icon" /> from{' '}
-              {origin.label || (origin.created ? new Date(origin.created).toLocaleTimeString() : origin.id.slice(-6))}
+            <span
+              title={`The kernel was restored from ${snapshotName(origin)} (${origin.id})`}
+            >
+              <historyIcon.react tag="span" className="jp-ckpt-inline-icon" />{' '}
+              from{' '}
+              {origin.label ||
+                (origin.created
+                  ? new Date(origin.created).toLocaleTimeString()
+                  : origin.id.slice(-6))}
             </span>
           ) : (
             <span />

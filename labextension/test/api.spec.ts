@@ -6,7 +6,12 @@
  */
 import { ServerConnection } from '@jupyterlab/services';
 
-import { CheckpointClient, CheckpointError, formatBytes, formatSeconds } from '../src/api';
+import {
+  CheckpointClient,
+  CheckpointError,
+  formatBytes,
+  formatSeconds
+} from '../src/api';
 
 interface ISeen {
   url: string;
@@ -14,38 +19,72 @@ interface ISeen {
   body: string | null;
 }
 
-function serverAnswering(status: number, body: unknown): { client: CheckpointClient; seen: ISeen[] } {
+function serverAnswering(
+  status: number,
+  body: unknown
+): { client: CheckpointClient; seen: ISeen[] } {
   const seen: ISeen[] = [];
-  const fetch = async (input: RequestInfo | URL, init?: RequestInit): Promise<Response> => {
-    const request = input instanceof Request ? input : new Request(input as string, init);
+  const fetch = async (
+    input: RequestInfo | URL,
+    init?: RequestInit
+  ): Promise<Response> => {
+    const request =
+      input instanceof Request ? input : new Request(input as string, init);
     // (ServerConnection appends a cache-busting timestamp to every URL.)
     const url = request.url.replace(/[?&]\d{13}$/, '');
-    seen.push({ url, method: request.method, body: request.body ? await request.text() : null });
-    const text = body === undefined ? '' : typeof body === 'string' ? body : JSON.stringify(body);
-    return new Response(status === 204 ? null : text, { status, statusText: status === 200 ? 'OK' : 'Error' });
+    seen.push({
+      url,
+      method: request.method,
+      body: request.body ? await request.text() : null
+    });
+    const text =
+      body === undefined
+        ? ''
+        : typeof body === 'string'
+          ? body
+          : JSON.stringify(body);
+    return new Response(status === 204 ? null : text, {
+      status,
+      statusText: status === 200 ? 'OK' : 'Error'
+    });
   };
-  const settings = ServerConnection.makeSettings({ baseUrl: 'http://localhost:8888/lab-base/', token: 'secret', fetch });
+  const settings = ServerConnection.makeSettings({
+    baseUrl: 'http://localhost:8888/lab-base/',
+    token: 'secret',
+    fetch
+  });
   return { client: new CheckpointClient(settings), seen };
 }
 
 describe('CheckpointClient', () => {
   it('starts a snapshot of a kernel with a label', async () => {
-    const { client, seen } = serverAnswering(202, { id: '01A', status: 'pending' });
+    const { client, seen } = serverAnswering(202, {
+      id: '01A',
+      status: 'pending'
+    });
     const snap = await client.snapshot('k-1', 'epoch 3');
     expect(snap.status).toBe('pending');
     expect(seen[0].method).toBe('POST');
-    expect(seen[0].url).toBe('http://localhost:8888/lab-base/api/ckpt/kernels/k-1/snapshots');
+    expect(seen[0].url).toBe(
+      'http://localhost:8888/lab-base/api/ckpt/kernels/k-1/snapshots'
+    );
     expect(JSON.parse(seen[0].body!)).toEqual({ label: 'epoch 3' });
   });
 
   it('lists the snapshots of one notebook', async () => {
     const { client, seen } = serverAnswering(200, []);
     await client.list({ path: 'work/a b.ipynb' });
-    expect(seen[0].url).toBe('http://localhost:8888/lab-base/api/ckpt/snapshots?path=work%2Fa%20b.ipynb');
+    expect(seen[0].url).toBe(
+      'http://localhost:8888/lab-base/api/ckpt/snapshots?path=work%2Fa%20b.ipynb'
+    );
   });
 
   it('restores as a new kernel in a copy of the notebook', async () => {
-    const { client, seen } = serverAnswering(201, { kernel_id: 'k-2', mode: 'new', path: 'a-Copy1.ipynb' });
+    const { client, seen } = serverAnswering(201, {
+      kernel_id: 'k-2',
+      mode: 'new',
+      path: 'a-Copy1.ipynb'
+    });
     const out = await client.restore('01A', { mode: 'new', copy: true });
     expect(out.path).toBe('a-Copy1.ipynb');
     expect(seen[0].url).toMatch(/\/api\/ckpt\/snapshots\/01A\/restore$/);
@@ -59,15 +98,24 @@ describe('CheckpointClient', () => {
   });
 
   it("raises the server's reason with its status", async () => {
-    const { client } = serverAnswering(409, { message: 'snapshot 01A cannot be restored here: /srv/x (file) missing here' });
+    const { client } = serverAnswering(409, {
+      message:
+        'snapshot 01A cannot be restored here: /srv/x (file) missing here'
+    });
     const failure = client.restore('01A', { mode: 'replace' });
     await expect(failure).rejects.toBeInstanceOf(CheckpointError);
-    await expect(failure).rejects.toMatchObject({ status: 409, message: expect.stringContaining('/srv/x (file) missing here') });
+    await expect(failure).rejects.toMatchObject({
+      status: 409,
+      message: expect.stringContaining('/srv/x (file) missing here')
+    });
   });
 
   it('says so when the answer is not JSON', async () => {
     const { client } = serverAnswering(502, '<html>Bad gateway</html>');
-    await expect(client.status()).rejects.toMatchObject({ status: 502, message: 'Error' });
+    await expect(client.status()).rejects.toMatchObject({
+      status: 502,
+      message: 'Error'
+    });
   });
 
   it('uploads a bundle as the raw body, with or without trust', async () => {
@@ -79,7 +127,9 @@ describe('CheckpointClient', () => {
 
   it('builds the bundle download address', () => {
     const { client } = serverAnswering(200, {});
-    expect(client.bundleUrl('01A')).toBe('http://localhost:8888/lab-base/api/ckpt/snapshots/01A/bundle');
+    expect(client.bundleUrl('01A')).toBe(
+      'http://localhost:8888/lab-base/api/ckpt/snapshots/01A/bundle'
+    );
   });
 });
 

@@ -1,0 +1,101 @@
+"""What the server knows of each kernel between operations: which kernel an
+operation holds (one at a time), which restored kernel still waits for its
+clients or its memory, and which snapshot each kernel last came from or saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from .errors import OperationInProgress
+
+
+class Claim:
+    """One operation's hold on one kernel. Released at the end of the
+    ``async with`` that took it, unless handed over to a task that outlives
+    it (a snapshot being stored, a lazy restore's memory transfer)."""
+
+    def __init__(self, claims: KernelClaims, kernel_id: str):
+        self.claims, self.kernel_id = claims, kernel_id
+        self.handed_over = False
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.claims._held.discard(self.kernel_id)
+
+    def hand_over(self) -> Claim:
+        """The caller's ``async with`` no longer releases it: the new owner does."""
+        self.handed_over = True
+        return self
+
+    def release_after(self, task: asyncio.Task) -> None:
+        """Hold the kernel until ``task`` ends (snapshots and restores of it wait for it)."""
+        self.hand_over()
+        self.claims._memory_loads[self.kernel_id] = task
+
+        def done(_: asyncio.Task) -> None:
+            self.claims._memory_loads.pop(self.kernel_id, None)
+            self.release()
+
+        task.add_done_callback(done)
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class KernelClaims:
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._memory_loads: dict[str, asyncio.Task] = {}  # lazily restored kernels, until their memory is back
+        self._reconnecting: set[str] = set()  # restored kernels whose clients are not back yet
+        self.lineage: dict[str, str] = {}  # kernel id -> snapshot it last came from or saved
+
+    def is_held(self, kernel_id: str) -> bool:
+        return kernel_id in self._held
+
+    @asynccontextmanager
+    async def hold(self, kernel_id: str) -> AsyncIterator[Claim]:
+        """Claim a kernel for one operation, or raise OperationInProgress.
+
+        A kernel whose memory is still coming back after a lazy restore is
+        waited for, not refused: CRIU cannot dump it before."""
+        loading = self._memory_loads.get(kernel_id)
+        if loading is not None:
+            await asyncio.shield(loading)
+        if kernel_id in self._held:
+            raise OperationInProgress(f"a snapshot or restore of kernel {kernel_id} is already running")
+        self._held.add(kernel_id)
+        claim = Claim(self, kernel_id)
+        try:
+            yield claim
+        finally:
+            if not claim.handed_over:
+                claim.release()
+
+    async def memory_loads_done(self) -> None:
+        """Wait for every lazy restore's memory transfer (never cut one short)."""
+        if self._memory_loads:
+            await asyncio.gather(*self._memory_loads.values(), return_exceptions=True)
+
+    # -- restored kernels waiting for their clients ---------------------------------
+
+    def reconnecting(self, kernel_id: str) -> None:
+        self._reconnecting.add(kernel_id)
+
+    def reconnected(self, kernel_id: str) -> None:
+        self._reconnecting.discard(kernel_id)
+
+    def settled(self, kernel_id: str) -> bool:
+        """False while a restore of the kernel waits for its clients to reconnect."""
+        return kernel_id not in self._reconnecting
+
+    def forget(self, kernel_id: str) -> None:
+        """The kernel was shut down or restarted: it comes from no snapshot now."""
+        self.lineage.pop(kernel_id, None)

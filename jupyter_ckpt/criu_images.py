@@ -1,0 +1,190 @@
+"""CRIU's image files: reading and editing them, and checking them against this machine.
+
+Edits (made before a restore, on verified copies):
+- ``allow_resized_files``: drop CRIU's size check for files that may grow (IPython's history);
+- ``move_listeners``: make dumped TCP listeners listen elsewhere (a fork's address).
+
+Check: CRIU does not carry the files a process has open or mapped (its program,
+the shared libraries, the working directory, data files): it reopens them by
+path on restore and checks their size and, for ELF files, their build-id.
+Restoring a snapshot taken on another machine, or after a package upgrade,
+fails deep inside CRIU if one differs. ``differences`` makes the same checks up
+front, from the images, and lists every difference in words.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import stat
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+
+def load_entries(images_dir: Path, name: str) -> list[dict]:
+    """The entries of one image file, decoded by pycriu ([] if it is absent)."""
+    import pycriu
+
+    try:
+        with open(images_dir / name, "rb") as f:
+            return pycriu.images.load(f)["entries"]
+    except FileNotFoundError:
+        return []
+
+
+def allow_resized_files(images_dir: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Drop CRIU's size check for open files matching ``patterns`` (fnmatch).
+
+    CRIU refuses to restore a regular file whose size changed since the dump.
+    That is right for user data, but IPython keeps its history database open in
+    every kernel and it grows with every cell; SQLite re-reads a database that
+    changed under it when it next takes a lock, so restoring over a grown one is
+    safe. Returns the paths relaxed.
+    """
+    if not patterns:
+        return []
+    relaxed: list[str] = []
+
+    def relax(entries: list[dict]) -> int:
+        for entry in entries:
+            reg = entry.get("reg") if entry.get("type") == "REG" else None
+            if reg and "size" in reg and any(fnmatch.fnmatch(reg["name"], p) for p in patterns):
+                del reg["size"]
+                relaxed.append(reg["name"])
+        return len(relaxed)
+
+    _edit_files_image(images_dir, relax)
+    return relaxed
+
+
+def move_listeners(images_dir: Path, moves: Mapping[int, tuple[str, int]]) -> int:
+    """Make the dumped IPv4 TCP listeners on the given ports listen at a new
+    address and port on restore: ``{old_port: (address, new_port)}``.
+
+    A fork's kernel lives in a network namespace of its own, where its ZMQ
+    listeners are rebound to the address the server reaches that namespace at.
+    Listeners on other ports (user code's servers) are left alone. Returns the
+    number of listeners moved.
+    """
+
+    def move(entries: list[dict]) -> int:
+        moved = 0
+        for entry in entries:
+            isk = entry.get("isk") if entry.get("type") == "INETSK" else None
+            if isk and isk.get("state") == _TCP_LISTEN and isk.get("src_port") in moves:
+                address, port = moves[isk["src_port"]]
+                isk["src_addr"] = [int.from_bytes(ipaddress.IPv4Address(address).packed, "little")]
+                isk["src_port"] = port
+                moved += 1
+        return moved
+
+    return _edit_files_image(images_dir, move)
+
+
+_TCP_LISTEN = 10
+
+
+def _edit_files_image(images_dir: Path, edit: Callable[[list[dict]], int]) -> int:
+    """Apply ``edit`` to the entries of ``files.img``; it returns how many it
+    changed, and the image is rewritten (atomically) only if that is not 0."""
+    import pycriu
+
+    path = images_dir / "files.img"
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        image = pycriu.images.load(f)
+    changed = edit(image["entries"])
+    if changed:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pycriu.images.dump(image, f)
+        os.replace(tmp, path)
+    return changed
+
+
+_PT_NOTE = 4
+_NT_GNU_BUILD_ID = 3
+
+
+def differences(images_dir: Path) -> list[str]:
+    """One line per file that is missing or differs here, empty if none does."""
+
+    def load(name: str) -> list[dict]:
+        return load_entries(images_dir, name)
+
+    # Deleted files that CRIU carries in the images itself need nothing here.
+    carried = {e.get("orig_id") for e in load("remap-fpath.img")}
+    roles: dict[int, str] = {}
+    for mm_file in images_dir.glob("mm-*.img"):
+        for mm in load(mm_file.name):
+            roles[mm.get("exe_file_id", -1)] = "program"
+    for fs_file in images_dir.glob("fs-*.img"):
+        for fs in load(fs_file.name):
+            roles[fs.get("cwd_id", -1)] = "working directory"
+
+    problems: dict[str, str] = {}
+    for entry in load("files.img"):
+        reg = entry.get("reg") if entry.get("type") == "REG" else None
+        if not reg or reg.get("id") in carried or not reg.get("name", "").startswith("/"):
+            continue
+        name = reg["name"]
+        what = roles.get(reg["id"]) or ("library" if "build_id" in reg else "file")
+        problem = _difference(name, reg)
+        if problem and name not in problems:
+            problems[name] = f"{name} ({what}): {problem}"
+    return sorted(problems.values())
+
+
+def _difference(name: str, reg: dict) -> str | None:
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        return "missing here"
+    except OSError as e:
+        return f"cannot be read here ({e.strerror})"
+    if "size" in reg and stat.S_ISREG(st.st_mode) and st.st_size != reg["size"]:
+        return f"{st.st_size} bytes here, {reg['size']} in the snapshot"
+    if "build_id" in reg:
+        # CRIU keeps the build-id as 32-bit words, its last one zero-padded.
+        wanted = b"".join(int(w).to_bytes(4, "little") for w in reg["build_id"])
+        here = build_id(Path(name))
+        if here is None or wanted[: len(here)] != here or len(wanted) - len(here) >= 4:
+            return f"another build here (build-id {here.hex() if here else 'none'}, {wanted.hex()} in the snapshot)"
+    return None
+
+
+def build_id(path: Path) -> bytes | None:
+    """The GNU build-id note of a 64-bit little-endian ELF file, if it has one."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(64)
+            if header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+                return None
+            (phoff,) = struct.unpack_from("<Q", header, 0x20)
+            phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+            for i in range(phnum):
+                f.seek(phoff + i * phentsize)
+                ptype, _, offset, _, _, filesz = struct.unpack("<IIQQQQ", f.read(40))
+                if ptype == _PT_NOTE:
+                    f.seek(offset)
+                    for ntype, name, desc in _notes(f.read(min(filesz, 1 << 16))):
+                        if ntype == _NT_GNU_BUILD_ID and name == b"GNU\0":
+                            return desc
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def _notes(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    pos = 0
+    while pos + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
+        pos += 12
+        name = data[pos : pos + namesz]
+        pos += (namesz + 3) & ~3
+        desc = data[pos : pos + descsz]
+        pos += (descsz + 3) & ~3
+        yield ntype, name, desc

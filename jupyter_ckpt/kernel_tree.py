@@ -1,0 +1,145 @@
+"""A kernel's process tree as the server holds it: its stdio pipes, its root
+process (launched, or created by a CRIU restore), and restoring one.
+
+After a restore the kernel's root process is a child of the server (CRIU's
+``rst_sibling``); ``RestoredProcess`` stands in for ``subprocess.Popen`` so the
+provisioner can wait for, signal and reap it like a launched one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import CriuEngine, LazyPages
+from .forknet import ForkNetwork
+
+
+def _copy_until_eof(src: int, dst: int) -> None:
+    """Copy a kernel's output to the server's own fd, as a stock kernel writes there.
+
+    Ends at EOF, when every process holding the pipe's write end is gone.
+    """
+    try:
+        while chunk := os.read(src, 65536):
+            try:
+                while chunk:
+                    chunk = chunk[os.write(dst, chunk) :]
+            except OSError:
+                pass  # the server's output is gone; keep draining so the kernel never blocks
+    finally:
+        os.close(src)
+
+
+class KernelStdio:
+    """Pipes for a kernel's stdout and stderr, copied to the server's own streams."""
+
+    def __init__(self) -> None:
+        self.write_fds: dict[str, int] = {}
+        self.keys: dict[str, str] = {}  # stream -> CRIU's name of the pipe
+        for name, target_fd in (("stdout", 1), ("stderr", 2)):
+            r, w = os.pipe()
+            self.write_fds[name] = w
+            self.keys[name] = f"pipe:[{os.fstat(w).st_ino}]"
+            threading.Thread(target=_copy_until_eof, args=(r, target_fd), daemon=True, name=f"kernel-{name}").start()
+
+    def close_write_ends(self) -> None:
+        """Once the kernel holds them, the server must not: EOF comes when it dies."""
+        for fd in self.write_fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.write_fds = {}
+
+    @contextmanager
+    def inheritable(self) -> Iterator[None]:
+        """Make the write ends inheritable for the duration of a CRIU restore."""
+        for fd in self.write_fds.values():
+            os.set_inheritable(fd, True)
+        try:
+            yield
+        finally:
+            for fd in self.write_fds.values():
+                os.set_inheritable(fd, False)
+
+
+class RestoredProcess:
+    """The subset of ``subprocess.Popen`` that the provisioner uses, for a restored
+    kernel: a child of this process that CRIU created, not ``Popen``."""
+
+    stdin = stdout = stderr = None
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def _reap(self, flags: int) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:
+                self.returncode = -signal.SIGKILL  # already reaped elsewhere
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self._reap(0)
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+@dataclass
+class KernelTree:
+    """What CRIU needs to know of a running kernel."""
+
+    init_pid: int  # host pid of the namespace's init: the root of the dump
+    stdio: KernelStdio
+    restored_from: str | None = None  # snapshot id, after a restore
+    network: ForkNetwork | None = None  # a fork's own network namespace
+
+
+@dataclass
+class RestoredTree:
+    pid: int  # host pid of the restored root (the namespace's init)
+    stdio: KernelStdio
+    seconds: float  # CRIU's restore
+    lazy_pages: LazyPages | None = None  # still bringing the memory back
+
+
+def restore_tree(
+    engine: CriuEngine,
+    images: Path,
+    work: Path,
+    stdio_keys: dict[str, str],
+    netns: Path | None = None,
+    lazy: bool = False,
+) -> RestoredTree:
+    """Restore the tree dumped in ``images`` (blocking), its stdout and stderr
+    re-attached to fresh pipes copied to the server's output."""
+    stdio = KernelStdio()
+    try:
+        inherit = {key: stdio.write_fds[name] for name, key in stdio_keys.items() if name in stdio.write_fds}
+        with stdio.inheritable():
+            result = engine.restore(images, work_dir=work, inherit_fds=inherit, netns=netns, lazy=lazy)
+    finally:
+        stdio.close_write_ends()
+    return RestoredTree(result.pid, stdio, result.seconds, result.lazy_pages)

@@ -1,0 +1,126 @@
+"""The server's kernels, sessions and notebooks, as the snapshot flows need them.
+
+One seam over jupyter_server's kernel, session and contents managers: which
+kernels can be snapshotted, which notebook a kernel belongs to, starting a
+kernel from a plan, and the snapshot's connection details against a kernel's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from .errors import InvalidRequest, KernelNotCheckpointable, KernelNotFound, NotSupported
+from .provisioner import PLAN_ARGUMENT, ZMQ_PORTS, CheckpointableProvisioner, LaunchPlan
+
+
+class ServerKernels:
+    def __init__(self, kernel_manager: Any, session_manager: Any, contents_manager: Any, log: logging.Logger):
+        self.kernel_manager = kernel_manager
+        self.session_manager = session_manager
+        self.contents_manager = contents_manager
+        self.log = log
+
+    def ids(self) -> list[str]:
+        return list(self.kernel_manager.list_kernel_ids()) if self.kernel_manager is not None else []
+
+    def require(self, kernel_id: str) -> tuple[Any, CheckpointableProvisioner]:
+        """The kernel's manager and provisioner, if CRIU can handle it."""
+        try:
+            km = self.kernel_manager.get_kernel(kernel_id)
+        except (KeyError, AttributeError):
+            raise KernelNotFound(f"no running kernel with id {kernel_id!r}") from None
+        prov = km.provisioner
+        if not isinstance(prov, CheckpointableProvisioner):
+            raise KernelNotCheckpointable(
+                f"kernel {kernel_id} was started by the {type(prov).__name__}, which CRIU cannot snapshot: "
+                "start it with a kernelspec whose metadata names the 'ckpt-provisioner', or set "
+                "CheckpointApp.use_provisioner_by_default = True and start a new kernel"
+            )
+        if not prov.checkpointable:
+            raise KernelNotCheckpointable(f"kernel {kernel_id} cannot be snapshotted: {prov.not_checkpointable_reason}")
+        return km, prov
+
+    def restored_from(self, kernel_id: str) -> str | None:
+        try:
+            km = self.kernel_manager.get_kernel(kernel_id)
+        except (KeyError, AttributeError):
+            return None
+        tree = getattr(km.provisioner, "tree", None)
+        return tree.restored_from if tree else None
+
+    async def start(self, kernel_id: str, kernel_name: str, notebook: str | None, plan: LaunchPlan) -> Any:
+        """Start a kernel that comes from a snapshot (see LaunchPlan)."""
+        await self.kernel_manager.start_kernel(
+            kernel_id=kernel_id, kernel_name=kernel_name, path=folder_of(notebook), **{PLAN_ARGUMENT: plan}
+        )
+        return self.kernel_manager.get_kernel(kernel_id)
+
+    async def shutdown(self, kernel_id: str) -> None:
+        if kernel_id in self.ids():
+            await self.kernel_manager.shutdown_kernel(kernel_id, now=True)
+
+    # -- notebooks --------------------------------------------------------------------
+
+    async def notebook_path(self, kernel_id: str) -> str | None:
+        if self.session_manager is None:
+            return None
+        try:
+            for session in await self.session_manager.list_sessions():
+                if session.get("kernel", {}).get("id") == kernel_id:
+                    return session.get("path")
+        except Exception:  # a broken session database must not block a snapshot
+            self.log.debug("jupyter_ckpt: cannot list sessions", exc_info=True)
+        return None
+
+    async def attach_session(self, path: str, kernel_id: str) -> None:
+        """Make ``kernel_id`` the kernel of notebook ``path``."""
+        if self.session_manager is None:
+            return
+        for session in await self.session_manager.list_sessions():
+            if session.get("path") == path:
+                await self.session_manager.update_session(session["id"], kernel_id=kernel_id)
+                return
+        name = path.rsplit("/", 1)[-1]
+        await self.session_manager.create_session(path=path, name=name, type="notebook", kernel_id=kernel_id)
+
+    async def copy_notebook(self, path: str) -> str:
+        """A new copy of notebook ``path`` beside it; returns the copy's path."""
+        if self.contents_manager is None:
+            raise NotSupported("this server has no contents manager to copy the notebook with")
+        try:
+            model = await _maybe_await(self.contents_manager.copy(path, folder_of(path)))
+        except Exception as e:
+            raise InvalidRequest(f"cannot copy notebook {path}: {e}") from None
+        return model["path"]
+
+    async def delete_notebook(self, path: str) -> None:
+        await _maybe_await(self.contents_manager.delete(path))
+
+
+def connection_info(km: Any) -> dict[str, Any]:
+    """A kernel's ports, address and key, as kept in a snapshot's record."""
+    info = dict(km.get_connection_info(session=False))
+    key = info.get("key", b"")
+    info["key"] = key.decode() if isinstance(key, bytes) else key
+    return {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}
+
+
+def listener_moves(snapshot: dict[str, Any], here: dict[str, Any]) -> dict[int, tuple[str, int]]:
+    """For criu_images.move_listeners: each ZMQ listener of the snapshot's kernel
+    whose address or port differs from where the kernel restored now listens."""
+    return {
+        snapshot[p]: (here["ip"], here[p])
+        for p in ZMQ_PORTS
+        if snapshot.get(p) and (snapshot[p], snapshot.get("ip")) != (here[p], here["ip"])
+    }
+
+
+def folder_of(path: str | None) -> str:
+    """The folder of a notebook's API path ('' for the root)."""
+    return path.rsplit("/", 1)[0] if path and "/" in path else ""
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value

@@ -1,0 +1,97 @@
+"""Waiting until a restored kernel's clients are back and it answers.
+
+The clients (the notebook's sockets, through the server) reconnect within
+ZMQ's retry interval. What the kernel sends before they are back is lost: a
+reply, output, the 'idle' status that ends a busy indicator. A kernel restored
+inside ``checkpoint()`` waits for this too (the server's ``settled``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from jupyter_client.session import Session
+
+from .provisioner import ZMQ_PORTS
+
+
+async def wait_until_answering(
+    km: Any,
+    before: dict[int, int],
+    log: logging.Logger,
+    reconnected: Callable[[], None] = lambda: None,
+    timeout: float = 10.0,
+) -> None:
+    """Return once as many clients are connected to each kernel port as
+    ``before`` counted (``reconnected`` is called then), and (unless it is busy
+    running a cell) the kernel answers on shell and IOPub."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    ports = list(before)
+    try:
+        while loop.time() < deadline:
+            now = client_connections(km.ip, ports)
+            if all(now[p] >= before[p] for p in ports):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            log.warning("jupyter_ckpt: not every client of a restored kernel reconnected within %.0f s", timeout)
+        await asyncio.sleep(0.05)  # their SUBSCRIBE and identity, sent right after connecting
+    finally:
+        reconnected()
+    # A fresh subscriber seeing an answer also tells that IOPub publishes
+    # again. A session of its own: km.client() would share the kernel
+    # manager's ZMQ identity with other clients and take over their route.
+    client = km.client(session=Session(config=km.session.config, key=km.session.key))
+    client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+    probe_end = loop.time() + 2.0
+    try:
+        while loop.time() < probe_end:
+            # Not kernel_info: IPython's banner draws a random "tip" from the
+            # user's global `random`, which would change the restored state.
+            msg_id = client.comm_info()
+            round_end = min(probe_end, loop.time() + 0.2)
+            while loop.time() < round_end:
+                try:
+                    msg = await client.get_iopub_msg(timeout=max(0.01, round_end - loop.time()))
+                except Exception:  # queue.Empty: this round's request went unseen
+                    break
+                if msg.get("parent_header", {}).get("msg_id") == msg_id:
+                    return
+        # Busy running the cell it was restored in: it will answer after.
+    finally:
+        client.stop_channels()
+
+
+def client_connections(address: str, ports: list[int]) -> dict[int, int]:
+    """Established TCP connections to each port of ``address`` (IPv4), counted
+    from the clients' side, in this process's network namespace."""
+    counts = dict.fromkeys(ports, 0)
+    try:
+        wanted = ipaddress.IPv4Address(address).packed[::-1].hex().upper()
+    except ValueError:
+        return counts
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[3] == "01":  # ESTABLISHED
+                    addr, port_hex = cols[2].split(":")
+                    port = int(port_hex, 16)
+                    if addr == wanted and port in counts:
+                        counts[port] += 1
+    except (OSError, StopIteration):
+        pass
+    return counts
+
+
+def kernel_ports(km: Any) -> list[int]:
+    """The ports the kernel's clients connect to (the heartbeat reconnects on its own)."""
+    if getattr(km, "transport", "tcp") != "tcp":
+        return []
+    return [port for name in ZMQ_PORTS if name != "hb_port" and (port := getattr(km, name))]

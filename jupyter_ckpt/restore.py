@@ -1,0 +1,221 @@
+"""Restoring a snapshot in place: the kernel keeps its id, its processes are
+replaced by the snapshot's. The current state is dumped first, so a restore
+that fails puts the kernel back as it was; a kernel that is gone (a server
+restart) is started again under its id and restored into."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .claims import KernelClaims
+from .criu_images import differences, move_listeners
+from .engine import CriuEngine, LazyPages
+from .errors import DumpFailed, KernelNotFound, RestoreFailed, SnapshotIncompatible
+from .events import SnapshotEvents
+from .kernel_tree import restore_tree
+from .kernels import ServerKernels, connection_info, listener_moves
+from .provisioner import CheckpointableProvisioner, LaunchPlan
+from .reconnect import client_connections, kernel_ports, wait_until_answering
+from .records import SnapshotRecord
+from .store import SnapshotStore
+
+
+class KernelPutBack(RestoreFailed):
+    """A restore failed and the kernel's previous state was restored instead."""
+
+
+@dataclass
+class RestoreOutcome:
+    snapshot_id: str
+    kernel_id: str
+    mode: str
+    save_previous_seconds: float  # dumping the replaced state, kept until the restore succeeded
+    restore_seconds: float  # CRIU's restore of the snapshot
+    total_seconds: float  # until the kernel answers again, everything included
+    path: str | None = None  # the notebook the kernel is attached to (mode new)
+    prepare_seconds: float = 0.0  # reading and verifying the images, checking the files they need
+    lazy: bool = False  # the kernel answered before all of its memory was back (it follows in the background)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+async def verified_images(store: SnapshotStore, record: SnapshotRecord, work: Path) -> Path:
+    """The snapshot's images in ``work``, every byte verified, and every file
+    they need checked against this machine (SnapshotIncompatible if one differs)."""
+    images = work / "images"
+    images.mkdir(mode=0o700)
+    await asyncio.to_thread(store.materialize, record.id, images)
+    problems = await asyncio.to_thread(differences, images)
+    if problems:
+        raise SnapshotIncompatible(record.id, problems)
+    return images
+
+
+class RestoreInPlace:
+    def __init__(
+        self,
+        kernels: ServerKernels,
+        engine: CriuEngine,
+        store: SnapshotStore,
+        claims: KernelClaims,
+        events: SnapshotEvents,
+        log: logging.Logger,
+        lazy_restore: bool = True,
+    ):
+        self.kernels, self.engine, self.store = kernels, engine, store
+        self.claims, self.events, self.log = claims, events, log
+        self.lazy_restore = lazy_restore
+
+    async def start_again(self, record: SnapshotRecord) -> None:
+        """Start a kernel with the snapshot's kernel id, ports and key (and its
+        notebook's session), to restore the snapshot into: its kernel is gone."""
+        if not record.connection:
+            raise KernelNotFound(f"kernel {record.kernel_id} is gone, and snapshot {record.id} cannot start it again")
+        async with self.claims.hold(record.kernel_id):
+            try:
+                await self.kernels.start(
+                    record.kernel_id, record.kernel_name, record.path, LaunchPlan(record.id, record.connection)
+                )
+            except Exception as e:
+                raise RestoreFailed(f"cannot start kernel {record.kernel_id} again to restore into: {e}") from None
+        self.log.info("jupyter_ckpt: kernel %s started again for %s", record.kernel_id, record.path or "no notebook")
+
+    async def restore(self, record: SnapshotRecord, kernel_id: str, started_again: bool) -> RestoreOutcome:
+        km, prov = self.kernels.require(kernel_id)
+        lazy_pages: LazyPages | None = None
+        async with self.claims.hold(kernel_id) as claim:
+            started = time.monotonic()
+            work = self.store.new_scratch_dir("restore-")
+            try:
+                # Every byte is verified before the running kernel is touched.
+                images = await verified_images(self.store, record, work)
+                prepared = time.monotonic() - started
+                # The snapshot's listeners go where this kernel listens (a
+                # fork's namespace address, or another kernel's ports).
+                moves = listener_moves(record.connection, connection_info(km))
+                if moves:
+                    await asyncio.to_thread(move_listeners, images, moves)
+                before = client_connections(km.ip, kernel_ports(km))
+                self.claims.reconnecting(kernel_id)
+                try:
+                    with prov.swapping():
+                        saved_seconds, seconds, lazy_pages = await asyncio.to_thread(
+                            self._replace_processes, prov, record, work
+                        )
+                except KernelPutBack as e:
+                    await self._wait_until_answering(km, kernel_id, before)
+                    self.events.snapshot("restore_failed", record, message=str(e))
+                    raise RestoreFailed(str(e)) from None
+                except BaseException as e:
+                    self.claims.reconnected(kernel_id)  # nothing was changed, or the kernel is gone
+                    if isinstance(e, RestoreFailed):
+                        self.events.snapshot("restore_failed", record, message=str(e))
+                    raise
+                self.claims.lineage[kernel_id] = record.id
+                await self._wait_until_answering(km, kernel_id, before)
+            finally:
+                if lazy_pages is None:
+                    shutil.rmtree(work, ignore_errors=True)
+                else:  # the kernel runs; its images and the kernel stay claimed until its memory is back
+                    claim.release_after(
+                        asyncio.create_task(self._memory_back(kernel_id, prov, record, lazy_pages, work, started))
+                    )
+        outcome = RestoreOutcome(
+            record.id,
+            kernel_id,
+            "replace",
+            round(saved_seconds, 4),
+            round(seconds, 4),
+            round(time.monotonic() - started, 4),
+            prepare_seconds=round(prepared, 4),
+            lazy=lazy_pages is not None,
+        )
+        if started_again and record.path:
+            await self.kernels.attach_session(record.path, kernel_id)  # only now: clients see the restored kernel only
+        self.log.info("jupyter_ckpt: kernel %s restored from %s in %.3f s", kernel_id, record.id, outcome.total_seconds)
+        self.events.snapshot("restored", record.as_kernel(kernel_id))
+        return outcome
+
+    async def _wait_until_answering(self, km: Any, kernel_id: str, before: dict[int, int]) -> None:
+        await wait_until_answering(km, before, self.log, reconnected=lambda: self.claims.reconnected(kernel_id))
+
+    async def _memory_back(
+        self,
+        kernel_id: str,
+        prov: CheckpointableProvisioner,
+        record: SnapshotRecord,
+        lazy_pages: LazyPages,
+        work: Path,
+        started: float,
+    ) -> None:
+        """Wait until a lazily restored kernel has all of its memory back, then
+        release its images (the caller's claim ends with this task)."""
+        try:
+            await asyncio.to_thread(lazy_pages.wait)
+            self.log.info(
+                "jupyter_ckpt: kernel %s has all its memory back, %.3f s after the restore began",
+                kernel_id,
+                time.monotonic() - started,
+            )
+        except RestoreFailed as e:
+            # Memory that never came back must not be read: stop the kernel.
+            if prov.tree is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(prov.tree.init_pid, signal.SIGKILL)
+            message = f"{e}. The kernel was stopped; restart it, or restore a snapshot again."
+            self.log.error("jupyter_ckpt: kernel %s: %s", kernel_id, message)
+            self.events.snapshot("restore_failed", record.as_kernel(kernel_id), message=message)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _replace_processes(
+        self, prov: CheckpointableProvisioner, record: SnapshotRecord, work: Path
+    ) -> tuple[float, float, LazyPages | None]:
+        """Blocking: runs in a worker thread while the provisioner reports 'alive'.
+        ``work`` holds the snapshot's verified images in ``images/``; CRIU's logs
+        and the replaced state go there too. Returns the seconds saving the
+        current state and restoring took, and, for a lazy restore, what brings
+        the rest of the memory back."""
+        assert prov.tree is not None
+        current = prov.tree
+        rollback = work / "previous-state"
+        rollback.mkdir(mode=0o700)
+        started = time.monotonic()
+        try:
+            self.engine.dump(current.init_pid, rollback)
+        except DumpFailed as e:
+            raise RestoreFailed(
+                f"nothing was changed: the kernel's current state could not be saved first ({e})"
+            ) from None
+        saved_seconds = time.monotonic() - started
+        # SIGKILL to pid 1 of the kernel's namespace ends every process in it.
+        os.kill(current.init_pid, signal.SIGKILL)
+        prov.reap_old()
+        netns = current.network.path if current.network else None
+        lazy = self.lazy_restore and self.engine.health().lazy_pages
+        try:
+            tree = restore_tree(self.engine, work / "images", work, record.stdio_keys, netns, lazy)
+        except RestoreFailed as failure:
+            try:
+                back = restore_tree(self.engine, rollback, work, current.stdio.keys, netns)
+            except RestoreFailed as second:
+                raise RestoreFailed(
+                    f"restoring snapshot {record.id} failed ({failure}), and so did bringing back the "
+                    f"kernel's previous state ({second}): the kernel has stopped"
+                ) from None
+            prov.adopt(back.pid, back.stdio, current.restored_from, current.network)
+            raise KernelPutBack(
+                f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
+            ) from None
+        prov.adopt(tree.pid, tree.stdio, record.id, current.network)
+        return saved_seconds, tree.seconds, tree.lazy_pages

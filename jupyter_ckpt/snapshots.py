@@ -1,0 +1,156 @@
+"""Taking a snapshot of a running kernel: claimed, dumped (the kernel frozen),
+then stored while the kernel runs on. Also relabelling and deleting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from .activity import ActivityTracker
+from .claims import Claim, KernelClaims
+from .engine import CriuEngine
+from .errors import CheckpointError, DumpFailed, InvalidRequest, KernelNotFound, OperationInProgress
+from .events import SnapshotEvents
+from .kernels import ServerKernels, connection_info
+from .records import TRIGGERS, SnapshotRecord, new_snapshot_id, validate_label
+from .store import SnapshotStore
+
+
+class SnapshotFlow:
+    def __init__(
+        self,
+        kernels: ServerKernels,
+        engine: CriuEngine,
+        store: SnapshotStore,
+        claims: KernelClaims,
+        events: SnapshotEvents,
+        activity: ActivityTracker,
+        log: logging.Logger,
+    ):
+        self.kernels, self.engine, self.store = kernels, engine, store
+        self.claims, self.events, self.activity, self.log = claims, events, activity, log
+        self.running: dict[str, SnapshotRecord] = {}  # snapshots being taken, by id
+        self.tasks: dict[str, asyncio.Task] = {}  # their background tasks
+
+    async def start(self, kernel_id: str, label: str | None = "", trigger: str = "manual") -> SnapshotRecord:
+        """Begin a snapshot and return its record (status ``pending``) at once.
+
+        What can be refused up front is (unknown kernel, CRIU missing, another
+        operation running); the dump and the storing run in a background task,
+        visible through the record's status and the events."""
+        label = validate_label(label)
+        if trigger not in TRIGGERS:
+            raise InvalidRequest(f"trigger must be one of {', '.join(TRIGGERS)}")
+        self.engine.require()
+        km, prov = self.kernels.require(kernel_id)
+        if await prov.poll() is not None:
+            raise KernelNotFound(f"kernel {kernel_id} is not running (it exited)")
+        self.activity.watch(kernel_id)
+        async with self.claims.hold(kernel_id) as claim:
+            assert prov.tree is not None
+            record = SnapshotRecord(
+                id=new_snapshot_id(),
+                kernel_id=kernel_id,
+                kernel_name=km.kernel_name,
+                path=await self.kernels.notebook_path(kernel_id),
+                label=label,
+                trigger=trigger,
+                parent_id=await self._parent_for(kernel_id),
+                status="pending",
+                execution_count=self.activity.get(kernel_id).execution_count,
+                criu_version=self.engine.health().version,
+                stdio_keys=dict(prov.tree.stdio.keys),
+                connection=connection_info(km),
+            )
+            images = await asyncio.to_thread(self.store.create, record)
+            self.running[record.id] = record
+            task = asyncio.ensure_future(self._take(record, prov.tree.init_pid, images, claim.hand_over()))
+        self.tasks[record.id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(record.id, None))
+        return record
+
+    async def wait(self, record: SnapshotRecord) -> SnapshotRecord:
+        """Until the snapshot is stored; DumpFailed if it failed."""
+        await asyncio.shield(self.tasks.get(record.id) or asyncio.sleep(0))
+        record = await asyncio.to_thread(self.store.get, record.id)
+        if record.status != "complete":
+            raise DumpFailed(f"snapshot failed, the kernel keeps running: {record.error}")
+        return record
+
+    async def _take(self, record: SnapshotRecord, pid: int, images: Path, claim: Claim) -> None:
+        kernel_id = record.kernel_id
+        started = time.monotonic()
+        with claim:
+            try:
+                record.status = "dumping"
+                await asyncio.to_thread(self.store.save, record)
+                self.events.snapshot("started", record)
+                try:
+                    result = await asyncio.to_thread(self.engine.dump, pid, images)
+                except Exception as e:
+                    raise DumpFailed(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}") from None
+                # The kernel runs again: chunking, hashing, compressing and storing
+                # happen while it does, not while it is frozen.
+                record.memory_bytes = result.memory_bytes
+                record.freeze_seconds = round(result.freeze_seconds, 4)
+                record.status = "storing"
+                await asyncio.to_thread(self.store.save, record)
+                self.events.snapshot("storing", record)
+                try:
+                    done = await asyncio.to_thread(self.store.commit, record, started)
+                except Exception as e:
+                    raise DumpFailed(f"storing the snapshot failed: {e}") from None
+                self.claims.lineage[kernel_id] = done.id
+                # Free the kernel before telling anyone the snapshot is complete.
+                self.running.pop(record.id, None)
+                claim.release()
+                self.log.info(
+                    "jupyter_ckpt: snapshot %s of kernel %s: %.1f MiB, frozen %.3f s, stored %.1f MiB in %.2f s",
+                    done.id,
+                    kernel_id,
+                    done.memory_bytes / 2**20,
+                    done.freeze_seconds,
+                    done.stored_bytes / 2**20,
+                    done.total_seconds,
+                )
+                self.events.snapshot("completed", done)
+            except (Exception, asyncio.CancelledError) as e:
+                reason = str(e) if isinstance(e, DumpFailed) else "the server stopped while taking it"
+                await asyncio.to_thread(self.store.fail, record, reason)
+                self.log.warning("jupyter_ckpt: snapshot of kernel %s failed: %s", kernel_id, reason)
+                self.events.snapshot("failed", record, message=reason)
+            finally:
+                self.running.pop(record.id, None)
+
+    async def _parent_for(self, kernel_id: str) -> str | None:
+        if kernel_id in self.claims.lineage:
+            return self.claims.lineage[kernel_id]
+        previous = [r for r in await asyncio.to_thread(self.store.list, kernel_id) if r.restorable]
+        return previous[0].id if previous else None
+
+    async def get(self, snapshot_id: str) -> SnapshotRecord:
+        return self.running.get(snapshot_id) or await asyncio.to_thread(self.store.get, snapshot_id)
+
+    async def relabel(self, snapshot_id: str, label: str | None) -> SnapshotRecord:
+        label = validate_label(label)
+        running = self.running.get(snapshot_id)
+        if running is not None:
+            running.label = label  # the background task saves it with the rest
+            return running
+        return await asyncio.to_thread(self.store.relabel, snapshot_id, label)
+
+    async def delete(self, snapshot_id: str) -> None:
+        if snapshot_id in self.running:
+            raise OperationInProgress(f"snapshot {snapshot_id} is still being taken")
+        record = await asyncio.to_thread(self.store.get, snapshot_id)
+        await asyncio.to_thread(self.store.delete, snapshot_id)
+        self.events.snapshot("deleted", record)
+
+    async def stop(self) -> None:
+        """Stop snapshots still running (they are recorded failed)."""
+        for task in list(self.tasks.values()):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
