@@ -11,6 +11,7 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Enum, Float, Int, List, Type, Unicode, default
 
 from . import forknet
+from .bundle import DEFAULT_MAX_IMPORT_BYTES
 from .credentials import KernelCredentials
 from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
 from .events import SCHEMA_ID as SNAPSHOT_EVENTS_SCHEMA
@@ -78,6 +79,13 @@ class CheckpointApp(ExtensionApp):
         config=True,
         help="Where this server writes its URL for the kernels (also ones restored later) to reach it. "
         "Default: <store state dir>/server-url.",
+    )
+
+    max_import_bytes = Int(
+        DEFAULT_MAX_IMPORT_BYTES,
+        config=True,
+        help="The most bytes of images an imported bundle may hold (what it decompresses to); a bundle "
+        "that declares more is refused before anything is written.",
     )
 
     engine_class = Type(CriuEngine, config=True, help="The checkpoint engine (dump and restore of process trees).")
@@ -155,6 +163,9 @@ class CheckpointApp(ExtensionApp):
             dict(self.store_options),
             image_cache_bytes=self.image_cache_bytes,
         )
+        for log in store.dump_logs():  # a server killed while criu dumped
+            if engine.remove_network_lock(log):
+                self.log.warning("jupyter_ckpt: removed the network lock a stopped dump left (%s)", log)
         for snapshot_id in store.recover():
             self.log.warning("jupyter_ckpt: snapshot %s was interrupted by a server stop; marked failed", snapshot_id)
         self.manager = CheckpointManager(
@@ -165,6 +176,7 @@ class CheckpointApp(ExtensionApp):
             contents_manager=self.serverapp.contents_manager,
             fork_outbound=self.fork_outbound,
             lazy_restore=self.lazy_restore,
+            max_import_bytes=self.max_import_bytes,
             log=self.log,
             emit=lambda data: self.serverapp.event_logger.emit(schema_id=SNAPSHOT_EVENTS_SCHEMA, data=data),
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,45 +136,51 @@ class ChunkStore:
         stats = PutStats()
         files: list[StoredFile] = []
         sink = FrameSink(self.cache_dir, self._publish, FrameCompressor(self.zstd_level))
-        pending: list[tuple[bytes, memoryview]] = []  # new chunks of the next frame, in file order
-        pending_bytes = 0
         seen_here: set[bytes] = set()  # new chunks already queued in this call
         try:
             for path in sorted(p for p in directory.iterdir() if p.is_file()):
-                stored = StoredFile(path.name, path.stat().st_size, chunk_size_for(path.name))
-                step = stored.chunk_size
-                # Chunks are views of the mapped file: copying 4 KiB pages one
-                # by one costs as much as hashing them. The mapping lives as
-                # long as the last view the frame sink still holds.
-                data = map_file(path)
-                for first in range(0, len(data), _READ_BYTES):
-                    pieces = [data[i : i + step] for i in range(first, min(first + _READ_BYTES, len(data)), step)]
-                    hashes = [chunk_hash(piece) for piece in pieces]
-                    known, _ = self.index.locate(hashes)  # a block at a time: one lookup
-                    stored.chunks += hashes
-                    stats.chunks += len(pieces)
-                    for h, piece, old in zip(hashes, pieces, known.tolist(), strict=True):
-                        if old or h in seen_here:
-                            continue
-                        seen_here.add(h)
-                        pending.append((h, piece))
-                        pending_bytes += len(piece)
-                        stats.new_chunks += 1
-                        if pending_bytes >= FRAME_BYTES:
-                            sink.put(pending)
-                            pending, pending_bytes = [], 0
-                stats.raw_bytes += len(data)
-                stored.digest = file_digest(data)
-                if pending:  # a frame holds one file's chunks
-                    sink.put(pending)
-                    pending, pending_bytes = [], 0
-                files.append(stored)
+                files.append(self._put_file(path, sink, stats, seen_here))
             sink.close()
-        except BaseException:
+        except BaseException as e:
             sink.abort()
+            # The failed file's mapping must go now, not when the exception is
+            # collected: a deleted image kept mapped keeps its disk space used
+            # (a full disk stays full). Its views live in the frames below.
+            traceback.clear_frames(e.__traceback__)
             raise
         stats.new_bytes = sink.new_bytes
         return files, stats
+
+    def _put_file(self, path: Path, sink: FrameSink, stats: PutStats, seen_here: set[bytes]) -> StoredFile:
+        stored = StoredFile(path.name, path.stat().st_size, chunk_size_for(path.name))
+        step = stored.chunk_size
+        pending: list[tuple[bytes, memoryview]] = []  # new chunks of the next frame, in file order
+        pending_bytes = 0
+        # Chunks are views of the mapped file: copying 4 KiB pages one by one
+        # costs as much as hashing them. The mapping lives as long as the last
+        # view the frame sink still holds.
+        data = map_file(path)
+        for first in range(0, len(data), _READ_BYTES):
+            pieces = [data[i : i + step] for i in range(first, min(first + _READ_BYTES, len(data)), step)]
+            hashes = [chunk_hash(piece) for piece in pieces]
+            known, _ = self.index.locate(hashes)  # a block at a time: one lookup
+            stored.chunks += hashes
+            stats.chunks += len(pieces)
+            for h, piece, old in zip(hashes, pieces, known.tolist(), strict=True):
+                if old or h in seen_here:
+                    continue
+                seen_here.add(h)
+                pending.append((h, piece))
+                pending_bytes += len(piece)
+                stats.new_chunks += 1
+                if pending_bytes >= FRAME_BYTES:
+                    sink.put(pending)
+                    pending, pending_bytes = [], 0
+        stats.raw_bytes += len(data)
+        stored.digest = file_digest(data)
+        if pending:  # a frame holds one file's chunks
+            sink.put(pending)
+        return stored
 
     # -- read -------------------------------------------------------------------------
 

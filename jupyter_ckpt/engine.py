@@ -35,6 +35,7 @@ RESTORE_LOG = "restore.log"
 LAZY_PAGES_LOG = "lazy-pages.log"
 LAZY_PAGES_SOCKET = "lazy-pages.socket"  # where `criu lazy-pages` waits for the restore, in the work dir
 
+NO_ERROR_LINE = "CRIU failed without an error line in its log"
 _ERROR_LINE = re.compile(r"Error \([^)]*\):\s*(.*)")
 # Printed on every run where criu cannot raise its own fd limit: not a cause.
 _HARMLESS = ("Can't setup RLIMIT_NOFILE",)
@@ -127,7 +128,7 @@ def errors_from_log(log_path: Path, limit: int = 3) -> str:
         if reason and reason not in reasons and not any(h in reason for h in _HARMLESS):
             reasons.append(reason)
     if not reasons:
-        return "CRIU failed without an error line in its log"
+        return NO_ERROR_LINE
     # The first errors are the cause; later ones are the unwinding.
     return "; ".join(reasons[:limit])
 
@@ -248,14 +249,26 @@ class CriuEngine:
                 c.opts.external.append(f"net[{netns}]:{NETNS_KEY}")
             try:
                 c.dump()
-            except pycriu.CRIUException as e:
-                raise DumpFailed(errors_from_log(images_dir / DUMP_LOG) or str(e)) from None
+            except BaseException as e:
+                # A criu that died half-way (killed, out of memory) leaves its
+                # network lock: the kernel's connections would hang for good.
+                remove_network_lock(images_dir / DUMP_LOG, pid)
+                if not isinstance(e, Exception):
+                    raise
+                reason = errors_from_log(images_dir / DUMP_LOG)
+                if reason == NO_ERROR_LINE or not isinstance(e, pycriu.CRIUException):
+                    reason = f"criu stopped during the dump without saying why (was it killed?): {type(e).__name__} {e}"
+                raise DumpFailed(reason) from None
         allow_resized_files(images_dir, self.resizable_files)
         total = time.monotonic() - started
         stats = _load_stats(images_dir / "stats-dump", "dump")
         freeze = (stats.get("freezing_time", 0) + stats.get("frozen_time", 0)) / 1e6
         memory = stats.get("pages_written", 0) * os.sysconf("SC_PAGE_SIZE")
         return DumpResult(freeze_seconds=freeze or total, total_seconds=total, memory_bytes=memory)
+
+    def remove_network_lock(self, dump_log: Path, pid: int | None = None) -> bool:
+        """Lift the network lock of a dump whose criu died (see the function)."""
+        return remove_network_lock(dump_log, pid)
 
     def restore(
         self,
@@ -311,6 +324,32 @@ class CriuEngine:
                 if netns_fd is not None:
                     os.close(netns_fd)
         return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started, lazy_pages=lazy_pages)
+
+
+_RUN_ID = re.compile(r"CRIU run id = ([0-9a-f-]{36})")
+
+
+def remove_network_lock(log_path: Path, pid: int | None = None) -> bool:
+    """Remove the nftables table a criu run locked the network with, if it is
+    still there (criu removes it itself unless it dies first). The run is
+    named in its log; ``pid``, if alive, tells the network namespace."""
+    try:
+        # criu swrk logs its process's run id, then the one of the request:
+        # the table is named by the last.
+        match = ([None] + list(_RUN_ID.finditer(log_path.read_text(errors="replace"))))[-1]
+    except OSError:
+        return False
+    if not match:
+        return False
+    # CRIU writes "inet CRIU-<run id>" into 32 bytes: the name is cut short.
+    table = f"inet CRIU-{match.group(1)}"[:31].split()[1]
+    command = ["nft", "delete", "table", "inet", table]
+    if pid is not None and _foreign_netns(pid) is not None:
+        command = ["nsenter", f"--net=/proc/{pid}/ns/net", *command]
+    try:
+        return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _foreign_netns(pid: int) -> int | None:

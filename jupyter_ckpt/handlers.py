@@ -49,6 +49,10 @@ def translate_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awa
     return wrapper
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def snapshot_model(record: SnapshotRecord) -> dict[str, Any]:
     return record.public_json()
 
@@ -65,9 +69,13 @@ class CheckpointHandler(APIHandler):
         return self.settings["ckpt_auto_backup"]
 
     def body(self) -> dict[str, Any]:
-        if not self.request.body:
+        """The request's JSON object ({} for no body); 400 for anything else."""
+        if not self.request.body.strip():
             return {}
-        data = self.get_json_body()
+        try:
+            data = json.loads(self.request.body.decode("utf-8"), parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise web.HTTPError(400, f"the request body is not JSON (UTF-8): {e}") from None
         if not isinstance(data, dict):
             raise web.HTTPError(400, "the request body must be a JSON object")
         return data

@@ -184,6 +184,39 @@ def _checkpoint_magic(line: str) -> Checkpoint | None:
     return cp
 
 
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+class HistoryAfterRestore:
+    """Gives a restored kernel a new IPython history session before its first cell.
+
+    Every restore puts the kernel in a fresh pid namespace. The restored process
+    still numbers its history lines from the snapshot on, while the original
+    may have written those numbers since: without a session of its own, the
+    first cell after a restore prints "ERROR! Session/line number was not
+    unique in database"."""
+
+    def __init__(self, ipython: Any):
+        self.ipython = ipython
+        self.namespace = _pid_namespace()
+
+    def pre_execute(self) -> None:
+        namespace = _pid_namespace()
+        if namespace == self.namespace:
+            return
+        self.namespace = namespace
+        history = getattr(self.ipython, "history_manager", None)
+        if history is None or not getattr(history, "enabled", False):
+            return
+        with history.db_input_cache_lock:  # the saving thread writes under it
+            history.new_session()
+
+
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magic_function(_checkpoint_magic, magic_kind="line", magic_name="checkpoint")
     ipython.user_ns.setdefault("checkpoint", checkpoint)
+    ipython.events.register("pre_execute", HistoryAfterRestore(ipython).pre_execute)

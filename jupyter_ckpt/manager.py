@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ from .events import SnapshotEvents
 from .fork import Fork
 from .forknet import NETWORK as FORK_NETWORK
 from .kernels import ServerKernels
-from .provisioner import CheckpointableProvisioner
+from .provisioner import ZMQ_PORTS, CheckpointableProvisioner
 from .records import SnapshotRecord
 from .recovery import RunningKernels
 from .restore import RestoreInPlace, RestoreOutcome
@@ -48,8 +49,10 @@ class CheckpointManager:
         contents_manager: Any = None,
         fork_outbound: str = "nat",
         lazy_restore: bool = True,
+        max_import_bytes: int = bundle.DEFAULT_MAX_IMPORT_BYTES,
     ):
         self.engine = engine
+        self.max_import_bytes = max_import_bytes
         self.store = store
         self.lazy_restore = lazy_restore
         self.log = log or logging.getLogger(__name__)
@@ -167,7 +170,8 @@ class CheckpointManager:
         return await asyncio.to_thread(bundle.export_bundle, self.store, snapshot_id, out)
 
     async def import_bundle(self, src: BinaryIO, trust: bool = False) -> SnapshotRecord:
-        return await asyncio.to_thread(bundle.import_bundle, self.store, src, trust)
+        running = set(self.kernels.ids())
+        return await asyncio.to_thread(bundle.import_bundle, self.store, src, trust, self.max_import_bytes, running)
 
     @contextmanager
     def scratch_dir(self, prefix: str) -> Iterator[Path]:
@@ -213,9 +217,13 @@ class CheckpointManager:
             raise InvalidRequest("'path' and 'copy' go with mode 'new'")
         kernel_id = kernel_id or record.kernel_id
         gone = kernel_id == record.kernel_id and kernel_id not in self.kernels.ids()
-        if gone and _is_fork(record):
-            # Its namespace went with it: bring it back as a fork, under its own id.
-            return await self.forks.fork(record, path=record.path, kernel_id=kernel_id)
+        if gone and (_is_fork(record) or ports_in_use(record.connection)):
+            # A fork's namespace went with it; or another server's kernel (the
+            # original, on this machine) holds the snapshot's ports: bring it
+            # back in a network namespace of its own, under its own id.
+            outcome = await self.forks.fork(record, path=record.path, kernel_id=kernel_id)
+            outcome.mode = "replace"  # what was asked: the kernel is back under its id
+            return outcome
         if gone:
             await self.in_place.start_again(record)  # e.g. after a server restart
         try:
@@ -259,6 +267,22 @@ class CheckpointManager:
     def close(self) -> None:
         self.activity.close()
         self.store.close()
+
+
+def ports_in_use(connection: dict[str, Any]) -> bool:
+    """Is any of a snapshot's ZMQ ports taken on this host (in this namespace)?"""
+    if connection.get("transport", "tcp") != "tcp":
+        return False
+    for name in ZMQ_PORTS:
+        port = connection.get(name)
+        if not isinstance(port, int) or not port:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((connection.get("ip", "127.0.0.1"), port))
+            except OSError:
+                return True
+    return False
 
 
 def _is_fork(record: SnapshotRecord) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,3 +143,5 @@ class FrameSink:
             self.queue.put(None)
             self.thread.join()
         self.writer.abort()
+        if self.error is not None:  # its frames hold views of the images being stored
+            traceback.clear_frames(self.error.__traceback__)

@@ -262,6 +262,10 @@ class SnapshotStore:
         if not found:
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
 
+    def dump_logs(self) -> list[Path]:
+        """CRIU's logs of dumps a previous run left (read before recover() removes them)."""
+        return sorted([*self.state.glob("staging/*/dump.log"), *self.state.glob("tmp/*/*/dump.log")])
+
     def recover(self) -> list[str]:
         """After a crash or restart: snapshots left dumping or storing are failed."""
         failed = []

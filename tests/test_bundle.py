@@ -82,3 +82,133 @@ def test_damaged_bundle_is_refused(source, tmp_path, where):
     assert target.list() == []  # nothing half-imported is listed
     assert not any((tmp_path / "d" / "state" / "staging").iterdir())
     target.close()
+
+
+# -- hostile bundles: trust accepts the signer, it skips no check ----------------
+
+
+def forged_bundle(files: dict[str, bytes], record: dict | None = None, tamper=None) -> bytes:
+    """A bundle signed with a key nobody shares (imported only with trust),
+    whose manifest says what the caller wants; ``tamper`` edits its header."""
+    import json
+    import os
+    import struct
+
+    import zstandard
+
+    from jupyter_ckpt import manifest
+    from jupyter_ckpt.pack_format import StoredFile, chunk_hash, chunk_size_for
+
+    stored = []
+    for name, data in files.items():
+        step = chunk_size_for(name)
+        chunks = [chunk_hash(data[i : i + step]) for i in range(0, len(data), step)]
+        stored.append(StoredFile(name, len(data), step, chunks))
+    record = record or SnapshotRecord(id=new_snapshot_id(), kernel_id="k1", status="complete").to_json()
+    data = manifest.encode(record, stored, os.urandom(32))
+    if tamper is not None:
+        (length,) = struct.unpack_from("<I", data, len(manifest.MAGIC))
+        start = len(manifest.MAGIC) + 4
+        header = tamper(json.loads(data[start : start + length]))
+        header = header if isinstance(header, bytes) else json.dumps(header).encode()
+        data = manifest.MAGIC + struct.pack("<I", len(header)) + header + data[start + length :]
+    body = zstandard.ZstdCompressor().compress(b"".join(files.values()))
+    return b"JCKPT-BUNDLE-1\n" + struct.pack("<Q", len(data)) + data + body
+
+
+def every_file(root):
+    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def target(tmp_path):
+    s = SnapshotStore(tmp_path / "target")
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("name", ["/tmp/x", "../../kernel-credentials.key", "..", "a/b", "", ".hidden", "x" * 300])
+def test_a_trusted_bundle_cannot_name_a_path(target, tmp_path, name):
+    before = every_file(tmp_path)
+    bundle = forged_bundle({"core-1.img": b"core", name: b"evil"})
+    with pytest.raises(InvalidRequest, match="only plain file names"):
+        import_bundle(target, io.BytesIO(bundle), trust=True)
+    assert every_file(tmp_path) == before  # nothing written, not even in the store's scratch
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda h: {**h, "files": [{**h["files"][0], "chunk_size": 2 << 30}]}, "chunk size"),
+        (lambda h: {**h, "files": [{**h["files"][0], "chunk_size": -4096}]}, "whole number"),
+        (lambda h: {**h, "files": [{**h["files"][0], "size": 2 << 30}]}, "chunks do not make"),
+        (lambda h: {**h, "files": [{**h["files"][0], "size": "big"}]}, "whole number"),
+        (lambda h: {**h, "files": "all"}, "no record or no file list"),
+        (lambda h: {**h, "record": {**h["record"], "kernel_id": ["a"]}}, "kernel_id"),
+        (lambda h: {**h, "record": {**h["record"], "id": "../x"}}, "not a snapshot id"),
+        (lambda h: {**h, "record": {**h["record"], "memory_bytes": True}}, "memory_bytes"),
+        (lambda h: b"{not json", "unreadable header"),
+        (lambda h: [], "no record or no file list"),
+    ],
+)
+def test_a_malformed_trusted_manifest_is_a_bad_request(target, tmp_path, tamper, message):
+    before = every_file(tmp_path)
+    bundle = forged_bundle({"pages-1.img": bytes(8192)}, tamper=tamper)
+    with pytest.raises(InvalidRequest, match=message):
+        import_bundle(target, io.BytesIO(bundle), trust=True)
+    assert every_file(tmp_path) == before
+
+
+def test_decompression_is_bounded_by_the_declared_sizes_and_the_maximum(target, tmp_path):
+    # 64 MiB of zeros compress to a few KiB: refused before anything is staged.
+    bundle = forged_bundle({"pages-1.img": bytes(64 << 20)})
+    assert len(bundle) < 1 << 20  # its chunk hashes, mostly
+    before = every_file(tmp_path)
+    with pytest.raises(InvalidRequest, match="more than 1048576 bytes"):
+        import_bundle(target, io.BytesIO(bundle), trust=True, max_bytes=1 << 20)
+    assert every_file(tmp_path) == before
+    # Data past what the manifest declares is refused, not written.
+    import zstandard
+
+    honest = forged_bundle({"pages-1.img": bytes(8192)})
+    head = honest[: honest.index(b"\x28\xb5\x2f\xfd")]  # magic and manifest, before the zstd frame
+    stuffed = head + zstandard.ZstdCompressor().compress(bytes(8192) + bytes(1 << 20))
+    with pytest.raises(InvalidRequest, match="more data than its manifest"):
+        import_bundle(target, io.BytesIO(stuffed), trust=True)
+    assert target.list() == []
+
+
+def test_a_damaged_compressed_stream_is_a_bad_request(source, tmp_path):
+    record = commit(source)
+    buf = io.BytesIO()
+    export_bundle(source, record.id, buf)
+    data = bytearray(buf.getvalue())
+    start = data.index(b"\x28\xb5\x2f\xfd")  # the zstd frame after the signed manifest
+    data[start + 5 : start + 40] = bytes(35)
+    target = SnapshotStore(tmp_path / "e", key_path=tmp_path / "shared.key")  # signed here: no trust needed
+    with pytest.raises(InvalidRequest):
+        import_bundle(target, io.BytesIO(bytes(data)))
+    assert target.list() == []
+    target.close()
+
+
+def test_an_import_records_its_signer_and_never_takes_a_running_kernels_id(source, tmp_path):
+    from jupyter_ckpt.private_files import key_fingerprint
+
+    record = commit(source)
+    buf = io.BytesIO()
+    export_bundle(source, record.id, buf)
+    other = SnapshotStore(tmp_path / "f")
+    imported = import_bundle(other, io.BytesIO(buf.getvalue()), trust=True, running_kernels={"k1"})
+    assert imported.imported["signer"] == key_fingerprint(source.key) != key_fingerprint(other.key)
+    assert imported.imported["verified"] is False and imported.imported["at"].endswith("Z")
+    assert imported.kernel_id != "k1"  # k1 runs here: the import is not listed as k1's
+    assert other.list(kernel_id="k1") == []
+    again = other.get(record.id)
+    assert again.imported == imported.imported and again.restorable  # kept, signed here
+    other.close()
+    shared = SnapshotStore(tmp_path / "g", key_path=tmp_path / "shared.key")
+    verified = import_bundle(shared, io.BytesIO(buf.getvalue()))
+    assert verified.imported["verified"] is True and verified.kernel_id == "k1"
+    shared.close()

@@ -120,3 +120,74 @@ async def test_restore_through_a_running_server(jp_fetch, jp_serverapp, start_ke
     )
     out, err = await proc.communicate()
     assert proc.returncode == 3 and b"404" in err
+
+
+def test_options_work_on_either_side_of_the_command(filled):
+    store_dir, records = filled
+    for args in (["list", "--json"], ["--json", "list"]):
+        out = ckpt(store_dir, *args)
+        assert out.returncode == 0, (args, out.stderr)
+        assert sorted(s["id"] for s in json.loads(out.stdout)) == sorted(r.id for r in records)
+    out = subprocess.run(
+        [sys.executable, "-m", "jupyter_ckpt.cli", "show", records[0].id, "--store", str(store_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and json.loads(out.stdout)["id"] == records[0].id, out.stderr
+
+
+def test_the_jupyter_ckpt_command(filled):
+    """`jupyter ckpt` finds the `jupyter-ckpt` entry point as Jupyter's subcommand."""
+    import os
+
+    store_dir, records = filled
+    jupyter = os.path.join(os.path.dirname(sys.executable), "jupyter")
+    out = subprocess.run(
+        [jupyter, "ckpt", "--store", str(store_dir), "list", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)) == len(records)
+
+
+def test_an_export_is_private_from_its_first_byte(filled, tmp_path):
+    """The bundle holds all of a kernel's memory: created 0600, never with the umask."""
+    store_dir, records = filled
+    target = tmp_path / "out.jckpt"
+    target.write_bytes(b"old")
+    os_umask = __import__("os").umask(0)
+    try:
+        out = ckpt(store_dir, "export", records[0].id, "-o", str(target))
+    finally:
+        __import__("os").umask(os_umask)
+    assert out.returncode == 0, out.stderr
+    assert target.stat().st_mode & 0o777 == 0o600
+    # Seen while it is being written, by a process with umask 0: already private.
+    import time
+
+    big_store = SnapshotStore(tmp_path / "big")
+    big = commit(big_store, seed=5, size=96 << 20)
+    big_store.close()
+    fresh = tmp_path / "fresh.jckpt"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_ckpt.cli",
+            "--store",
+            str(tmp_path / "big"),
+            "export",
+            big.id,
+            "-o",
+            str(fresh),
+        ],
+        preexec_fn=lambda: __import__("os").umask(0),
+    )
+    deadline = time.monotonic() + 60
+    while not fresh.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the export never created its file"
+        time.sleep(0.001)
+    assert fresh.stat().st_mode & 0o777 == 0o600
+    assert proc.wait(timeout=120) == 0 and fresh.stat().st_size > 90 << 20
+    missing = ckpt(store_dir, "export", "01M8G6NHZS1PKW09RTTN07H2K4", "-o", str(tmp_path / "none.jckpt"))
+    assert missing.returncode == 3 and not (tmp_path / "none.jckpt").exists()

@@ -193,3 +193,32 @@ async def test_lazy_restore_brings_all_memory_back(jp_fetch, start_kernel):
     await sock.execute("a[:] = 0")
     await restore(jp_fetch, again["id"])
     assert await sock.value("float(a.sum()) == s") == "True"
+
+
+async def test_a_restored_kernels_history_stays_consistent(jp_fetch, start_kernel):
+    """Cells run after the snapshot wrote history lines the restored process
+    numbers again: the restored kernel moves to a history session of its own
+    before its first cell, so no output ever carries IPython's "not unique"
+    error, and every cell after the restore is in the history database."""
+    import sqlite3
+
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import IPython; hm = IPython.get_ipython().history_manager; x = 'kept'")
+    hist = ast.literal_eval(await sock.value("str(hm.hist_file)"))
+    before = int(await sock.value("hm.session_number"))
+    snap = await snapshot(jp_fetch, kernel_id)
+    for i in range(5):
+        await sock.execute(f"y = {i}")
+    await sock.execute("hm.writeout_cache()")  # the original's lines are in the database
+    for round_ in range(3):
+        await restore(jp_fetch, snap["id"])
+        runs = [await sock.execute(f"z = {round_} * 10 + {i}") for i in range(3)]
+        runs.append(await sock.execute("hm.writeout_cache(); print(hm.session_number)"))
+        outputs = "".join(r.stdout + r.stderr for r in runs)
+        assert "not unique" not in outputs and "ERROR" not in outputs, outputs
+        session = int(runs[-1].stdout.strip())
+        assert session != before
+        with sqlite3.connect(hist) as db:
+            lines = [row[0] for row in db.execute("SELECT source FROM history WHERE session = ?", (session,))]
+        assert [f"z = {round_} * 10 + {i}" for i in range(3)] == lines[:3], lines
+    assert await sock.value("x") == "'kept'"

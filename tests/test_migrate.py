@@ -189,3 +189,26 @@ async def test_migrate_through_a_shared_s3_store(two_servers, s3_store_options, 
     assert await sock.value("next(counter)") == "11"
     assert value(client, "next(counter)") == "11"
     client.stop_channels()
+
+
+async def test_replace_on_another_server_of_this_machine_while_the_original_runs(two_servers):
+    """Two users' servers on one machine: B restores A's snapshot under its own
+    id while A's kernel, holding the snapshot's ports, runs on. B's kernel gets
+    a network namespace of its own; each keeps its own state."""
+    a = two_servers.start("a")
+    b = two_servers.start("b")  # the same host, the same network
+    kernel_id = a.call("POST", "/api/kernels", {"name": "python3"})["id"]
+    client = a.client(kernel_id)
+    value(client, STATE)
+    snap = take(a, kernel_id)
+    status, bundle = raw(a, "GET", f"/api/ckpt/snapshots/{snap['id']}/bundle")
+    assert raw(b, "POST", "/api/ckpt/bundles?trust=true", bundle)[0] == 201
+    status, body = raw(b, "POST", f"/api/ckpt/snapshots/{snap['id']}/restore", json.dumps({"mode": "replace"}).encode())
+    assert status == 200, body
+    assert json.loads(body)["kernel_id"] == kernel_id
+    sock = await kernel_socket(b, kernel_id)
+    assert await sock.value("x") == "'computed on A'"
+    assert await sock.value("next(counter)") == "11"
+    assert await sock.value("x = 'changed on B'; x") == "'changed on B'"
+    assert value(client, "x") == "'computed on A'"  # A's kernel runs on with its own state
+    client.stop_channels()
