@@ -19,7 +19,7 @@ LABEXT_SOURCES := labextension/package.json labextension/yarn.lock labextension/
 # Runs a command with its output kept in a log, shown only if it fails.
 quietly = log=$(STAMPS)/last-build.log; mkdir -p $(STAMPS); ( $(1) ) >$$log 2>&1 || { cat $$log; echo "failed: $(1)" >&2; exit 1; }
 
-.PHONY: all setup system criu labextension test test-quick lint lab bench clean FORCE
+.PHONY: all setup system criu labextension test test-quick lint lab bench soak clean FORCE
 
 all: setup
 
@@ -85,6 +85,12 @@ bench: setup $(STAMPS)/bench
 $(STAMPS)/bench: pyproject.toml $(STAMPS)/venv
 	$(PY) -m pip install -q -e '.[test,lab,dev,bench]'
 	@touch $@
+
+# Leaks over many cycles (snapshot, change, restore, fork, shut the fork down):
+# the server's fds, memory, processes, namespaces, tables, mounts and files,
+# before and after. Not part of `make test`: about 15 minutes.
+soak: setup
+	$(PY) benchmarks/soak.py --cycles $(or $(CYCLES),200) --json test-artifacts/soak.json
 
 FORCE:
 

@@ -10,7 +10,6 @@ from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Enum, Float, Int, List, Type, Unicode, default
 
-from . import forknet
 from .bundle import DEFAULT_MAX_IMPORT_BYTES
 from .credentials import KernelCredentials
 from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
@@ -221,10 +220,10 @@ class CheckpointApp(ExtensionApp):
 
     async def _start_jupyter_server_extension(self, serverapp: object) -> None:
         self._publish_url()
-        for name in forknet.remove_stale():
-            self.log.info("jupyter_ckpt: removed %s, the namespace of a fork that no longer runs", name)
+        # Kernels a server that died left running are saved and stopped, and
+        # their fork namespaces removed (only this server's: see recovery.py).
+        previous = await self.manager.mend_previous_run()
         self.auto_backup_loop.start()
-        previous = self.manager.take_previous_run()
         if previous and self.resume_kernels:
             restored = await self.manager.resume(previous)
             self.log.info("jupyter_ckpt: resumed %d of %d kernels of the previous run", len(restored), len(previous))
@@ -233,7 +232,7 @@ class CheckpointApp(ExtensionApp):
         # Also started here: embedders (and pytest-jupyter) may skip the hook above.
         self.auto_backup_loop.start()
         if data.get("status") == "success" and data.get("kernel_id"):
-            self.manager.kernel_action(data["kernel_id"], data.get("action", ""))
+            await self.manager.kernel_action(data["kernel_id"], data.get("action", ""))
             if data.get("action") == "shutdown":
                 self.auto_backup_loop.forget(data["kernel_id"])
 

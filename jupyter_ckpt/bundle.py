@@ -101,8 +101,10 @@ def import_bundle(
     free = shutil.disk_usage(store.state).free
     if needed > free:
         raise InvalidRequest(f"the bundle holds {needed} bytes of images; {free} bytes are free here")
-    if record.kernel_id in running_kernels:
-        record.kernel_id = str(uuid.uuid4())  # never another kernel's: it would be listed and restored as that one
+    if not verified and record.kernel_id in running_kernels:
+        # Signed elsewhere, it must not pass for a kernel of this server's: it
+        # would be listed as that kernel's, and restored into it by default.
+        record.kernel_id = str(uuid.uuid4())
     record.status, record.error = "complete", None
     record.imported = {
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),

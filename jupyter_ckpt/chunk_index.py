@@ -119,6 +119,13 @@ class ChunkIndex:
                         j += 1
         return found, rows
 
+    def pack_rows(self, pack: str) -> np.ndarray:
+        """Every chunk of one pack (rows of _ROW)."""
+        with self._lock:
+            number = self._numbers.get(pack)
+            parts = [rows[rows["pack"] == number] for _, rows in self._runs] if number is not None else []
+        return np.concatenate(parts) if parts else np.zeros(0, _ROW)
+
     def packs_of(self, hashes: set[bytes]) -> dict[str, int]:
         """pack -> number of the given hashes it holds."""
         counts = np.zeros(len(self._names) + 1, np.int64)

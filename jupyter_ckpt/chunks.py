@@ -247,15 +247,27 @@ class ChunkStore:
 
     # -- gc ---------------------------------------------------------------------------
 
-    def gc(self, referenced: set[bytes]) -> tuple[int, int]:
-        """Delete packs none of whose chunks is referenced, and stray partial
-        uploads. Returns (packs deleted, bytes freed)."""
+    def gc(self, referenced: set[bytes], repack_below: float = 0.5) -> tuple[int, int]:
+        """Delete packs none of whose chunks is referenced; copy the live chunks
+        of packs less than ``repack_below`` live (by bytes) into new packs and
+        delete those too; delete stray partial uploads. Returns (packs deleted,
+        bytes freed)."""
         self.sync_index()
-        deleted = freed = 0
-        counts = self.index.packs_of(referenced)
-        for pack, live in counts.items():
-            if live:
+        doomed: list[str] = []
+        keep: list[np.ndarray] = []  # live chunks of the packs to repack
+        for pack in sorted(self.index.known_packs()):
+            rows = self.index.pack_rows(pack)
+            live = np.fromiter((h.tobytes() in referenced for h in rows["hash"]), bool, len(rows))
+            live_bytes, total = int(rows["size"][live].sum()), int(rows["size"].sum())
+            if live.all() or (live.any() and live_bytes >= repack_below * total):
                 continue
+            doomed.append(pack)
+            if live.any():
+                keep.append(rows[live])
+        if keep:
+            self._copy_chunks(np.concatenate(keep))  # published before the old packs go
+        deleted = freed = 0
+        for pack in doomed:
             for suffix in (".idx", ".pack"):  # index first: the pack is unknown from then on
                 path = f"{self.root}/packs/{pack}{suffix}"
                 if self.fs.exists(path):
@@ -273,6 +285,35 @@ class ChunkStore:
                 self.fs.rm_file(p)
                 deleted += 1
         return deleted, freed
+
+    def _copy_chunks(self, rows: np.ndarray) -> None:
+        """Write the chunks at ``rows`` into new packs, each checked against its
+        hash on the way (a damaged chunk stops gc before anything is deleted)."""
+        sink = FrameSink(self.cache_dir, self._publish, FrameCompressor(self.zstd_level))
+        pending: list[tuple[bytes, memoryview]] = []
+        pending_bytes = 0
+        try:
+            with FrameReader(self._open_pack) as frames:
+                where = zip(
+                    rows["hash"],
+                    *(rows[f].tolist() for f in ("pack", "offset", "length", "start", "size")),
+                    strict=True,
+                )
+                for h, pack, offset, length, start, size in where:
+                    data = frames.get(self.index.pack_name(pack), offset, length)[start : start + size]
+                    if chunk_hash(data) != h.tobytes():
+                        raise SnapshotNotRestorable(f"gc: a chunk of pack {self.index.pack_name(pack)} is corrupt")
+                    pending.append((h.tobytes(), data))
+                    pending_bytes += size
+                    if pending_bytes >= FRAME_BYTES:
+                        sink.put(pending)
+                        pending, pending_bytes = [], 0
+                if pending:
+                    sink.put(pending)
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
 
     def close(self) -> None:
         self.index.close()

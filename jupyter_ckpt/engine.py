@@ -319,7 +319,10 @@ class CriuEngine:
             except pycriu.CRIUException as e:
                 if lazy_pages is not None:
                     lazy_pages.kill()
-                raise RestoreFailed(errors_from_log(work_dir / RESTORE_LOG) or str(e)) from None
+                reason = errors_from_log(work_dir / RESTORE_LOG)
+                if reason == NO_ERROR_LINE:
+                    reason = f"criu stopped during the restore without saying why (was it killed?): {e}"
+                raise RestoreFailed(reason) from None
             finally:
                 if netns_fd is not None:
                     os.close(netns_fd)

@@ -25,6 +25,7 @@ from .kernels import ServerKernels, listener_moves
 from .provisioner import LaunchPlan
 from .reconnect import wait_until_answering
 from .records import SnapshotRecord
+from .recovery import OperationJournal
 from .restore import RestoreOutcome, verified_images
 from .store import SnapshotStore
 
@@ -38,10 +39,12 @@ class Fork:
         claims: KernelClaims,
         events: SnapshotEvents,
         log: logging.Logger,
+        journal: OperationJournal,
         outbound: str = "nat",
     ):
         self.kernels, self.engine, self.store = kernels, engine, store
         self.claims, self.events, self.log = claims, events, log
+        self.journal = journal
         self.outbound = outbound
 
     async def fork(
@@ -62,6 +65,7 @@ class Fork:
                     images = await verified_images(self.store, record, work)
                     prepared = time.monotonic() - started
                     network = await asyncio.to_thread(ForkNetwork.create, self.outbound)
+                    self.journal.begin("fork", kernel_id, snapshot_id=record.id, netns=network.name)
                     here = {**record.connection, "ip": network.kernel_address}
                     await asyncio.to_thread(move_listeners, images, listener_moves(record.connection, here))
 
@@ -75,6 +79,7 @@ class Fork:
                     km = await self.kernels.start(kernel_id, record.kernel_name, target_path, plan)
             except BaseException as e:
                 await self._undo(kernel_id, network, target_path if copy_notebook else None)
+                self.journal.end("fork", kernel_id)
                 if isinstance(e, CheckpointError):
                     self.events.snapshot("restore_failed", record, message=str(e))
                     raise
@@ -83,6 +88,7 @@ class Fork:
                     self.events.snapshot("restore_failed", record, message=message)
                     raise RestoreFailed(message) from None
                 raise
+            self.journal.end("fork", kernel_id)  # a kernel of the server's now (tracked as such)
             self.claims.lineage[kernel_id] = record.id
             await wait_until_answering(km, {}, self.log)
         if target_path:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import signal
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -81,10 +83,16 @@ class ForkNetwork:
     @classmethod
     def create(cls, outbound: str = "nat") -> ForkNetwork:
         """A fresh namespace with loopback up and a veth pair to this one."""
-        with _allocating:
-            index = next(i for i in range(NETWORK.num_addresses // 4) if _free(i))
-            net = cls(index)
-            _run("ip", "netns", "add", net.name)
+        with _allocating:  # this server's forks; another server's may race us for a name
+            for index in range(NETWORK.num_addresses // 4):
+                net = cls(index)
+                if (
+                    _free(index)
+                    and subprocess.run(["ip", "netns", "add", net.name], capture_output=True).returncode == 0
+                ):
+                    break
+            else:
+                raise RestoreFailed("no free network namespace for a new kernel: every fork address is taken")
         try:
             ns = ("ip", "-n", net.name)
             _run(
@@ -112,6 +120,22 @@ class ForkNetwork:
             net.close()
             raise
         return net
+
+    @classmethod
+    def remove(cls, name: str) -> bool:
+        """End every process in a fork's namespace (a fork cut short by a server
+        that died), then remove the namespace. False if ``name`` is not one."""
+        index = name[len(NAME_PREFIX) :] if name.startswith(NAME_PREFIX) else ""
+        if not index.isdigit():
+            return False
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
+        for pid in pids.stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        cls(int(index)).close()
+        return True
 
     def close(self) -> None:
         """Remove the namespace (its end of the veth pair, and so the pair, goes with it)."""
@@ -148,9 +172,19 @@ def _enable_nat() -> None:
     )
 
 
+def for_address(address: str) -> ForkNetwork | None:
+    """The fork network whose kernel end has ``address``, if it is one."""
+    try:
+        offset = int(ipaddress.IPv4Address(address)) - int(NETWORK.network_address)
+    except ValueError:
+        return None
+    return ForkNetwork(offset // 4) if 0 <= offset < NETWORK.num_addresses and offset % 4 == 2 else None
+
+
 def remove_stale() -> list[str]:
-    """Remove fork namespaces left by a server that stopped without closing them
-    (a crash): those without a process in them. Returns their names."""
+    """Remove every fork namespace without a process in it. Only for a machine
+    where no server is setting up a fork (tests, maintenance): a namespace being
+    set up has no process yet. Servers remove their own (recovery.py)."""
     removed = []
     if not NETNS_DIR.is_dir():
         return removed

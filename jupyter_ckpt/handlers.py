@@ -74,8 +74,8 @@ class CheckpointHandler(APIHandler):
             return {}
         try:
             data = json.loads(self.request.body.decode("utf-8"), parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise web.HTTPError(400, f"the request body is not JSON (UTF-8): {e}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise web.HTTPError(400, f"the request body is not JSON (UTF-8) of a reasonable depth: {e}") from None
         if not isinstance(data, dict):
             raise web.HTTPError(400, "the request body must be a JSON object")
         return data
@@ -165,12 +165,13 @@ class BundleHandler(CheckpointHandler):
     @authorized
     @translate_errors
     async def get(self, snapshot_id: str) -> None:
+        record = await self.manager.get(snapshot_id)  # a valid id, or 404, before any file
         with self.manager.scratch_dir("bundle-") as tmp:
-            path = tmp / f"{snapshot_id}.jckpt"
+            path = tmp / "bundle.jckpt"
             with open(path, "wb") as out:
                 await self.manager.export_bundle(snapshot_id, out)
             self.set_header("Content-Type", "application/octet-stream")
-            self.set_header("Content-Disposition", f'attachment; filename="{snapshot_id}.jckpt"')
+            self.set_header("Content-Disposition", f'attachment; filename="{record.id}.jckpt"')
             self.set_header("Content-Length", str(path.stat().st_size))
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 20):

@@ -52,9 +52,15 @@ class ServerKernels:
 
     async def start(self, kernel_id: str, kernel_name: str, notebook: str | None, plan: LaunchPlan) -> Any:
         """Start a kernel that comes from a snapshot (see LaunchPlan)."""
-        await self.kernel_manager.start_kernel(
-            kernel_id=kernel_id, kernel_name=kernel_name, path=folder_of(notebook), **{PLAN_ARGUMENT: plan}
-        )
+        try:
+            await self.kernel_manager.start_kernel(
+                kernel_id=kernel_id, kernel_name=kernel_name, path=folder_of(notebook), **{PLAN_ARGUMENT: plan}
+            )
+        except BaseException:
+            # jupyter_client keeps a kernel whose start failed among its pending
+            # ones, and its shutdown_all then fails on it: forget it.
+            getattr(self.kernel_manager, "_pending_kernels", {}).pop(kernel_id, None)
+            raise
         return self.kernel_manager.get_kernel(kernel_id)
 
     async def shutdown(self, kernel_id: str) -> None:

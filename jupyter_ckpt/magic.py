@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -184,39 +185,56 @@ def _checkpoint_magic(line: str) -> Checkpoint | None:
     return cp
 
 
-def _pid_namespace() -> int:
+def _process_start() -> str:
+    """When this process started. A restored process is a new one to the
+    kernel (CRIU cannot set it), so this changes with every restore and never
+    comes back (a pid namespace's id can: freed ids are reused)."""
     try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
+        with open("/proc/self/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 class HistoryAfterRestore:
-    """Gives a restored kernel a new IPython history session before its first cell.
+    """Gives a restored kernel a new IPython history session before it writes
+    any history.
 
-    Every restore puts the kernel in a fresh pid namespace. The restored process
-    still numbers its history lines from the snapshot on, while the original
+    A restored process is a new process to the kernel. It still numbers its history lines from the snapshot on, while the original
     may have written those numbers since: without a session of its own, the
-    first cell after a restore prints "ERROR! Session/line number was not
-    unique in database"."""
+    first write after a restore fails with IPython's "ERROR! Session/line number
+    was not unique in database". The write may come from IPython's saving
+    thread (lines cached at the snapshot) or from the next cell, so both paths
+    check first."""
 
-    def __init__(self, ipython: Any):
-        self.ipython = ipython
-        self.namespace = _pid_namespace()
+    def __init__(self, history: Any):
+        self.history = history
+        self.started = _process_start()
+        self.lock = threading.Lock()
+        writeout = history.writeout_cache
+
+        def writeout_cache(conn: Any = None) -> None:
+            self.check(conn)
+            writeout(conn)
+
+        history.writeout_cache = writeout_cache  # the saving thread calls it through the instance
+
+    def check(self, conn: Any = None) -> None:
+        with self.lock:
+            started = _process_start()
+            if started == self.started:
+                return
+            self.started = started
+            if getattr(self.history, "enabled", False):
+                self.history.new_session(conn)
 
     def pre_execute(self) -> None:
-        namespace = _pid_namespace()
-        if namespace == self.namespace:
-            return
-        self.namespace = namespace
-        history = getattr(self.ipython, "history_manager", None)
-        if history is None or not getattr(history, "enabled", False):
-            return
-        with history.db_input_cache_lock:  # the saving thread writes under it
-            history.new_session()
+        self.check()
 
 
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magic_function(_checkpoint_magic, magic_kind="line", magic_name="checkpoint")
     ipython.user_ns.setdefault("checkpoint", checkpoint)
-    ipython.events.register("pre_execute", HistoryAfterRestore(ipython).pre_execute)
+    history = getattr(ipython, "history_manager", None)
+    if history is not None:
+        ipython.events.register("pre_execute", HistoryAfterRestore(history).pre_execute)

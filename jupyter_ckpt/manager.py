@@ -26,10 +26,10 @@ from .errors import CheckpointError, InvalidRequest, KernelNotCheckpointable, Sn
 from .events import SnapshotEvents
 from .fork import Fork
 from .forknet import NETWORK as FORK_NETWORK
-from .kernels import ServerKernels
+from .kernels import ServerKernels, connection_info
 from .provisioner import ZMQ_PORTS, CheckpointableProvisioner
 from .records import SnapshotRecord
-from .recovery import RunningKernels
+from .recovery import OperationJournal, PreviousRun, RunningKernels, start_time
 from .restore import RestoreInPlace, RestoreOutcome
 from .snapshots import SnapshotFlow
 from .store import SnapshotStore
@@ -61,16 +61,22 @@ class CheckpointManager:
         self.claims = KernelClaims()
         self.events = SnapshotEvents(emit, self.log)
         self.running_kernels = RunningKernels(store.state / "running-kernels.json")
+        self.journal = OperationJournal(store.state / "operations")
+        self.mender = PreviousRun(engine, store)
+        self.previous_run: list[dict[str, Any]] | None = None  # what mend_previous_run found, once done
+        self._gc_task: asyncio.Task | None = None
+        self._gc_wanted = False
         parts = (self.kernels, engine, store, self.claims, self.events)
         self.snapshots = SnapshotFlow(*parts, self.activity, self.log)
-        self.in_place = RestoreInPlace(*parts, self.log, lazy_restore=lazy_restore)
-        self.forks = Fork(*parts, self.log, outbound=fork_outbound)
+        self.in_place = RestoreInPlace(*parts, self.log, self.journal, lazy_restore=lazy_restore)
+        self.forks = Fork(*parts, self.log, self.journal, outbound=fork_outbound)
 
     # -- the server and its kernels ---------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         health = self.engine.health()
         return {
+            "previous_run": self.previous_run,
             "criu": {"available": health.available, "version": health.version, "reason": health.reason},
             "store": {"backend": self.store.backend},
             "features": {
@@ -115,10 +121,12 @@ class CheckpointManager:
     def restored_from(self, kernel_id: str) -> str | None:
         return self.kernels.restored_from(kernel_id)
 
-    def kernel_action(self, kernel_id: str, action: str) -> None:
+    async def kernel_action(self, kernel_id: str, action: str) -> None:
         """The server started, restarted or shut down a kernel."""
-        if action in ("start", "shutdown"):
-            self.running_kernels.mark(kernel_id, action == "start")
+        if action in ("start", "restart"):
+            await self.track(kernel_id)
+        elif action == "shutdown":
+            self.running_kernels.mark(kernel_id, None)
         if action == "start":
             try:
                 self.activity.watch(kernel_id)
@@ -128,6 +136,23 @@ class CheckpointManager:
             self.claims.forget(kernel_id)  # a fresh process, or none: from no snapshot
             if action == "shutdown":
                 self.activity.forget(kernel_id)
+
+    async def track(self, kernel_id: str) -> None:
+        """Remember a kernel's processes, for the next start if this server dies."""
+        try:
+            km, prov = self.kernels.require(kernel_id)
+        except CheckpointError:
+            return
+        assert prov.tree is not None
+        pid = prov.tree.init_pid
+        info = {
+            "pid": pid,
+            "started": start_time(pid),
+            "kernel_name": km.kernel_name,
+            "path": await self.kernels.notebook_path(kernel_id),
+            "connection": connection_info(km),
+        }
+        await asyncio.to_thread(self.running_kernels.mark, kernel_id, info)
 
     def publish(self, data: dict[str, Any]) -> None:
         self.events.publish(data)
@@ -152,11 +177,37 @@ class CheckpointManager:
 
     async def delete(self, snapshot_id: str) -> None:
         await self.snapshots.delete(snapshot_id)
+        self.collect_garbage_soon()
 
     async def prune(
         self, kernel_id: str | None = None, path: str | None = None, keep_auto: int = 10, byte_budget: int | None = None
     ) -> list[str]:
-        return await asyncio.to_thread(self.store.prune, kernel_id, path, keep_auto, byte_budget)
+        pruned = await asyncio.to_thread(self.store.prune, kernel_id, path, keep_auto, byte_budget)
+        if pruned:
+            self.collect_garbage_soon()
+        return pruned
+
+    def collect_garbage_soon(self) -> None:
+        """Reclaim deleted snapshots' chunks in the background (on disk and in
+        the chunk index), on a server's local store: gc must not run while
+        another server stores into the same store, which a shared remote
+        store allows (there, `jupyter ckpt gc` when none does)."""
+        if self.kernels.kernel_manager is None or self.store.backend != "local":
+            return
+        self._gc_wanted = True
+        if self._gc_task is None or self._gc_task.done():
+            self._gc_task = asyncio.ensure_future(self._collect_garbage())
+
+    async def _collect_garbage(self) -> None:
+        while self._gc_wanted:
+            self._gc_wanted = False
+            try:
+                deleted, freed = await asyncio.to_thread(self.store.gc)
+            except Exception:  # a full disk, a store closing: the next delete tries again
+                self.log.warning("jupyter_ckpt: collecting deleted snapshots' chunks failed", exc_info=True)
+                return
+            if deleted:
+                self.log.info("jupyter_ckpt: reclaimed %d objects, %.1f MiB", deleted, freed / 2**20)
 
     async def gc(self) -> tuple[int, int]:
         return await asyncio.to_thread(self.store.gc)
@@ -209,12 +260,19 @@ class CheckpointManager:
             why = f": {record.error}" if record.error else ""
             raise SnapshotNotRestorable(f"snapshot {snapshot_id} is {record.status}{why}")
         self.engine.require()
-        if mode == "new":
-            if kernel_id:
-                raise InvalidRequest("a restore as a new kernel gets a new kernel id: do not give one")
-            return await self.forks.fork(record, path=path, copy_notebook=copy_notebook)
-        if path or copy_notebook:
+        if mode == "new" and kernel_id:
+            raise InvalidRequest("a restore as a new kernel gets a new kernel id: do not give one")
+        if mode == "replace" and (path or copy_notebook):
             raise InvalidRequest("'path' and 'copy' go with mode 'new'")
+        outcome = await self._restore(record, kernel_id, mode, path, copy_notebook)
+        await self.track(outcome.kernel_id)  # its processes are new
+        return outcome
+
+    async def _restore(
+        self, record: SnapshotRecord, kernel_id: str | None, mode: str, path: str | None, copy_notebook: bool
+    ) -> RestoreOutcome:
+        if mode == "new":
+            return await self.forks.fork(record, path=path, copy_notebook=copy_notebook)
         kernel_id = kernel_id or record.kernel_id
         gone = kernel_id == record.kernel_id and kernel_id not in self.kernels.ids()
         if gone and (_is_fork(record) or ports_in_use(record.connection)):
@@ -235,10 +293,35 @@ class CheckpointManager:
 
     # -- across server restarts -------------------------------------------------------
 
-    def take_previous_run(self) -> list[str]:
-        """Kernels that were running when the previous server stopped (cleared)."""
+    async def mend_previous_run(self) -> list[str]:
+        """After a server that stopped without warning: save each of its kernels
+        still running (orphaned) as a snapshot, then stop it; turn the state
+        saved by a restore that was cut short into a snapshot; end forks cut
+        short. Returns the kernels of the previous run not running here; what
+        happened to each is in ``previous_run`` (the status API shows it)."""
+        previous = await asyncio.to_thread(self.running_kernels.take)
+        unfinished = await asyncio.to_thread(self.journal.take)
+        saved: dict[str, str] = {}
+        report: list[dict[str, Any]] = []
+        for kernel_id, info in previous.items():
+            if kernel_id in self.kernels.ids():
+                continue
+            outcome = await asyncio.to_thread(self.mender.save_orphan, kernel_id, info)
+            if outcome.get("snapshot_id"):
+                saved[kernel_id] = outcome["snapshot_id"]
+            report.append(outcome)
+        for entry in unfinished:
+            outcome = await asyncio.to_thread(self.mender.mend_operation, entry, saved)
+            if outcome is not None:
+                report.append(outcome)
+        await asyncio.to_thread(self.store.clear_scratch)
+        kept = {r["kernel_id"] for r in report if not r["lost"]}
+        self.previous_run = report = [r for r in report if not (r["lost"] and r["kernel_id"] in kept)]
+        for outcome in report:
+            log = self.log.warning if outcome.get("lost") else self.log.info
+            log("jupyter_ckpt: kernel %s of the previous run: %s", outcome["kernel_id"], outcome["message"])
         running = set(self.kernels.ids())
-        return [k for k in self.running_kernels.take() if k not in running]
+        return [k for k in previous if k not in running]
 
     async def resume(self, kernel_ids: list[str]) -> list[str]:
         """Restore each kernel from its latest complete snapshot; returns the
@@ -262,6 +345,9 @@ class CheckpointManager:
         """Stop background snapshots (they are recorded failed) and release resources."""
         await self.claims.memory_loads_done()  # a kernel's memory is never left half back
         await self.snapshots.stop()
+        if self._gc_task is not None:
+            self._gc_wanted = False
+            await asyncio.gather(self._gc_task, return_exceptions=True)
         self.close()
 
     def close(self) -> None:
@@ -278,6 +364,8 @@ def ports_in_use(connection: dict[str, Any]) -> bool:
         if not isinstance(port, int) or not port:
             continue
         with socket.socket() as probe:
+            # As ZMQ binds: a port left in TIME-WAIT by a kernel gone is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((connection.get("ip", "127.0.0.1"), port))
             except OSError:

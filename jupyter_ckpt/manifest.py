@@ -85,7 +85,7 @@ def decode(
     start = len(MAGIC) + _LEN.size
     try:
         header = json.loads(body[start : start + length])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise MalformedManifest(f"{name} has an unreadable header: {e}") from None
     if (
         not isinstance(header, dict)
@@ -150,6 +150,6 @@ def claimed_signer(data: bytes) -> str:
     try:
         (length,) = _LEN.unpack_from(data, len(MAGIC))
         signer = json.loads(data[len(MAGIC) + _LEN.size : len(MAGIC) + _LEN.size + length]).get("signer")
-    except (ValueError, struct.error, AttributeError):
+    except (ValueError, RecursionError, struct.error, AttributeError):
         return "unknown"
     return signer if isinstance(signer, str) and re.fullmatch(r"[0-9a-f]{16}", signer) else "unknown"

@@ -100,6 +100,8 @@ class SnapshotRecord:
         check_snapshot_id_value(data.get("id"))
         for name, kinds, optional in _FIELD_KINDS:
             value = data.get(name)
+            if name == "kernel_id" and not isinstance(value, str):
+                raise ValueError(f"the record's kernel_id is {value!r}")  # the one field without a default
             if value is None and (optional or name not in data):
                 continue
             if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):

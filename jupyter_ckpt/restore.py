@@ -26,6 +26,7 @@ from .kernels import ServerKernels, connection_info, listener_moves
 from .provisioner import CheckpointableProvisioner, LaunchPlan
 from .reconnect import client_connections, kernel_ports, wait_until_answering
 from .records import SnapshotRecord
+from .recovery import OperationJournal, start_time
 from .store import SnapshotStore
 
 
@@ -70,10 +71,12 @@ class RestoreInPlace:
         claims: KernelClaims,
         events: SnapshotEvents,
         log: logging.Logger,
+        journal: OperationJournal,
         lazy_restore: bool = True,
     ):
         self.kernels, self.engine, self.store = kernels, engine, store
         self.claims, self.events, self.log = claims, events, log
+        self.journal = journal
         self.lazy_restore = lazy_restore
 
     async def start_again(self, record: SnapshotRecord) -> None:
@@ -93,6 +96,20 @@ class RestoreInPlace:
     async def restore(self, record: SnapshotRecord, kernel_id: str, started_again: bool) -> RestoreOutcome:
         km, prov = self.kernels.require(kernel_id)
         lazy_pages: LazyPages | None = None
+        # What the kernel's state before the restore is, as a snapshot, should
+        # the server die before the restore ends (see recovery.py).
+        before = SnapshotRecord(
+            id="",
+            kernel_id=kernel_id,
+            kernel_name=km.kernel_name,
+            path=await self.kernels.notebook_path(kernel_id),
+            label=f"the state before restoring {record.id}, saved when the server stopped during that restore",
+            trigger="auto",
+            parent_id=prov.tree.restored_from if prov.tree else None,
+            stdio_keys=dict(prov.tree.stdio.keys) if prov.tree else {},
+            connection=connection_info(km),
+            criu_version=self.engine.health().version,
+        )
         async with self.claims.hold(kernel_id) as claim:
             started = time.monotonic()
             work = self.store.new_scratch_dir("restore-")
@@ -105,15 +122,15 @@ class RestoreInPlace:
                 moves = listener_moves(record.connection, connection_info(km))
                 if moves:
                     await asyncio.to_thread(move_listeners, images, moves)
-                before = client_connections(km.ip, kernel_ports(km))
+                clients = client_connections(km.ip, kernel_ports(km))
                 self.claims.reconnecting(kernel_id)
                 try:
                     with prov.swapping():
                         saved_seconds, seconds, lazy_pages = await asyncio.to_thread(
-                            self._replace_processes, prov, record, work
+                            self._replace_processes, prov, record, work, None if started_again else before
                         )
                 except KernelPutBack as e:
-                    await self._wait_until_answering(km, kernel_id, before)
+                    await self._wait_until_answering(km, kernel_id, clients)
                     self.events.snapshot("restore_failed", record, message=str(e))
                     raise RestoreFailed(str(e)) from None
                 except BaseException as e:
@@ -122,9 +139,10 @@ class RestoreInPlace:
                         self.events.snapshot("restore_failed", record, message=str(e))
                     raise
                 self.claims.lineage[kernel_id] = record.id
-                await self._wait_until_answering(km, kernel_id, before)
+                await self._wait_until_answering(km, kernel_id, clients)
             finally:
                 if lazy_pages is None:
+                    self.journal.end("restore", kernel_id)
                     shutil.rmtree(work, ignore_errors=True)
                 else:  # the kernel runs; its images and the kernel stay claimed until its memory is back
                     claim.release_after(
@@ -176,28 +194,39 @@ class RestoreInPlace:
             self.log.error("jupyter_ckpt: kernel %s: %s", kernel_id, message)
             self.events.snapshot("restore_failed", record.as_kernel(kernel_id), message=message)
         finally:
+            self.journal.end("restore", kernel_id)
             shutil.rmtree(work, ignore_errors=True)
 
     def _replace_processes(
-        self, prov: CheckpointableProvisioner, record: SnapshotRecord, work: Path
+        self, prov: CheckpointableProvisioner, record: SnapshotRecord, work: Path, before: SnapshotRecord | None
     ) -> tuple[float, float, LazyPages | None]:
         """Blocking: runs in a worker thread while the provisioner reports 'alive'.
         ``work`` holds the snapshot's verified images in ``images/``; CRIU's logs
-        and the replaced state go there too. Returns the seconds saving the
-        current state and restoring took, and, for a lazy restore, what brings
-        the rest of the memory back."""
+        and the replaced state go there too (unless ``before`` is None: a kernel
+        started just to be restored into has no state to keep). Returns the
+        seconds saving the current state and restoring took, and, for a lazy
+        restore, what brings the rest of the memory back."""
         assert prov.tree is not None
         current = prov.tree
+        kernel_id = prov.kernel_id
         rollback = work / "previous-state"
-        rollback.mkdir(mode=0o700)
         started = time.monotonic()
-        try:
-            self.engine.dump(current.init_pid, rollback)
-        except DumpFailed as e:
-            raise RestoreFailed(
-                f"nothing was changed: the kernel's current state could not be saved first ({e})"
-            ) from None
+        if before is not None:
+            rollback.mkdir(mode=0o700)
+            try:
+                self.engine.dump(current.init_pid, rollback)
+            except DumpFailed as e:
+                raise RestoreFailed(
+                    f"nothing was changed: the kernel's current state could not be saved first ({e})"
+                ) from None
         saved_seconds = time.monotonic() - started
+        self.journal.begin(
+            "restore",
+            kernel_id,
+            snapshot_id=record.id,
+            previous_state=str(rollback) if before is not None else None,
+            record=before.to_json() if before is not None else None,
+        )
         # SIGKILL to pid 1 of the kernel's namespace ends every process in it.
         os.kill(current.init_pid, signal.SIGKILL)
         prov.reap_old()
@@ -206,6 +235,8 @@ class RestoreInPlace:
         try:
             tree = restore_tree(self.engine, work / "images", work, record.stdio_keys, netns, lazy)
         except RestoreFailed as failure:
+            if before is None:
+                raise RestoreFailed(f"restoring snapshot {record.id} failed: {failure}") from None
             try:
                 back = restore_tree(self.engine, rollback, work, current.stdio.keys, netns)
             except RestoreFailed as second:
@@ -218,4 +249,7 @@ class RestoreInPlace:
                 f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
             ) from None
         prov.adopt(tree.pid, tree.stdio, record.id, current.network)
+        if tree.lazy_pages is not None:
+            daemon = tree.lazy_pages.process.pid
+            self.journal.update("restore", kernel_id, lazy_pages={"pid": daemon, "started": start_time(daemon)})
         return saved_seconds, tree.seconds, tree.lazy_pages

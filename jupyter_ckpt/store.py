@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,40 @@ from .records import SNAPSHOT_ID, SnapshotRecord, check_snapshot_id
 
 # Images of the latest snapshots kept next to the store, for quick restores.
 DEFAULT_IMAGE_CACHE_BYTES = 8 << 30
+
+
+class SharedExclusive:
+    """Many holders at once (storing, reading chunks) or one alone (gc, which
+    deletes packs that nothing it can see refers to yet)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 class SnapshotStore:
@@ -83,6 +118,9 @@ class SnapshotStore:
         self.chunks = ChunkStore(self.fs, self.root, self.state / "cache")
         self.chunks.makedirs("manifests")
         self.kept_images = ImageCache(self.state / "images", image_cache_bytes)
+        # Within this process, gc never runs while chunks are stored or read.
+        # (Another process's gc on the same store is not excluded: see gc.)
+        self.gate = SharedExclusive()
 
     @property
     def backend(self) -> str:
@@ -127,7 +165,8 @@ class SnapshotStore:
         nobody sees "complete" before the manifest is durably written.
         ``started`` (time.monotonic()) sets the record's total_seconds."""
         staging = self.staging_dir(record.id)
-        files, stats = self.chunks.put_files(staging)
+        with self.gate.shared():
+            files, stats = self.chunks.put_files(staging)
         done = SnapshotRecord.from_json({**record.to_json(), "status": "complete", "error": None})
         done.stored_bytes = stats.new_bytes
         if started is not None:
@@ -140,7 +179,8 @@ class SnapshotStore:
     def commit_imported(self, record: SnapshotRecord, directory: Path, expected: list[StoredFile]) -> SnapshotRecord:
         """Store the verified files of an imported snapshot (in ``directory``),
         whose chunks must be exactly ``expected``, and sign its manifest here."""
-        files, stats = self.chunks.put_files(directory)
+        with self.gate.shared():
+            files, stats = self.chunks.put_files(directory)
         if [f.chunks for f in files] != [f.chunks for f in expected]:
             raise SnapshotNotRestorable("bundle: its files do not match its manifest")
         record.stored_bytes = stats.new_bytes
@@ -192,7 +232,8 @@ class SnapshotStore:
 
     def read_chunks(self, stored: StoredFile) -> Iterator[memoryview]:
         """A stored file's bytes, chunk by chunk, each verified."""
-        return self.chunks.read_file(stored)
+        with self.gate.shared():
+            yield from self.chunks.read_file(stored)
 
     @staticmethod
     def _read_record(path: Path) -> SnapshotRecord:
@@ -293,7 +334,8 @@ class SnapshotStore:
         manifest's digests, else assembled from the store's chunks."""
         record, files = self.read_manifest(snapshot_id)
         if not self.kept_images.link(record, files, dest):
-            self.chunks.materialize(files, dest)
+            with self.gate.shared():
+                self.chunks.materialize(files, dest)
         return record
 
     # -- space --------------------------------------------------------------------
@@ -326,7 +368,15 @@ class SnapshotStore:
         return [r.id for r in doomed]
 
     def gc(self) -> tuple[int, int]:
-        """Reclaim chunks no manifest refers to; returns (objects deleted, bytes freed)."""
+        """Reclaim chunks no manifest refers to; returns (objects deleted, bytes freed).
+
+        Waits for snapshots being stored and reads of this process. It must not
+        run while another process stores into the same store (a server sharing
+        it): chunks that process is about to refer to would go."""
+        with self.gate.exclusive():
+            return self._gc()
+
+    def _gc(self) -> tuple[int, int]:
         referenced: set[bytes] = set()
         for snapshot_id in self.ids():
             if self.fs.exists(self._manifest_path(snapshot_id)):
@@ -339,6 +389,11 @@ class SnapshotStore:
             if ".part-" in stray:
                 self.fs.rm_file(stray)
         return self.chunks.gc(referenced)
+
+    def clear_scratch(self) -> None:
+        """At start, once a previous run's leftovers are used: scratch is per run."""
+        for d in (self.state / "tmp").iterdir():
+            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
 
     def new_scratch_dir(self, prefix: str = "op-") -> Path:
         """A private local directory; the caller removes it."""

@@ -69,6 +69,8 @@ class Server:
         self.runtime = tmp_path / "runtime"
         (tmp_path / "root").mkdir(exist_ok=True)
         prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.log_path = tmp_path / f"server-{self.port}-{time.monotonic_ns()}.log"  # read it when a test fails
+        log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [
                 *prefix,
@@ -85,8 +87,8 @@ class Server:
                 *([f"--CheckpointApp.store_root={tmp_path / 'store'}"] if local_store else []),
                 *extra,
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
             env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime), HOME=str(tmp_path)),
         )
         for _ in range(300):
@@ -107,8 +109,14 @@ class Server:
         client.wait_for_ready(timeout=60)
         return client
 
+    def crash(self) -> None:
+        """As a crash of the server alone would (SIGKILL): its kernels run on."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
     def kill(self) -> None:
-        """As a crash or a reboot would: the server and its kernels, at once."""
+        """As a reboot would: the server and its kernels, at once."""
         if self.proc.poll() is None:
             for pid in [*descendants(self.proc.pid), self.proc.pid]:
                 try:

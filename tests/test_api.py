@@ -3,6 +3,7 @@ progress and events, relabel, delete, bundle download and upload."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -116,3 +117,34 @@ async def test_events_for_failure_restore_delete_and_schedule(jp_fetch, events, 
     assert "unix" in failed["message"].lower()
     peer.close()
     listener_sock.close()
+
+
+async def test_deleting_snapshots_reclaims_their_space(jp_fetch, jp_serverapp, start_kernel, store_root):
+    """A server collects deleted snapshots' chunks by itself (a local store):
+    what only they used goes, from disk and from the chunk index, also from
+    packs that other snapshots still use in part (their live chunks are copied)."""
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; a = np.random.default_rng(1).random(12_000_000)")  # 96 MB
+    first = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("a = np.random.default_rng(2).random(12_000_000)")
+    second = await snapshot(jp_fetch, kernel_id)
+
+    def pack_bytes() -> int:
+        return sum(p.stat().st_size for p in (store_root / "packs").glob("*.pack"))
+
+    store = jp_serverapp.web_app.settings["ckpt_manager"].store
+    before = pack_bytes()
+    assert (await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", first["id"]))[0] == 204
+    deadline = asyncio.get_running_loop().time() + 30
+
+    def indexed_as_on_disk() -> bool:
+        return store.chunks.index.known_packs() == {p.stem for p in (store_root / "packs").glob("*.pack")}
+
+    while pack_bytes() > before - 90_000_000 or not indexed_as_on_disk():  # the first array's pages are gone
+        assert asyncio.get_running_loop().time() < deadline, f"{before - pack_bytes()} bytes reclaimed"
+        await asyncio.sleep(0.05)
+    await sock.execute("a = None")
+    await restore(jp_fetch, second["id"])  # what is left is whole
+    assert await sock.value("round(float(a.sum()))") == str(
+        round(float(__import__("numpy").random.default_rng(2).random(12_000_000).sum()))
+    )

@@ -40,12 +40,14 @@ async def test_criu_killed_while_the_kernel_is_frozen(jp_fetch, start_kernel):
     assert status == 202
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
-    while not set(criu_tables()) - others:  # the lock is taken once the tree is frozen
+    while True:
+        # Our criu ("criu: dump --rpc -t PID" while it dumps), once it has
+        # locked the network: the tree is frozen then.
+        dumpers = [pid for pid in descendants(os.getpid()) if " ".join(cmdline(pid)).startswith("criu: dump")]
+        if dumpers and set(criu_tables()) - others:
+            break
         assert loop.time() < deadline, "criu never locked the network"
         await asyncio.sleep(0.005)
-    # criu names itself "criu: dump --rpc -t PID" while it dumps.
-    dumpers = [pid for pid in descendants(os.getpid()) if " ".join(cmdline(pid)).startswith("criu: dump")]
-    assert dumpers, [(pid, cmdline(pid)) for pid in descendants(os.getpid())]
     for pid in dumpers:
         os.kill(pid, signal.SIGKILL)
     done = await wait_for_snapshot(jp_fetch, snap["id"])
@@ -139,3 +141,35 @@ class TestStoreOnAnotherFilesystem:
         await sock.execute("x = 'second'")
         await restore(jp_fetch, snap["id"])
         assert await sock.value("x") == "'first'"
+
+
+async def test_criu_killed_while_it_restores_a_fork(jp_fetch, jp_serverapp, start_kernel):
+    """The fork fails with a reason; its kernel and network namespace are gone;
+    the original runs on."""
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; a = np.random.default_rng(0).random(100_000_000); x = 'original'")
+    snap = await snapshot(jp_fetch, kernel_id)
+    namespaces = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    restoring = asyncio.ensure_future(
+        api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new"})
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        restorers = [
+            pid
+            for pid in descendants(os.getpid())
+            if "restore" in " ".join(cmdline(pid)) and "criu" in " ".join(cmdline(pid))
+        ]
+        if restorers or restoring.done():
+            break
+        assert loop.time() < deadline, "criu never started restoring"
+        await asyncio.sleep(0.002)
+    assert restorers, await restoring
+    for pid in restorers:
+        os.kill(pid, signal.SIGKILL)
+    status, answer = await restoring
+    assert status == 500 and "restor" in answer["message"], answer
+    assert [k["id"] for k in (await api(jp_fetch, "GET", "api", "kernels"))[1]] == [kernel_id]
+    assert (set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()) == namespaces
+    assert await sock.value("x") == "'original'"

@@ -47,6 +47,7 @@ MODELS: dict[str, tuple[str, str]] = {
     "IKernelState": ("response", _KERNEL),
     "IRestoreOptions": ("request", _RESTORE),
     "IImport": ("response", "/components/schemas/Snapshot/properties/imported"),
+    "IPreviousRunKernel": ("response", "/components/schemas/Status/properties/previous_run/items"),
 }
 # Interfaces of api.ts that are deliberately not API models (none today).
 NOT_MODELS: set[str] = set()

@@ -93,7 +93,7 @@ def test_a_fork_comes_back_as_a_fork_after_a_restart(tmp_path):
     b = Server(tmp_path)
     try:
         outcome = b.call("POST", f"/api/ckpt/snapshots/{fork_snap['id']}/restore", {"mode": "replace"})
-        assert outcome["kernel_id"] == fork_id and outcome["mode"] == "new"
+        assert outcome["kernel_id"] == fork_id and outcome["mode"] == "replace"
         client = b.client(fork_id)
         assert value(client, "x") == "'the fork'"
         assert client.transport == "tcp" and client.ip.startswith("10.213.")

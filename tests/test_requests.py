@@ -53,9 +53,14 @@ async def test_a_body_that_is_not_utf8_json_is_a_bad_request(jp_fetch, store, st
     ],
 )
 async def test_restore_fields_of_the_wrong_type_are_bad_requests(jp_fetch, store, body, message):
+    import os
+
     snap = commit(store)
+    namespaces = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
     status, answer = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap.id, "restore", body=body)
     assert status == 400 and message in answer["message"], answer
+    assert (await api(jp_fetch, "GET", "api", "kernels"))[1] == []  # no fork was started
+    assert (sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []) == namespaces
 
 
 @pytest.mark.parametrize(

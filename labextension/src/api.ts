@@ -46,6 +46,17 @@ export interface IServerStatus {
   store: { backend: string };
   /** What the server can do now: snapshot, restore_replace, restore_new, lazy_restore, ... */
   features: Record<string, boolean>;
+  /** The kernels a previous server left when it stopped without warning (null while the server still mends them). */
+  previous_run: IPreviousRunKernel[] | null;
+}
+
+export interface IPreviousRunKernel {
+  kernel_id: string;
+  /** Nothing newer than its latest snapshot remains. */
+  lost: boolean;
+  /** The snapshot its state was saved as. */
+  snapshot_id: string | null;
+  message: string;
 }
 
 export interface IKernelState {

@@ -30,6 +30,7 @@ function snap(id: string, extra: Partial<ISnapshot> = {}): ISnapshot {
     total_seconds: 0.3,
     execution_count: 1,
     criu_version: '4.2.1',
+    imported: null,
     ...extra
   };
 }
@@ -47,7 +48,8 @@ function fakeClient(
         version: '0.1.0',
         criu: { available: true, version: '4.2.1', reason: '' },
         store: { backend: 'local' },
-        features: { snapshot: true, restore_replace: true, restore_new: true }
+        features: { snapshot: true, restore_replace: true, restore_new: true },
+        previous_run: []
       };
     },
     async list(filter: { path?: string; kernelId?: string }) {
@@ -158,7 +160,8 @@ describe('SnapshotsModel', () => {
           snapshot: false,
           restore_replace: false,
           restore_new: false
-        }
+        },
+        previous_run: []
       })
     });
     expect(model.forkUnavailableReason).toBe('the server has not answered yet');
