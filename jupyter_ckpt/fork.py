@@ -10,41 +10,24 @@ any number of times, at once.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 
-from .claims import KernelClaims
 from .criu_images import move_listeners
-from .engine import CriuEngine
 from .errors import CheckpointError, InvalidRequest, RestoreFailed, SnapshotNotRestorable
-from .events import SnapshotEvents
+from .flow import Flow, FlowParts
 from .forknet import ForkNetwork
 from .kernel_tree import RestoredTree, restore_tree
-from .kernels import ServerKernels, listener_moves
+from .kernels import listener_moves
 from .provisioner import LaunchPlan
 from .reconnect import wait_until_answering
 from .records import SnapshotRecord
-from .recovery import OperationJournal
 from .restore import RestoreOutcome, verified_images
-from .store import SnapshotStore
 
 
-class Fork:
-    def __init__(
-        self,
-        kernels: ServerKernels,
-        engine: CriuEngine,
-        store: SnapshotStore,
-        claims: KernelClaims,
-        events: SnapshotEvents,
-        log: logging.Logger,
-        journal: OperationJournal,
-        outbound: str = "nat",
-    ):
-        self.kernels, self.engine, self.store = kernels, engine, store
-        self.claims, self.events, self.log = claims, events, log
-        self.journal = journal
+class Fork(Flow):
+    def __init__(self, parts: FlowParts, outbound: str = "nat"):
+        super().__init__(parts)
         self.outbound = outbound
 
     async def fork(

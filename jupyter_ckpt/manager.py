@@ -24,6 +24,7 @@ from .claims import KernelClaims
 from .engine import CriuEngine
 from .errors import CheckpointError, InvalidRequest, KernelNotCheckpointable, SnapshotNotRestorable
 from .events import SnapshotEvents
+from .flow import FlowParts
 from .fork import Fork
 from .forknet import NETWORK as FORK_NETWORK
 from .kernels import ServerKernels, connection_info
@@ -66,10 +67,10 @@ class CheckpointManager:
         self.previous_run: list[dict[str, Any]] | None = None  # what mend_previous_run found, once done
         self._gc_task: asyncio.Task | None = None
         self._gc_wanted = False
-        parts = (self.kernels, engine, store, self.claims, self.events)
-        self.snapshots = SnapshotFlow(*parts, self.activity, self.log)
-        self.in_place = RestoreInPlace(*parts, self.log, self.journal, lazy_restore=lazy_restore)
-        self.forks = Fork(*parts, self.log, self.journal, outbound=fork_outbound)
+        parts = FlowParts(self.kernels, engine, store, self.claims, self.events, self.journal, self.log)
+        self.snapshots = SnapshotFlow(parts, self.activity)
+        self.in_place = RestoreInPlace(parts, lazy_restore=lazy_restore)
+        self.forks = Fork(parts, outbound=fork_outbound)
 
     # -- the server and its kernels ---------------------------------------------------
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import shutil
 import signal
@@ -16,17 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .claims import KernelClaims
 from .criu_images import differences, move_listeners
-from .engine import CriuEngine, LazyPages
+from .engine import LazyPages
 from .errors import DumpFailed, KernelNotFound, RestoreFailed, SnapshotIncompatible
-from .events import SnapshotEvents
+from .flow import Flow, FlowParts
 from .kernel_tree import restore_tree
-from .kernels import ServerKernels, connection_info, listener_moves
+from .kernels import connection_info, listener_moves
 from .provisioner import CheckpointableProvisioner, LaunchPlan
 from .reconnect import client_connections, kernel_ports, wait_until_answering
 from .records import SnapshotRecord
-from .recovery import OperationJournal, start_time
+from .recovery import start_time
 from .store import SnapshotStore
 
 
@@ -62,21 +60,9 @@ async def verified_images(store: SnapshotStore, record: SnapshotRecord, work: Pa
     return images
 
 
-class RestoreInPlace:
-    def __init__(
-        self,
-        kernels: ServerKernels,
-        engine: CriuEngine,
-        store: SnapshotStore,
-        claims: KernelClaims,
-        events: SnapshotEvents,
-        log: logging.Logger,
-        journal: OperationJournal,
-        lazy_restore: bool = True,
-    ):
-        self.kernels, self.engine, self.store = kernels, engine, store
-        self.claims, self.events, self.log = claims, events, log
-        self.journal = journal
+class RestoreInPlace(Flow):
+    def __init__(self, parts: FlowParts, lazy_restore: bool = True):
+        super().__init__(parts)
         self.lazy_restore = lazy_restore
 
     async def start_again(self, record: SnapshotRecord) -> None:

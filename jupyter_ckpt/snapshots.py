@@ -4,33 +4,21 @@ then stored while the kernel runs on. Also relabelling and deleting."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from pathlib import Path
 
 from .activity import ActivityTracker
-from .claims import Claim, KernelClaims
-from .engine import CriuEngine
+from .claims import Claim
 from .errors import CheckpointError, DumpFailed, InvalidRequest, KernelNotFound, OperationInProgress
-from .events import SnapshotEvents
-from .kernels import ServerKernels, connection_info
+from .flow import Flow, FlowParts
+from .kernels import connection_info
 from .records import TRIGGERS, SnapshotRecord, new_snapshot_id, validate_label
-from .store import SnapshotStore
 
 
-class SnapshotFlow:
-    def __init__(
-        self,
-        kernels: ServerKernels,
-        engine: CriuEngine,
-        store: SnapshotStore,
-        claims: KernelClaims,
-        events: SnapshotEvents,
-        activity: ActivityTracker,
-        log: logging.Logger,
-    ):
-        self.kernels, self.engine, self.store = kernels, engine, store
-        self.claims, self.events, self.activity, self.log = claims, events, activity, log
+class SnapshotFlow(Flow):
+    def __init__(self, parts: FlowParts, activity: ActivityTracker):
+        super().__init__(parts)
+        self.activity = activity
         self.running: dict[str, SnapshotRecord] = {}  # snapshots being taken, by id
         self.tasks: dict[str, asyncio.Task] = {}  # their background tasks
 

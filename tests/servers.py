@@ -36,6 +36,16 @@ def call(
         return json.loads(resp.read() or b"null")
 
 
+def cmdline(pid: int) -> list[str]:
+    """A process's arguments ([] once it is gone). criu rewrites its own:
+    "criu: dump --rpc -t PID" while it dumps."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
 def descendants(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):

@@ -10,7 +10,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from .client import api, restore, snapshot, wait_for_snapshot
-from .servers import descendants
+from .servers import cmdline, descendants
 
 pytestmark = pytest.mark.criu
 
@@ -178,7 +178,7 @@ async def test_kernel_is_stopped_when_its_memory_cannot_come_back(jp_fetch, jp_s
     assert out["lazy"] is True
     restored_pid = jp_serverapp.kernel_manager.get_kernel(kernel_id).provisioner.tree.init_pid
     # The server's own `criu lazy-pages` child, found by pid (never by name).
-    daemons = [pid for pid in descendants(os.getpid()) if "lazy-pages" in " ".join(_cmdline(pid))]
+    daemons = [pid for pid in descendants(os.getpid()) if "lazy-pages" in " ".join(cmdline(pid))]
     assert daemons, "the memory transfer ended before the test could cut it"
     for pid in daemons:
         os.kill(pid, signal.SIGKILL)
@@ -197,11 +197,3 @@ async def test_kernel_is_stopped_when_its_memory_cannot_come_back(jp_fetch, jp_s
             break
         await asyncio.sleep(0.05)
     await asyncio.wait_for(asyncio.shield(km.ready), 30)
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [part.decode() for part in f.read().split(b"\0") if part]
-    except OSError:
-        return []

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from .client import api, restore, snapshot, wait_for_snapshot
-from .servers import descendants
+from .servers import cmdline, descendants
 
 pytestmark = pytest.mark.criu
 
@@ -20,14 +20,6 @@ pytestmark = pytest.mark.criu
 def criu_tables() -> list[str]:
     out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     return [line.split()[-1] for line in out.splitlines() if "CRIU-" in line]
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [part.decode() for part in f.read().split(b"\0") if part]
-    except OSError:
-        return []
 
 
 async def test_criu_killed_while_the_kernel_is_frozen(jp_fetch, start_kernel):
