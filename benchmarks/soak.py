@@ -5,7 +5,7 @@ looking for what leaks.
 
 Starts one real ``jupyter server`` with jupyter_ckpt (its own temporary root,
 runtime dir and store, removed at the end) and one small kernel. After a
-warm-up cycle it counts what a leak would make grow: the server's open fds and
+warm-up of 25 cycles and one prune it counts what a leak would make grow: the server's open fds and
 RSS, the processes descending from the server (and criu processes anywhere),
 network namespaces, veth interfaces, nftables tables, mounts, connection files,
 kernels and snapshots listed, and files under the store's state directory.
@@ -283,6 +283,23 @@ def fmt(v) -> str:
     return "n/a" if v is None else str(v)
 
 
+WARM_UP_CYCLES = 25
+
+
+def settle(server: Server, tmp: Path, timeout: float = 60.0) -> None:
+    """Until the server's background work (collecting deleted snapshots'
+    space) is over: the store's packs unchanged for 3 s."""
+    deadline = time.monotonic() + timeout
+    last, steady_since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        packs = sorted(p.name for p in (tmp / "store" / "packs").glob("*"))
+        if packs != last:
+            last, steady_since = packs, time.monotonic()
+        elif time.monotonic() - steady_since >= 3:
+            return
+        time.sleep(0.2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=200)
@@ -301,8 +318,13 @@ def main() -> int:
         kernel_id = server.call("POST", "/api/kernels", {"name": "python3"})["id"]
         client = server.client(kernel_id)
 
-        cycle(server, client, kernel_id, 0, stats)  # warm-up
+        # Warm-up: one prune period, so that the store and the server reach
+        # the shape they keep (the live snapshot's chunks in their packs,
+        # memory pools grown) before the counts are taken.
+        for n in range(-WARM_UP_CYCLES, 0):
+            cycle(server, client, kernel_id, n, stats)
         prune(server, kernel_id)
+        settle(server, tmp)
         before = measure(server, tmp)
         start = time.monotonic()
         print(f"warm-up done in {start - t0:.1f} s; RSS {before['server RSS KiB'] / 1024:.1f} MiB", flush=True)
@@ -320,6 +342,7 @@ def main() -> int:
                 )
         cycles_s = time.monotonic() - start
         prune(server, kernel_id)  # as after the last 25-cycle prune, whatever --cycles
+        settle(server, tmp)
 
         deadline = time.monotonic() + SETTLE_S
         while True:

@@ -34,7 +34,7 @@ import zstandard
 
 from .chunk_index import ChunkIndex
 from .errors import SnapshotNotRestorable
-from .pack_format import FRAME_BYTES, StoredFile, chunk_hash, chunk_size_for, file_digest, parse_idx
+from .pack_format import FRAME_BYTES, PACK_BYTES, StoredFile, chunk_hash, chunk_size_for, file_digest, parse_idx
 from .pack_reader import IOV_MAX, FrameReader, map_file, write_all
 from .pack_writer import FinishedPack, FrameCompressor, FrameSink
 from .private_files import fsync_dir, private_dir, private_opener, write_private_atomic
@@ -249,21 +249,27 @@ class ChunkStore:
 
     def gc(self, referenced: set[bytes], repack_below: float = 0.5) -> tuple[int, int]:
         """Delete packs none of whose chunks is referenced; copy the live chunks
-        of packs less than ``repack_below`` live (by bytes) into new packs and
-        delete those too; delete stray partial uploads. Returns (packs deleted,
-        bytes freed)."""
+        of packs less than ``repack_below`` live (by bytes), and of small packs
+        when there are several, into new packs and delete those too; delete
+        stray partial uploads. Returns (packs deleted, bytes freed)."""
         self.sync_index()
         doomed: list[str] = []
         keep: list[np.ndarray] = []  # live chunks of the packs to repack
+        small: list[tuple[str, np.ndarray]] = []  # whole, but small: merged when there are several
         for pack in sorted(self.index.known_packs()):
             rows = self.index.pack_rows(pack)
             live = np.fromiter((h.tobytes() in referenced for h in rows["hash"]), bool, len(rows))
             live_bytes, total = int(rows["size"][live].sum()), int(rows["size"].sum())
             if live.all() or (live.any() and live_bytes >= repack_below * total):
+                if total < PACK_BYTES // 2:
+                    small.append((pack, rows[live]))
                 continue
             doomed.append(pack)
             if live.any():
                 keep.append(rows[live])
+        if len(small) > 1:  # one snapshot's pages spread over many packs: a few full ones instead
+            doomed += [pack for pack, _ in small]
+            keep += [rows for _, rows in small]
         if keep:
             self._copy_chunks(np.concatenate(keep))  # published before the old packs go
         deleted = freed = 0

@@ -10,6 +10,7 @@ Without a kernel manager (the CLI) only the store-level calls work.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import logging
 import socket
@@ -199,11 +200,21 @@ class CheckpointManager:
         if self._gc_task is None or self._gc_task.done():
             self._gc_task = asyncio.ensure_future(self._collect_garbage())
 
+    def _gc_and_trim(self) -> tuple[int, int]:
+        result = self.store.gc()
+        # Copying live chunks takes frames in and out of memory; glibc keeps
+        # what was freed in its heap unless asked to give it back.
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc
+        return result
+
     async def _collect_garbage(self) -> None:
         while self._gc_wanted:
             self._gc_wanted = False
             try:
-                deleted, freed = await asyncio.to_thread(self.store.gc)
+                deleted, freed = await asyncio.to_thread(self._gc_and_trim)
             except Exception:  # a full disk, a store closing: the next delete tries again
                 self.log.warning("jupyter_ckpt: collecting deleted snapshots' chunks failed", exc_info=True)
                 return

@@ -52,12 +52,15 @@ class SharedExclusive:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._shared = 0
+        self._waiting = 0  # for shared: they go first, gc can wait
         self._exclusive = False
 
     @contextmanager
     def shared(self) -> Iterator[None]:
         with self._cond:
+            self._waiting += 1
             self._cond.wait_for(lambda: not self._exclusive)
+            self._waiting -= 1
             self._shared += 1
         try:
             yield
@@ -69,7 +72,7 @@ class SharedExclusive:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared and not self._waiting)
             self._exclusive = True
         try:
             yield
@@ -165,13 +168,13 @@ class SnapshotStore:
         nobody sees "complete" before the manifest is durably written.
         ``started`` (time.monotonic()) sets the record's total_seconds."""
         staging = self.staging_dir(record.id)
-        with self.gate.shared():
+        with self.gate.shared():  # until the manifest refers to the chunks: gc would take them
             files, stats = self.chunks.put_files(staging)
-        done = SnapshotRecord.from_json({**record.to_json(), "status": "complete", "error": None})
-        done.stored_bytes = stats.new_bytes
-        if started is not None:
-            done.total_seconds = round(time.monotonic() - started, 4)
-        self._write_manifest(done, files)
+            done = SnapshotRecord.from_json({**record.to_json(), "status": "complete", "error": None})
+            done.stored_bytes = stats.new_bytes
+            if started is not None:
+                done.total_seconds = round(time.monotonic() - started, 4)
+            self._write_manifest(done, files)
         self.kept_images.keep(done, staging)
         self._record_path(record.id).unlink(missing_ok=True)
         return done
@@ -179,12 +182,12 @@ class SnapshotStore:
     def commit_imported(self, record: SnapshotRecord, directory: Path, expected: list[StoredFile]) -> SnapshotRecord:
         """Store the verified files of an imported snapshot (in ``directory``),
         whose chunks must be exactly ``expected``, and sign its manifest here."""
-        with self.gate.shared():
+        with self.gate.shared():  # until the manifest refers to the chunks: gc would take them
             files, stats = self.chunks.put_files(directory)
-        if [f.chunks for f in files] != [f.chunks for f in expected]:
-            raise SnapshotNotRestorable("bundle: its files do not match its manifest")
-        record.stored_bytes = stats.new_bytes
-        self._write_manifest(record, files)
+            if [f.chunks for f in files] != [f.chunks for f in expected]:
+                raise SnapshotNotRestorable("bundle: its files do not match its manifest")
+            record.stored_bytes = stats.new_bytes
+            self._write_manifest(record, files)
         return record
 
     def exists(self, snapshot_id: str) -> bool:
@@ -212,8 +215,10 @@ class SnapshotStore:
         return record
 
     def _write_manifest(self, record: SnapshotRecord, files: list[StoredFile]) -> None:
+        # Shared (callers may hold it already): gc removes stray manifest part files.
         data = manifest.encode(record.to_json(), files, self.key)
-        self.chunks.write_atomic(f"manifests/{record.id}.manifest", data)
+        with self.gate.shared():
+            self.chunks.write_atomic(f"manifests/{record.id}.manifest", data)
 
     def manifest_bytes(self, snapshot_id: str) -> bytes:
         """The signed manifest as stored (a bundle carries it as is)."""

@@ -134,6 +134,10 @@ class Server:
                 except ProcessLookupError:
                     pass
         self.proc.wait()
+        # A reboot empties /run/netns too: the namespaces of its forks go.
+        from jupyter_ckpt import forknet
+
+        forknet.remove_stale()
 
 
 def value(client: BlockingKernelClient, expr: str) -> str:

@@ -114,3 +114,38 @@ def test_each_kernels_latest_images_are_kept_within_the_budget(tmp_path):
     store.delete(commit(store, kernel_id=kernels[1], seed=5).id)  # deleting a snapshot drops its copy
     assert not list((images / kernels[1]).iterdir())
     store.close()
+
+
+def test_gc_never_takes_what_a_snapshot_being_stored_will_refer_to(store):
+    """gc running over and over while snapshots are stored and deleted (what a
+    server's background gc does): every stored snapshot stays whole."""
+    import threading
+
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def collect() -> None:
+        while not stop.is_set():
+            try:
+                store.gc()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                return
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    try:
+        kept = []
+        for i in range(12):
+            record = commit(store, seed=i % 3, size=2 << 20)
+            kept.append(record.id)
+            if len(kept) > 2:
+                store.delete(kept.pop(0))
+    finally:
+        stop.set()
+        collector.join()
+    assert not errors, errors
+    for snapshot_id in kept:
+        record, files = store.read_manifest(snapshot_id)
+        for stored in files:
+            assert sum(len(c) for c in store.read_chunks(stored)) == stored.size
