@@ -126,16 +126,6 @@ class ChunkIndex:
             parts = [rows[rows["pack"] == number] for _, rows in self._runs] if number is not None else []
         return np.concatenate(parts) if parts else np.zeros(0, _ROW)
 
-    def packs_of(self, hashes: set[bytes]) -> dict[str, int]:
-        """pack -> number of the given hashes it holds."""
-        counts = np.zeros(len(self._names) + 1, np.int64)
-        ordered = list(hashes)
-        for first in range(0, len(ordered), 1 << 20):
-            found, rows = self.locate(ordered[first : first + (1 << 20)])
-            counts += np.bincount(rows["pack"][found], minlength=len(counts))[: len(counts)]
-        with self._lock:
-            return {pack: int(counts[number]) for pack, number in self._numbers.items()}
-
     def close(self) -> None:
         # Under the lock: a snapshot still being stored when the server stops
         # may be looking up from a worker thread; it fails with a clear error.

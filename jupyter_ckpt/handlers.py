@@ -165,13 +165,12 @@ class BundleHandler(CheckpointHandler):
     @authorized
     @translate_errors
     async def get(self, snapshot_id: str) -> None:
-        record = await self.manager.get(snapshot_id)  # a valid id, or 404, before any file
         with self.manager.scratch_dir("bundle-") as tmp:
-            path = tmp / "bundle.jckpt"
+            path = tmp / "bundle.jckpt"  # never a name from the URL
             with open(path, "wb") as out:
-                await self.manager.export_bundle(snapshot_id, out)
+                await self.manager.export_bundle(snapshot_id, out)  # 404 or 409 for a bad id
             self.set_header("Content-Type", "application/octet-stream")
-            self.set_header("Content-Disposition", f'attachment; filename="{record.id}.jckpt"')
+            self.set_header("Content-Disposition", f'attachment; filename="{snapshot_id}.jckpt"')
             self.set_header("Content-Length", str(path.stat().st_size))
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 20):

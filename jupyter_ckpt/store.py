@@ -117,6 +117,8 @@ class SnapshotStore:
         self.key_path = Path(key_path) if key_path else Path(f"{self.root if local else self.state}.key")
         for d in (self.state, self.state / "records", self.state / "staging", self.state / "tmp"):
             private_dir(d)
+        # Scratch a previous run left; this run's own goes when its operation ends.
+        self._previous_scratch = list((self.state / "tmp").iterdir())
         self.key = load_or_create_key(self.key_path)
         self.chunks = ChunkStore(self.fs, self.root, self.state / "cache")
         self.chunks.makedirs("manifests")
@@ -397,8 +399,9 @@ class SnapshotStore:
 
     def clear_scratch(self) -> None:
         """At start, once a previous run's leftovers are used: scratch is per run."""
-        for d in (self.state / "tmp").iterdir():
+        for d in self._previous_scratch:  # never an operation of this run's (requests come meanwhile)
             shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+        self._previous_scratch = []
 
     def new_scratch_dir(self, prefix: str = "op-") -> Path:
         """A private local directory; the caller removes it."""
