@@ -133,35 +133,3 @@ class TestStoreOnAnotherFilesystem:
         await sock.execute("x = 'second'")
         await restore(jp_fetch, snap["id"])
         assert await sock.value("x") == "'first'"
-
-
-async def test_criu_killed_while_it_restores_a_fork(jp_fetch, jp_serverapp, start_kernel):
-    """The fork fails with a reason; its kernel and network namespace are gone;
-    the original runs on."""
-    kernel_id, sock = await start_kernel()
-    await sock.execute("import numpy as np; a = np.random.default_rng(0).random(100_000_000); x = 'original'")
-    snap = await snapshot(jp_fetch, kernel_id)
-    namespaces = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    restoring = asyncio.ensure_future(
-        api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new"})
-    )
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while True:
-        restorers = [
-            pid
-            for pid in descendants(os.getpid())
-            if "restore" in " ".join(cmdline(pid)) and "criu" in " ".join(cmdline(pid))
-        ]
-        if restorers or restoring.done():
-            break
-        assert loop.time() < deadline, "criu never started restoring"
-        await asyncio.sleep(0.002)
-    assert restorers, await restoring
-    for pid in restorers:
-        os.kill(pid, signal.SIGKILL)
-    status, answer = await restoring
-    assert status == 500 and "restor" in answer["message"], answer
-    assert [k["id"] for k in (await api(jp_fetch, "GET", "api", "kernels"))[1]] == [kernel_id]
-    assert (set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()) == namespaces
-    assert await sock.value("x") == "'original'"
