@@ -83,6 +83,45 @@ def move_listeners(images_dir: Path, moves: Mapping[int, tuple[str, int]]) -> in
     return _edit_files_image(images_dir, move)
 
 
+def close_outside_connections(images_dir: Path) -> int:
+    """Restore as closed the dumped TCP connections whose other end is not in
+    the tree; keep those between two of its processes. Returns how many closed.
+
+    A kernel's connections to its server (ZMQ) cannot come back: the server
+    reconnects instead. Connections inside the tree (a dask scheduler and its
+    workers, a database and its client) come back established, with the bytes
+    that were in flight, so the computation goes on as if never stopped.
+    """
+
+    def ends(isk: dict) -> tuple[tuple, tuple]:
+        return (tuple(isk.get("src_addr", [])), isk.get("src_port")), (
+            tuple(isk.get("dst_addr", [])),
+            isk.get("dst_port"),
+        )
+
+    def close(entries: list[dict]) -> int:
+        connected = [
+            e["isk"]
+            for e in entries
+            if e.get("type") == "INETSK" and e["isk"].get("proto") == _TCP and e["isk"].get("dst_port")
+        ]
+        inside = {ends(isk) for isk in connected}
+        closed = 0
+        for isk in connected:
+            here, there = ends(isk)
+            if (there, here) in inside:
+                continue
+            # An unbound socket that never connected: its next read or write
+            # fails, as on a connection the peer reset.
+            isk.update(state=_TCP_CLOSE, src_port=0, dst_port=0)
+            closed += 1
+        return closed
+
+    return _edit_files_image(images_dir, close)
+
+
+_TCP = 6
+_TCP_CLOSE = 7
 _TCP_LISTEN = 10
 
 
@@ -105,6 +144,7 @@ def _edit_files_image(images_dir: Path, edit: Callable[[list[dict]], int]) -> in
     return changed
 
 
+_TMPFS = (5, "TMPFS")  # CRIU's fstype of a tmpfs, as pycriu decodes it (number or name)
 _PT_NOTE = 4
 _NT_GNU_BUILD_ID = 3
 
@@ -116,7 +156,15 @@ def differences(images_dir: Path) -> list[str]:
         return load_entries(images_dir, name)
 
     # Deleted files that CRIU carries in the images itself need nothing here.
-    carried = {e.get("orig_id") for e in load("remap-fpath.img")}
+    remaps = load("remap-fpath.img")
+    carried = {e.get("orig_id") for e in remaps}
+    # So do files of the tree's own tmpfs (its /dev/shm), saved with its mount namespace.
+    carried_mounts = {
+        m.get("mnt_id")
+        for mounts in images_dir.glob("mountpoints-*.img")
+        for m in load(mounts.name)
+        if not m.get("ext_key") and m.get("fstype") in _TMPFS
+    }
     roles: dict[int, str] = {}
     for mm_file in images_dir.glob("mm-*.img"):
         for mm in load(mm_file.name):
@@ -125,10 +173,18 @@ def differences(images_dir: Path) -> list[str]:
         for fs in load(fs_file.name):
             roles[fs.get("cwd_id", -1)] = "working directory"
 
+    regs = [e["reg"] for e in load("files.img") if e.get("type") == "REG" and e.get("reg")]
+    # CRIU's link remap files (links it made to a deleted file during the dump)
+    # name no mount; they live where the file they stand for did.
+    mount_of = {reg.get("id"): reg.get("mnt_id") for reg in regs}
+    for remap in remaps:
+        mount_of[remap.get("remap_id")] = mount_of.get(remap.get("orig_id"))
+
     problems: dict[str, str] = {}
-    for entry in load("files.img"):
-        reg = entry.get("reg") if entry.get("type") == "REG" else None
-        if not reg or reg.get("id") in carried or not reg.get("name", "").startswith("/"):
+    for reg in regs:
+        if reg.get("id") in carried or mount_of.get(reg.get("id")) in carried_mounts:
+            continue
+        if not reg.get("name", "").startswith("/"):
             continue
         name = reg["name"]
         what = roles.get(reg["id"]) or ("library" if "build_id" in reg else "file")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .criu_images import allow_resized_files
+from .criu_images import allow_resized_files, close_outside_connections
 from .errors import CriuUnavailable, DumpFailed, RestoreFailed
 
 # Oldest CRIU known to work on current kernels: 3.17 cannot read the vDSO layout
@@ -32,6 +32,7 @@ DUMP_LOG = "dump.log"
 # fork's): dumped as external, handed back on restore as an open namespace file.
 NETNS_KEY = "jupyter-ckpt-netns"
 RESTORE_LOG = "restore.log"
+GHOST_LIMIT = 0xFFFFFFFF  # the largest CRIU's RPC takes (4 GiB)
 LAZY_PAGES_LOG = "lazy-pages.log"
 LAZY_PAGES_SOCKET = "lazy-pages.socket"  # where `criu lazy-pages` waits for the restore, in the work dir
 
@@ -244,6 +245,18 @@ class CriuEngine:
             # server, say) is dropped; its client sees a reset and retries.
             c.opts.tcp_skip_in_flight = True
             c.opts.external.extend(external)
+            # Worker pools (multiprocessing, joblib) keep semaphores whose name
+            # glibc removed while another name of the same file lives on: CRIU
+            # links such a file back under a temporary name for the dump. The
+            # tree's own /dev/shm (see provisioner) is saved with the tree; the
+            # other mounts of its namespace are the host's, named as external.
+            c.opts.link_remap = True
+            c.opts.auto_ext_mnt = True
+            # Deleted files still open or mapped (unlinked shared memory) are
+            # copied into the images; CRIU's default stops at 1 MiB.
+            c.opts.ghost_limit = GHOST_LIMIT
+            # Lock files (dask's worker directories, sqlite) are taken again on restore.
+            c.opts.file_locks = True
             netns = _foreign_netns(pid)
             if netns is not None:
                 c.opts.external.append(f"net[{netns}]:{NETNS_KEY}")
@@ -296,10 +309,20 @@ class CriuEngine:
         lazy_pages = LazyPages(self.criu_path, images_dir, work_dir, self.log_level) if lazy else None
         with self._rpc(images_dir, work_dir, RESTORE_LOG) as c:
             c.opts.lazy_pages = lazy
-            c.opts.tcp_close = True
+            # Connections inside the tree come back established; those to
+            # outside it were turned into closed sockets (criu_images).
+            c.opts.tcp_established = True
+            c.opts.network_lock = pycriu.rpc.NFTABLES
+            close_outside_connections(images_dir)
             # The restored root becomes our child, so we can wait for it and
             # reap it like any kernel we launched.
             c.opts.rst_sibling = True
+            if carries_mount_namespace(images_dir):
+                # The tree had its own mount namespace (a private /dev/shm):
+                # CRIU rebuilds it over this machine's root, the host's mounts
+                # bound back as the external mounts they were dumped as.
+                c.opts.root = "/"
+                c.opts.auto_ext_mnt = True
             netns_fd = None
             if netns is not None:
                 # Join it whether the images name the namespace as external (a
@@ -327,6 +350,11 @@ class CriuEngine:
                 if netns_fd is not None:
                     os.close(netns_fd)
         return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started, lazy_pages=lazy_pages)
+
+
+def carries_mount_namespace(images_dir: Path) -> bool:
+    """Whether a dump holds a mount namespace of the tree's own."""
+    return any(images_dir.glob("mountpoints-*.img"))
 
 
 _RUN_ID = re.compile(r"CRIU run id = ([0-9a-f-]{36})")

@@ -2,13 +2,20 @@
 
 Each kernel runs as::
 
-    unshare --pid --fork  setsid tini -g -- <kernel command>
+    unshare --pid --fork --mount-proc  sh -c '<private /dev/shm>; exec setsid tini -g -- <kernel command>'
 
 - its own pid namespace under an init (tini), so a restored tree gets a fresh
   namespace and never collides with a pid in use on the host;
+- its own mount namespace whose /dev/shm is a tmpfs of its own: POSIX
+  semaphores and shared memory (multiprocessing, joblib, SharedMemory) live
+  there, so CRIU saves them with the tree (the tmpfs's files in the images,
+  deleted ones as ghost files), a restore brings them back, and a fork gets its
+  own copies instead of sharing the original's by name; its /proc shows its
+  own pid namespace;
 - ``setsid`` inside the namespace, since CRIU refuses a session leader that lives
   outside the dumped namespace;
-- stdin from /dev/null, stdout and stderr into pipes that the server reads and
+- stdin from /dev/null (opened inside the mount namespace: CRIU can only
+  restore files of mounts it sees there), stdout and stderr into pipes that the server reads and
   copies to its own output: CRIU cannot restore a regular file that grew since the
   dump, but it can re-attach a pipe (``--inherit-fd``), so kernel output keeps
   reaching the server log after a restore;
@@ -72,6 +79,12 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         ["-g"],
         config=True,
         help="Arguments to the init before '--'. '-g' forwards signals (interrupt) to the kernel's whole process group.",
+    )
+    private_shm = Bool(
+        True,
+        config=True,
+        help="Give each kernel its own /dev/shm, saved and restored with it. Off: kernels share the host's "
+        "/dev/shm, and a kernel with semaphores or shared memory there (worker pools) cannot be restored.",
     )
     require_isolation = Bool(
         False,
@@ -143,7 +156,15 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         missing = [n for n, p in (("unshare", unshare), ("setsid", setsid), ("tini", tini)) if not p]
         if missing:
             return None, f"the kernel was started without isolation: {', '.join(missing)} not found"
-        return [unshare, "--pid", "--fork", setsid, tini, *self.init_args, "--"], ""  # type:ignore[list-item]
+        init = [setsid, tini, *self.init_args, "--"]
+        if not self.private_shm:
+            return [unshare, "--pid", "--fork", *init], ""  # type:ignore[list-item]
+        # sh is the namespace's pid 1 until it execs setsid, then tini.
+        script = 'exec </dev/null && mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm && exec "$@"'
+        # --mount-proc: a /proc of the kernel's own pid namespace, where
+        # os.getpid() names the process itself (psutil, dask need that).
+        isolate = [unshare, "--pid", "--fork", "--mount-proc", "--propagation", "private"]
+        return [*isolate, "sh", "-c", script, "sh", *init], ""  # type:ignore[list-item]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         plan, self._plan = self._plan, None

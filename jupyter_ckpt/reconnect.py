@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,13 @@ async def wait_until_answering(
                 break
             await asyncio.sleep(0.02)
         else:
-            log.warning("jupyter_ckpt: not every client of a restored kernel reconnected within %.0f s", timeout)
+            log.warning(
+                "jupyter_ckpt: not every client of a restored kernel reconnected within %.0f s "
+                "(connections per port: %s before, %s now)",
+                timeout,
+                before,
+                now,
+            )
         await asyncio.sleep(0.05)  # their SUBSCRIBE and identity, sent right after connecting
     finally:
         reconnected()
@@ -68,26 +75,44 @@ async def wait_until_answering(
 
 
 def client_connections(address: str, ports: list[int]) -> dict[int, int]:
-    """Established TCP connections to each port of ``address`` (IPv4), counted
-    from the clients' side, in this process's network namespace."""
+    """This server's established TCP connections to each port of ``address``
+    (IPv4). Only its own: a kernel's processes may be clients of its ports too
+    (a worker process connecting back), and those come back with the kernel."""
     counts = dict.fromkeys(ports, 0)
     try:
         wanted = ipaddress.IPv4Address(address).packed[::-1].hex().upper()
     except ValueError:
         return counts
+    ours = _socket_inodes()
     try:
         with open("/proc/net/tcp") as f:
             next(f)
             for line in f:
                 cols = line.split()
-                if cols[3] == "01":  # ESTABLISHED
+                if cols[3] == "01" and cols[9] in ours:  # ESTABLISHED, a socket of this process
                     addr, port_hex = cols[2].split(":")
                     port = int(port_hex, 16)
                     if addr == wanted and port in counts:
                         counts[port] += 1
-    except (OSError, StopIteration):
+    except (OSError, StopIteration, IndexError):
         pass
     return counts
+
+
+def _socket_inodes() -> set[str]:
+    inodes = set()
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
 
 
 def kernel_ports(km: Any) -> list[int]:

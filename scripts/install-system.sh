@@ -4,7 +4,7 @@
 set -eu
 
 # chromium: the browser the UI tests drive (through Playwright, no download).
-PACKAGES="python3 python3-venv python3-dev tini util-linux iproute2 nftables git make chromium fonts-dejavu-core"
+PACKAGES="python3 python3-venv python3-dev tini util-linux iproute2 nftables git make chromium fonts-dejavu-core r-cran-irkernel"
 
 missing=""
 for p in $PACKAGES; do

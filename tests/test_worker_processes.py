@@ -1,0 +1,269 @@
+"""Kernels with worker processes, snapshotted mid-computation: process pools,
+multiprocessing's primitives, joblib, shared memory, a dask cluster, busy thread
+pools. Each workload is a cell that runs a parallel loop in 40 steps and ends
+with a digest of everything it computed; the snapshot is taken at step 10 or
+later. The cell's uninterrupted digest is the reference: a fork of the snapshot
+and a restore in place must both finish the loop with that same digest.
+
+The workloads use the libraries as their documentation shows, through real
+kernels, a real server and real CRIU.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+
+from .client import KernelSocket, restore, snapshot
+from .test_fork import connect, fork
+
+pytestmark = [pytest.mark.criu, pytest.mark.timeout(300)]
+
+# A module the workers import: spawned and forkserver workers cannot use a
+# function defined in the notebook (that is how multiprocessing works).
+WORK_MODULE = """
+import hashlib, time
+
+def digest(i):
+    time.sleep(0.02)
+    return hashlib.sha256(str(i).encode()).hexdigest()[:12]
+
+def scaled_sum(args):
+    name, start, factor = args
+    from multiprocessing import shared_memory
+    import numpy as np
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        view = np.ndarray((1000,), dtype=np.float64, buffer=shm.buf)
+        view[start:start + 100] *= factor
+        return float(view[start:start + 100].sum())
+    finally:
+        del view
+        shm.close()
+"""
+
+SETUP = f"""
+import hashlib, os, sys, tempfile, time
+_work_dir = tempfile.mkdtemp(prefix="ckpt-work-")
+with open(os.path.join(_work_dir, "ckpt_work.py"), "w") as _f:
+    _f.write({WORK_MODULE!r})
+sys.path.insert(0, _work_dir)
+import ckpt_work
+out = []
+def step_done(step):
+    time.sleep(0.1)  # 40 steps last at least 4 s: the snapshot at step 10 is mid-computation
+    if step % 5 == 4:
+        print("progress", step + 1, flush=True)
+"""
+
+FINISH = """
+result = hashlib.sha256(repr(out).encode()).hexdigest()
+print("result", result, flush=True)
+"""
+
+
+def loop(body: str, before: str = "", after: str = "") -> str:
+    """A cell: ``before``, then 40 steps of ``body`` (with ``step``), then the digest."""
+    steps = "for step in range(40):\n" + textwrap.indent(textwrap.dedent(body).strip() + "\nstep_done(step)", "    ")
+    return "\n".join([textwrap.dedent(before).strip(), steps, textwrap.dedent(after).strip(), FINISH])
+
+
+WORKLOADS = {
+    "multiprocessing Pool (fork)": loop(
+        "out.extend(pool.map(ckpt_work.digest, range(step * 4, step * 4 + 4)))",
+        before="import multiprocessing as mp\npool = mp.get_context('fork').Pool(2)",
+    ),
+    "multiprocessing Pool (spawn)": loop(
+        "out.extend(pool.map(ckpt_work.digest, range(step * 4, step * 4 + 4)))",
+        before="import multiprocessing as mp\npool = mp.get_context('spawn').Pool(2)",
+    ),
+    "concurrent.futures ProcessPoolExecutor": loop(
+        "out.extend(executor.map(ckpt_work.digest, range(step * 4, step * 4 + 4)))",
+        before="from concurrent.futures import ProcessPoolExecutor\nexecutor = ProcessPoolExecutor(2)",
+    ),
+    "multiprocessing Manager (server process over a unix socket)": loop(
+        """
+        pool.map(record, range(step * 4, step * 4 + 4))
+        out.append(len(shared))
+        """,
+        before="""
+        import multiprocessing as mp
+        manager = mp.Manager()
+        shared = manager.dict()
+        def record(i):
+            shared[i] = ckpt_work.digest(i)
+        pool = mp.get_context('fork').Pool(2)
+        """,
+    ),
+    "multiprocessing Process, Queue, Lock and Event": loop(
+        """
+        for i in range(step * 4, step * 4 + 4):
+            tasks.put(i)
+        got = sorted(results.get(timeout=30) for _ in range(4))
+        out.append(got)
+        """,
+        before="""
+        import multiprocessing as mp
+        tasks, results, lock, stop = mp.Queue(), mp.Queue(), mp.Lock(), mp.Event()
+        def serve(tasks, results, lock, stop):
+            while not stop.is_set():
+                i = tasks.get()
+                with lock:
+                    results.put((i, ckpt_work.digest(i)))
+        workers = [mp.Process(target=serve, args=(tasks, results, lock, stop), daemon=True) for _ in range(2)]
+        for w in workers:
+            w.start()
+        """,
+    ),
+    "joblib, loky backend, memmapped array, reused executor": loop(
+        "out.extend(Parallel(n_jobs=2)(delayed(weighted)(data, i) for i in range(step * 2, step * 2 + 2)))",
+        before="""
+        import numpy as np
+        from joblib import Parallel, delayed
+        data = np.arange(300_000, dtype=np.float64)  # over joblib's 1 MB: memmapped through /dev/shm
+        def weighted(a, i):
+            time.sleep(0.02)
+            return float((a * i).sum())
+        Parallel(n_jobs=2)(delayed(weighted)(data, i) for i in range(2))  # the executor stays for the loop
+        """,
+    ),
+    "joblib, multiprocessing backend": loop(
+        "out.extend(Parallel(n_jobs=2, backend='multiprocessing')(delayed(ckpt_work.digest)(i) for i in range(step * 4, step * 4 + 4)))",
+        before="from joblib import Parallel, delayed",
+    ),
+    "scikit-learn cross-validation with n_jobs=2": loop(
+        "out.append([round(s, 10) for s in cross_val_score(model, X, y, cv=2, n_jobs=2)])",
+        before="""
+        from sklearn.datasets import make_classification
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import cross_val_score
+        X, y = make_classification(n_samples=400, n_features=20, random_state=0)
+        model = LogisticRegression(max_iter=200)
+        """,
+    ),
+    "SharedMemory, and files deleted while open or mapped": loop(
+        """
+        out.append(pool.map(ckpt_work.scaled_sum, [(shm.name, (step % 10) * 100, 1.001)]))
+        deleted.seek(0); out.append(deleted.read(8)); mapped[step] = step % 256
+        out.append(bytes(mapped[:8]))
+        """,
+        before="""
+        import mmap, multiprocessing as mp, numpy as np
+        from multiprocessing import shared_memory
+        shm = shared_memory.SharedMemory(create=True, size=8000)
+        np.ndarray((1000,), dtype=np.float64, buffer=shm.buf)[:] = np.arange(1000.0)
+        pool = mp.get_context('fork').Pool(2)
+        deleted = tempfile.TemporaryFile()  # open, never had a name one could reopen
+        deleted.write(b"survives" * 1000); deleted.flush()
+        _path = os.path.join(_work_dir, "mapped.bin")
+        with open(_path, "wb") as _f:
+            _f.write(bytes(4096))
+        with open(_path, "r+b") as _f:
+            mapped = mmap.mmap(_f.fileno(), 4096)
+        os.unlink(_path)  # mapped, then deleted
+        """,
+    ),
+    "dask.distributed LocalCluster with process workers": loop(
+        "out.extend(client.gather(client.map(ckpt_work.digest, range(step * 4, step * 4 + 4), pure=False)))",
+        before="""
+        from dask.distributed import Client, LocalCluster
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+        """,
+    ),
+    "busy thread pools and BLAS threads": loop(
+        "out.extend(threads.map(lambda i: float(np.linalg.norm(m @ m + i)), range(step * 4, step * 4 + 4)))",
+        before="""
+        import numpy as np
+        from concurrent.futures import ThreadPoolExecutor
+        threads = ThreadPoolExecutor(4)
+        m = np.random.default_rng(0).random((300, 300))
+        """,
+    ),
+}
+
+
+async def start_workload(sock: KernelSocket, cell: str):
+    await sock.execute(SETUP)
+    run = await sock.send_execute(cell)
+    await sock.wait_until(lambda: "progress 10" in run.stdout or run.idle, timeout=120)
+    assert "progress 10" in run.stdout, run.stderr or run.error
+    return run
+
+
+async def finished_digest(sock: KernelSocket, run) -> str:
+    await sock.finish(run, timeout=180)
+    assert run.status == "ok", run.error or run.stderr
+    return run.stdout.split("result ")[1].split()[0]
+
+
+def host_shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+async def test_snapshot_mid_computation_then_fork_and_restore(jp_fetch, jp_ws_fetch, start_kernel, workload):
+    shm_before = host_shm()
+    kernel_id, sock = await start_kernel()
+    run = await start_workload(sock, WORKLOADS[workload])
+    snap = await snapshot(jp_fetch, kernel_id)
+    uninterrupted = await finished_digest(sock, run)
+    await sock.execute("marker = 'set after the snapshot'")
+
+    # A fork finishes the same loop from where the snapshot caught it.
+    forked = await connect(jp_ws_fetch, (await fork(jp_fetch, snap["id"]))["kernel_id"])
+    assert await forked.value("result", timeout=180) == repr(uninterrupted)
+    assert await forked.value("'marker' in globals()") == "False"
+
+    # A restore in place too, and it did not start the loop over.
+    run.stdout, run.status, run.idle = "", None, False
+    await restore(jp_fetch, snap["id"])
+    assert await finished_digest(sock, run) == uninterrupted
+    assert "progress 5\n" not in run.stdout
+    assert await sock.value("'marker' in globals()") == "False"
+    # Each kernel's semaphores and shared memory live in a /dev/shm of its own.
+    assert host_shm() == shm_before
+
+
+ISOLATION_SETUP = """
+import multiprocessing as mp, numpy as np, time
+from multiprocessing import shared_memory
+shm = shared_memory.SharedMemory(name="ckpt-isolation", create=True, size=8000)
+view = np.ndarray((1000,), dtype=np.float64, buffer=shm.buf)
+def fill(args):
+    start, factor = args
+    mine = shared_memory.SharedMemory(name="ckpt-isolation")
+    w = np.ndarray((1000,), dtype=np.float64, buffer=mine.buf)
+    w[start:start + 250] = np.arange(start, start + 250) * factor
+    del w
+    mine.close()
+    time.sleep(0.02)
+pool = mp.get_context("fork").Pool(2)
+"""
+
+# Every kernel fills the same-named shared memory with its own factor, again and
+# again; had they shared it, a kernel would read another's numbers.
+ISOLATION_RUN = """
+wrong = 0
+for step in range(40):
+    view[:] = 0
+    pool.map(fill, [(start, factor) for start in range(0, 1000, 250)])
+    wrong += float(view.sum()) != 499500.0 * factor
+    time.sleep(0.01)
+print("wrong", wrong, "sum", float(view.sum()), flush=True)
+"""
+
+
+async def test_forks_have_their_own_pools_and_shared_memory(jp_fetch, jp_ws_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    await sock.execute(ISOLATION_SETUP)
+    snap = await snapshot(jp_fetch, kernel_id)
+    kernels = [sock] + [await connect(jp_ws_fetch, (await fork(jp_fetch, snap["id"]))["kernel_id"]) for _ in range(2)]
+    for factor, kernel in enumerate(kernels, start=1):
+        await kernel.execute(f"factor = {factor}")
+    runs = [await kernel.send_execute(ISOLATION_RUN) for kernel in kernels]  # all three at once
+    for factor, (kernel, run) in enumerate(zip(kernels, runs, strict=True), start=1):
+        await kernel.finish(run, timeout=120)
+        assert run.stdout.split() == ["wrong", "0", "sum", str(499500.0 * factor)], (run.error, run.stderr)
