@@ -152,6 +152,27 @@ def test_snapshot_and_restore_from_the_panel_in_jupyterlab(lab, page):
     page.screenshot(path=str(ARTIFACTS / "lab.png"))
 
 
+def test_snapshot_and_restore_an_r_notebook(lab, page, tmp_path):
+    """The toolbar and the panel on a notebook of another language (R)."""
+    notebook = {**EMPTY_NOTEBOOK, "metadata": {"kernelspec": {"display_name": "R", "language": "R", "name": "ir"}}}
+    (tmp_path / "root" / "analysis.ipynb").write_text(json.dumps(notebook))
+    open_notebook(page, lab, "lab/tree/analysis.ipynb", path="analysis.ipynb")
+    run_cell(page, 'x <- 41; cat("x is", x)')
+    last_output(page, "x is 41")
+    click_snapshot(page)
+    run_cell(page, 'x <- 0; cat("x is", x)')
+    last_output(page, "x is 0")
+    page.locator(".lm-TabBar-tab[data-id='jupyter-ckpt-panel']").click()
+    row = page.locator(".jp-ckpt-row.jp-ckpt-status-complete").first
+    row.locator(".jp-ToolbarButtonComponent[aria-label='Restore']").click()
+    page.locator(".jp-Dialog button.jp-mod-warn").click()
+    page.locator(".jp-toast-message", has_text="Kernel restored").wait_for()
+    run_cell(page, 'cat("x is now", x)')
+    last_output(page, "x is now 41")
+    snaps = call(lab, "GET", "/api/ckpt/snapshots")
+    assert {(s["kernel_name"], s["path"]) for s in snaps} == {("ir", "analysis.ipynb")}
+
+
 def test_fork_into_a_copy_from_the_panel(lab, page):
     open_notebook(page, lab, "lab/tree/story.ipynb")
     run_cell(page, "y = 'shared past'; print('y is', y)")
