@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import refusals
 from .criu_images import allow_resized_files, close_outside_connections
 from .errors import CriuUnavailable, DumpFailed, RestoreFailed
 
@@ -271,6 +272,13 @@ class CriuEngine:
                 reason = errors_from_log(images_dir / DUMP_LOG)
                 if reason == NO_ERROR_LINE or not isinstance(e, pycriu.CRIUException):
                     reason = f"criu stopped during the dump without saying why (was it killed?): {type(e).__name__} {e}"
+                else:
+                    # The tree runs on after a refused dump: the process that holds
+                    # what CRIU refused can be named.
+                    log_text = (images_dir / DUMP_LOG).read_text(errors="replace")
+                    explained = refusals.explain(log_text, pid)
+                    if explained:
+                        reason = f"{explained} (CRIU: {reason})"
                 raise DumpFailed(reason) from None
         allow_resized_files(images_dir, self.resizable_files)
         total = time.monotonic() - started

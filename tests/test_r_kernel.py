@@ -81,7 +81,9 @@ async def test_r_kernel_snapshot_mid_loop_then_restore_and_fork(jp_fetch, jp_ws_
 def r_notebook() -> str:
     return json.dumps(
         {
-            "cells": [{"cell_type": "code", "metadata": {}, "source": "x <- 41", "outputs": [], "execution_count": None}],
+            "cells": [
+                {"cell_type": "code", "metadata": {}, "source": "x <- 41", "outputs": [], "execution_count": None}
+            ],
             "metadata": {"kernelspec": {"display_name": "R", "language": "R", "name": "ir"}},
             "nbformat": 4,
             "nbformat_minor": 5,

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from .client import KernelSocket, restore, snapshot
+from .client import KernelSocket, api, restore, snapshot, wait_for_snapshot
 from .test_fork import connect, fork
 
 pytestmark = [pytest.mark.criu, pytest.mark.timeout(300)]
@@ -267,3 +268,40 @@ async def test_forks_have_their_own_pools_and_shared_memory(jp_fetch, jp_ws_fetc
     for factor, (kernel, run) in enumerate(zip(kernels, runs, strict=True), start=1):
         await kernel.finish(run, timeout=120)
         assert run.stdout.split() == ["wrong", "0", "sum", str(499500.0 * factor)], (run.error, run.stderr)
+
+
+async def test_a_refused_snapshot_names_the_process_the_resource_and_what_to_do(jp_fetch, start_kernel, tmp_path):
+    import socket
+
+    # A service outside the kernel, reached over a unix socket (a database's, say).
+    path = tmp_path / "service.sock"
+    service = socket.socket(socket.AF_UNIX)
+    service.bind(str(path))
+    service.listen()
+    kernel_id, sock = await start_kernel()
+    client = f"import socket, time; s = socket.socket(socket.AF_UNIX); s.connect({str(path)!r}); time.sleep(600)"
+    await sock.execute(f"import subprocess, sys\nchild = subprocess.Popen([sys.executable, '-c', {client!r}])")
+    accepted, _ = service.accept()
+    try:
+        status, model = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots", body={})
+        assert status == 202, model
+        record = await wait_for_snapshot(jp_fetch, model["id"])
+        assert record["status"] == "failed"
+        child = await sock.value("child.pid")  # the pid inside the kernel's namespace
+        error = record["error"]
+        assert f"is connected to {path}" in error, error
+        assert "outside the kernel" in error and "Close it before taking a snapshot" in error, error
+        holder = next(
+            int(pid)
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        )
+        assert f"Process {holder} (" in error and "python -c import socket" in error, error  # the holder
+        assert "(CRIU: unix: External socket is used" in error, error
+        assert child is not None
+        # Nothing was lost: the kernel runs on, and once the connection is gone a snapshot works.
+        await sock.execute("child.kill(); child.wait()")
+        assert (await snapshot(jp_fetch, kernel_id))["status"] == "complete"
+    finally:
+        accepted.close()
+        service.close()
