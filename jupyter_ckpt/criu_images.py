@@ -120,6 +120,49 @@ def close_outside_connections(images_dir: Path) -> int:
     return _edit_files_image(images_dir, close)
 
 
+def prune_absent_mounts(images_dir: Path) -> list[str]:
+    """Leave out of the restored mount namespace the host mounts (dumped as
+    external, bound back from this machine) that are not mounts here, with the
+    mounts below them, unless a file of the tree lives on one. Returns their
+    mount points.
+
+    A kernel's mount namespace is a copy of its host's: restored elsewhere (a
+    server in a container, another machine), some of those mounts (cgroup
+    hierarchies, a data disk) may not exist, and CRIU would refuse the whole
+    restore for them."""
+    import pycriu
+
+    used = {
+        reg.get("mnt_id")
+        for e in load_entries(images_dir, "files.img")
+        if e.get("type") == "REG" and (reg := e.get("reg"))
+    }
+    pruned: list[str] = []
+    for path in images_dir.glob("mountpoints-*.img"):
+        with open(path, "rb") as f:
+            image = pycriu.images.load(f)
+        mounts = image["entries"]
+        gone = {
+            m["mnt_id"]
+            for m in mounts
+            if m.get("ext_key") and m.get("mnt_id") not in used and not os.path.ismount(m.get("mountpoint", ""))
+        }
+        grew = True
+        while grew:  # and everything mounted below them
+            below = {m["mnt_id"] for m in mounts if m.get("parent_mnt_id") in gone and m.get("mnt_id") not in used}
+            grew = not below <= gone
+            gone |= below
+        if not gone:
+            continue
+        pruned += [m.get("mountpoint", "?") for m in mounts if m["mnt_id"] in gone]
+        image["entries"] = [m for m in mounts if m["mnt_id"] not in gone]
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            pycriu.images.dump(image, f)
+        os.replace(tmp, path)
+    return pruned
+
+
 _TCP = 6
 _TCP_CLOSE = 7
 _TCP_LISTEN = 10

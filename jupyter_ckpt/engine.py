@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import refusals
-from .criu_images import allow_resized_files, close_outside_connections
+from .criu_images import allow_resized_files, close_outside_connections, prune_absent_mounts
 from .errors import CriuUnavailable, DumpFailed, RestoreFailed
 
 # Oldest CRIU known to work on current kernels: 3.17 cannot read the vDSO layout
@@ -331,6 +331,7 @@ class CriuEngine:
                 # bound back as the external mounts they were dumped as.
                 c.opts.root = "/"
                 c.opts.auto_ext_mnt = True
+                prune_absent_mounts(images_dir)
             netns_fd = None
             if netns is not None:
                 # Join it whether the images name the namespace as external (a

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from .client import KernelSocket, api, restore, snapshot, wait_for_snapshot
+from .servers import take, value
 from .test_fork import connect, fork
+from .test_migrate import kernel_socket, raw, two_servers  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.criu, pytest.mark.timeout(300)]
 
@@ -305,3 +307,29 @@ async def test_a_refused_snapshot_names_the_process_the_resource_and_what_to_do(
     finally:
         accepted.close()
         service.close()
+
+
+@pytest.mark.slow
+async def test_a_kernel_with_a_process_pool_moves_to_another_server_mid_computation(two_servers):  # noqa: F811
+    import time
+
+    a = two_servers.start("a")
+    b = two_servers.start("b", elsewhere=True)
+    kernel_id = a.call("POST", "/api/kernels", {"name": "python3"})["id"]
+    client = a.client(kernel_id)
+    value(client, SETUP)
+    client.execute(WORKLOADS["joblib, loky backend, memmapped array, reused executor"])
+    time.sleep(2.5)  # the loop takes over 4 s
+    snap = take(a, kernel_id)
+    uninterrupted = value(client, "result")  # answered once the loop is done
+    status, bundle = raw(a, "GET", f"/api/ckpt/snapshots/{snap['id']}/bundle")
+    assert status == 200
+    assert raw(b, "POST", "/api/ckpt/bundles?trust=true", bundle)[0] == 201
+
+    # On B the loop goes on from where the snapshot caught it, with its workers.
+    outcome = b.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "replace"})
+    assert outcome["kernel_id"] == kernel_id
+    sock = await kernel_socket(b, kernel_id)
+    assert await sock.value("result", timeout=120) == uninterrupted
+    assert await sock.value("len(out)") == "80"
+    client.stop_channels()
