@@ -106,6 +106,61 @@ KINDS: list[tuple[str, str, str]] = [
         "k_libm.cos.argtypes = [ctypes.c_double]",
         "k_libm.cos(0.0) == 1.0",
     ),
+    # Worker processes and what they share with the kernel.
+    (
+        "multiprocessing Pool (fork)",
+        "import math, multiprocessing as k_mp; k_pool = k_mp.get_context('fork').Pool(2)",
+        "import math\nk_pool.map(math.sqrt, [4.0, 9.0]) == [2.0, 3.0]",
+    ),
+    (
+        "multiprocessing Pool (spawn)",
+        "import multiprocessing as k_mp; k_spool = k_mp.get_context('spawn').Pool(2); k_spool.map(abs, [-1])",
+        "k_spool.map(abs, [-1, -2]) == [1, 2]",
+    ),
+    (
+        "ProcessPoolExecutor",
+        "from concurrent.futures import ProcessPoolExecutor; k_ppe = ProcessPoolExecutor(2); k_ppe.submit(abs, -1).result()",
+        "list(k_ppe.map(abs, [-3])) == [3]",
+    ),
+    (
+        "multiprocessing Manager (server process)",
+        "import multiprocessing as k_mp; k_mgr = k_mp.Manager(); k_md = k_mgr.dict(a=1)",
+        "k_md['a'] == 1 and k_mgr.list([2])[0] == 2",
+    ),
+    (
+        "multiprocessing Queue holding an item",
+        "import multiprocessing as k_mp, time; k_q = k_mp.Queue(); k_q.put('item'); time.sleep(0.2)",
+        "k_q.get(timeout=5) == 'item'",
+    ),
+    (
+        "joblib's reusable loky executor",
+        "from joblib.externals.loky import get_reusable_executor; k_exec = get_reusable_executor(max_workers=2); "
+        "k_exec.submit(abs, -1).result()",
+        "from joblib.externals.loky import get_reusable_executor\n"
+        "get_reusable_executor(max_workers=2) is k_exec and k_exec.submit(abs, -5).result() == 5",
+    ),
+    (
+        "SharedMemory segment",
+        "from multiprocessing import shared_memory; k_shm = shared_memory.SharedMemory(create=True, size=16); "
+        "k_shm.buf[:5] = b'hello'",
+        "bytes(k_shm.buf[:5]) == b'hello'",
+    ),
+    (
+        "file deleted while open",
+        "import tempfile; k_gone = tempfile.TemporaryFile(); k_gone.write(b'gone'); k_gone.flush()",
+        "k_gone.seek(0) == 0 and k_gone.read() == b'gone'",
+    ),
+    (
+        "dask.distributed LocalCluster (process workers)",
+        "from dask.distributed import Client, LocalCluster; k_cluster = LocalCluster(n_workers=2, threads_per_worker=1, "
+        "processes=True, dashboard_address=None); k_client = Client(k_cluster)",
+        "k_client.submit(abs, -7).result(timeout=30) == 7",
+    ),
+    (
+        "thread pool with a finished task",
+        "from concurrent.futures import ThreadPoolExecutor; k_tpe = ThreadPoolExecutor(2); k_fut = k_tpe.submit(lambda: 6 * 7)",
+        "k_fut.result(timeout=5) == 42 and k_tpe.submit(abs, -1).result() == 1",
+    ),
 ]
 
 

@@ -18,7 +18,7 @@ provisioner), measured in the same run:
 - this machine's limits: memory copy bandwidth (numpy) and disk write
   bandwidth with fsync, in the store's directory.
 
-Then coverage: which of 25 kinds of kernel state survive each tool
+Then coverage: which kinds of kernel state survive each tool
 (benchmarks/state_coverage.py). Prints tables and writes everything as JSON.
 """
 
@@ -461,6 +461,10 @@ async def run_suite(args: argparse.Namespace, work: Path) -> dict:
         "page_hash_gbps": page_hash_gbps(),
     }
     print("machine: " + limits_text(limits), flush=True)
+    if args.coverage_only:
+        cover = await state_coverage.measure(work / "coverage", bench, kishu=not args.no_kishu)
+        bench.manager.close()
+        return {"machine": machine(), "limits": limits, "rows": [], "repeated": None, "kishu": None, "coverage": cover}
     rows: list[dict] = []
     names = QUICK if args.quick else list(WORKLOADS)
     for name in names:
@@ -571,6 +575,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small workload, no Kishu: a smoke check")
     parser.add_argument("--no-kishu", action="store_true")
+    parser.add_argument("--coverage-only", action="store_true", help="only which kinds of state survive each tool")
     parser.add_argument("--json", default="test-artifacts/bench.json", help="where to write the figures")
     parser.add_argument("--work", default=None, help="scratch directory (default: a temporary one on the store's disk)")
     args = parser.parse_args()

@@ -12,6 +12,8 @@ kernels, a real server and real CRIU.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -272,7 +274,9 @@ async def test_forks_have_their_own_pools_and_shared_memory(jp_fetch, jp_ws_fetc
         assert run.stdout.split() == ["wrong", "0", "sum", str(499500.0 * factor)], (run.error, run.stderr)
 
 
-async def test_a_refused_snapshot_names_the_process_the_resource_and_what_to_do(jp_fetch, start_kernel, tmp_path):
+async def test_a_refused_snapshot_names_the_process_the_resource_and_what_to_do(
+    jp_fetch, start_kernel, tmp_path, store_root
+):
     import socket
 
     # A service outside the kernel, reached over a unix socket (a database's, say).
@@ -300,6 +304,14 @@ async def test_a_refused_snapshot_names_the_process_the_resource_and_what_to_do(
         )
         assert f"Process {holder} (" in error and "python -c import socket" in error, error  # the holder
         assert "(CRIU: unix: External socket is used" in error, error
+        # The command line says the same (the panel and the toolbar show this record's error).
+        shown = subprocess.run(
+            [sys.executable, "-m", "jupyter_ckpt.cli", "--store", str(store_root), "show", record["id"]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        assert f"is connected to {path}" in shown and "Close it before taking a snapshot" in shown, shown
         assert child is not None
         # Nothing was lost: the kernel runs on, and once the connection is gone a snapshot works.
         await sock.execute("child.kill(); child.wait()")
