@@ -44,10 +44,10 @@ def _outside_unix_connection(log_text: str, root_pid: int) -> str | None:
     holder = _holder_of(f"socket:[{ours}]", root_pid) or _holder_of(f"socket:[{theirs}]", root_pid)
     where = name if name != "null" else "an unnamed unix socket"
     return (
-        f"{_describe(holder)} is connected to {where}, a unix socket served by a process outside the kernel "
-        "(a database, a desktop or container service...). A snapshot cannot carry the other end of that "
-        "connection. Close it before taking a snapshot (for example close the client object that opened it) "
-        "and open it again afterwards."
+        f"a unix socket connection to {where}, served by a process outside the kernel (a database, a desktop "
+        f"or container service...), held by {_describe(holder)}: a snapshot cannot carry the other end of "
+        "that connection. Close it before taking a snapshot (for example close the client object that "
+        "opened it) and open it again afterwards."
     )
 
 
@@ -58,9 +58,9 @@ def _ghost_too_big(log_text: str, root_pid: int) -> str | None:
     path, size = m.group(1), int(m.group(2))
     holder = _holder_of(path, root_pid, deleted=True)
     return (
-        f"{_describe(holder)} keeps {path} open or mapped after it was deleted ({size / 2**30:.1f} GiB); "
-        "a snapshot copies such a file whole and takes at most 4 GiB of it. Keep the file under a name "
-        "(do not delete it while it is in use), or release it before taking a snapshot."
+        f"a deleted file of {size / 2**30:.1f} GiB still open or mapped ({path}), held by {_describe(holder)}: "
+        "a snapshot copies such a file whole, at most 4 GiB of it. Keep the file under a name while it is "
+        "in use, or release it before taking a snapshot."
     )
 
 
@@ -71,8 +71,8 @@ def _odd_file(log_text: str, root_pid: int) -> str | None:
     fd, what = m.group(1), m.group(3)
     holder = _holder_of(what, root_pid)
     return (
-        f"{_describe(holder)} has file descriptor {fd} open on {what}, a kind of file a snapshot cannot save "
-        "(a device or a kernel object such as io_uring, perf or BPF). Close it before taking a snapshot."
+        f"a file a snapshot cannot save ({what}: a device or a kernel object such as io_uring, perf or BPF), "
+        f"open as file descriptor {fd} in {_describe(holder)}. Close it before taking a snapshot."
     )
 
 
@@ -119,7 +119,7 @@ def _holder_of(target: str, root_pid: int, deleted: bool = False) -> int | None:
 
 def _describe(pid: int | None) -> str:
     if pid is None:
-        return "A process of the kernel"
+        return "a process of the kernel"
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         command = " ".join(a.decode(errors="replace") for a in argv if a)
@@ -127,4 +127,4 @@ def _describe(pid: int | None) -> str:
         command = "?"
     if len(command) > 80:
         command = command[:77] + "..."
-    return f"Process {pid} ({command})"
+    return f"process {pid} ({command})"

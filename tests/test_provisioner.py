@@ -41,8 +41,12 @@ async def test_kernel_runs_in_its_own_pid_namespace(jp_fetch, jp_serverapp, star
     prov = provisioner(jp_serverapp, kernel_id)
     assert isinstance(prov, CheckpointableProvisioner) and prov.checkpointable
     assert os.readlink(f"/proc/{prov.tree.init_pid}/exe").endswith("tini")
-    # pid 2: the kernel is the first child of the namespace's init.
-    assert await sock.value("import os; os.getpid()") == "2"
+    # The kernel is a child of the namespace's init (pid 1), and its /proc is the namespace's.
+    assert await sock.value("import os; os.getppid()") == "1"
+    assert await sock.value("open('/proc/self/stat').read().split()[0] == str(os.getpid())") == "True"
+    # Its /dev/shm is a tmpfs of its own, not the host's.
+    host_shm = os.stat("/dev/shm").st_dev
+    assert await sock.value(f"os.path.ismount('/dev/shm') and os.stat('/dev/shm').st_dev != {host_shm}") == "True"
     assert await sock.value("import os; 'JPY_PARENT_PID' in os.environ") == "False"
 
 

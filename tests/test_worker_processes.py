@@ -295,14 +295,14 @@ async def test_a_refused_snapshot_names_the_process_the_resource_and_what_to_do(
         assert record["status"] == "failed"
         child = await sock.value("child.pid")  # the pid inside the kernel's namespace
         error = record["error"]
-        assert f"is connected to {path}" in error, error
-        assert "outside the kernel" in error and "Close it before taking a snapshot" in error, error
+        assert error.startswith(f"a unix socket connection to {path}, served by a process outside the kernel"), error
+        assert "Close it before taking a snapshot" in error, error
         holder = next(
             int(pid)
             for pid in os.listdir("/proc")
             if pid.isdigit() and str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
         )
-        assert f"Process {holder} (" in error and "python -c import socket" in error, error  # the holder
+        assert f"held by process {holder} (" in error and "python -c import socket" in error, error
         assert "(CRIU: unix: External socket is used" in error, error
         # The command line says the same (the panel and the toolbar show this record's error).
         shown = subprocess.run(
@@ -311,7 +311,7 @@ async def test_a_refused_snapshot_names_the_process_the_resource_and_what_to_do(
             text=True,
             timeout=60,
         ).stdout
-        assert f"is connected to {path}" in shown and "Close it before taking a snapshot" in shown, shown
+        assert f"a unix socket connection to {path}" in shown and "Close it before taking a snapshot" in shown, shown
         assert child is not None
         # Nothing was lost: the kernel runs on, and once the connection is gone a snapshot works.
         await sock.execute("child.kill(); child.wait()")
