@@ -130,18 +130,14 @@ def prune_absent_mounts(images_dir: Path) -> list[str]:
     server in a container, another machine), some of those mounts (cgroup
     hierarchies, a data disk) may not exist, and CRIU would refuse the whole
     restore for them."""
-    import pycriu
-
     used = {
         reg.get("mnt_id")
         for e in load_entries(images_dir, "files.img")
         if e.get("type") == "REG" and (reg := e.get("reg"))
     }
     pruned: list[str] = []
-    for path in images_dir.glob("mountpoints-*.img"):
-        with open(path, "rb") as f:
-            image = pycriu.images.load(f)
-        mounts = image["entries"]
+
+    def prune(mounts: list[dict]) -> int:
         gone = {
             m["mnt_id"]
             for m in mounts
@@ -152,14 +148,12 @@ def prune_absent_mounts(images_dir: Path) -> list[str]:
             below = {m["mnt_id"] for m in mounts if m.get("parent_mnt_id") in gone and m.get("mnt_id") not in used}
             grew = not below <= gone
             gone |= below
-        if not gone:
-            continue
-        pruned += [m.get("mountpoint", "?") for m in mounts if m["mnt_id"] in gone]
-        image["entries"] = [m for m in mounts if m["mnt_id"] not in gone]
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            pycriu.images.dump(image, f)
-        os.replace(tmp, path)
+        pruned.extend(m.get("mountpoint", "?") for m in mounts if m["mnt_id"] in gone)
+        mounts[:] = [m for m in mounts if m["mnt_id"] not in gone]
+        return len(gone)
+
+    for path in images_dir.glob("mountpoints-*.img"):
+        _edit_image(path, prune)
     return pruned
 
 
@@ -169,11 +163,16 @@ _TCP_LISTEN = 10
 
 
 def _edit_files_image(images_dir: Path, edit: Callable[[list[dict]], int]) -> int:
-    """Apply ``edit`` to the entries of ``files.img``; it returns how many it
-    changed, and the image is rewritten (atomically) only if that is not 0."""
+    """Apply ``edit`` to the entries of ``files.img`` (see _edit_image)."""
+    return _edit_image(images_dir / "files.img", edit)
+
+
+def _edit_image(path: Path, edit: Callable[[list[dict]], int]) -> int:
+    """Apply ``edit`` to the entries of the image at ``path``; it returns how
+    many it changed, and the image is rewritten (atomically, so a hard link to
+    the old file keeps it) only if that is not 0."""
     import pycriu
 
-    path = images_dir / "files.img"
     if not path.exists():
         return 0
     with open(path, "rb") as f:
