@@ -15,6 +15,7 @@ from .credentials import KernelCredentials
 from .engine import DEFAULT_RESIZABLE_FILES, CriuEngine
 from .events import SCHEMA_ID as SNAPSHOT_EVENTS_SCHEMA
 from .handlers import default_handlers
+from .helper_client import DEFAULT_SOCKET, HelperEngine
 from .manager import CheckpointManager
 from .private_files import write_private_atomic
 from .scheduler import AutoBackup, Schedule
@@ -87,6 +88,21 @@ class CheckpointApp(ExtensionApp):
         "that declares more is refused before anything is written.",
     )
 
+    use_helper = Enum(
+        ["auto", "always", "never"],
+        "auto",
+        config=True,
+        help="Run CRIU and start kernels through the jupyter-ckpt helper (a root service, see 'Deploying for "
+        "many users'). 'auto': when this server is not root.",
+    )
+    helper_socket = Unicode(DEFAULT_SOCKET, config=True, help="The helper's unix socket.")
+    store_quota_bytes = Int(
+        0,
+        config=True,
+        help="The most bytes the snapshot store may hold (0: no limit); a snapshot or an import is refused "
+        "with a clear error once the store holds that much.",
+    )
+
     engine_class = Type(CriuEngine, config=True, help="The checkpoint engine (dump and restore of process trees).")
     store_class = Type(SnapshotStore, config=True, help="The snapshot store.")
     kernel_credentials_class = Type(
@@ -146,10 +162,17 @@ class CheckpointApp(ExtensionApp):
         "through this host; this turns on the host's IPv4 forwarding.",
     )
 
+    @property
+    def uses_helper(self) -> bool:
+        return self.use_helper == "always" or (self.use_helper == "auto" and os.geteuid() != 0)
+
     def initialize_settings(self) -> None:
-        engine = self.engine_class(
-            self.criu_path or None, log_level=self.criu_log_level, resizable_files=tuple(self.resizable_files)
-        )
+        if self.uses_helper:
+            engine = HelperEngine(socket_path=self.helper_socket)
+        else:
+            engine = self.engine_class(
+                self.criu_path or None, log_level=self.criu_log_level, resizable_files=tuple(self.resizable_files)
+            )
         health = engine.health()
         if health.available:
             self.log.info("jupyter_ckpt: CRIU %s at %s", health.version, health.path)
@@ -161,6 +184,7 @@ class CheckpointApp(ExtensionApp):
             self.store_key_path or None,
             dict(self.store_options),
             image_cache_bytes=self.image_cache_bytes,
+            quota_bytes=self.store_quota_bytes,
         )
         for log in store.dump_logs():  # a server killed while criu dumped
             if engine.remove_network_lock(log):
@@ -200,6 +224,7 @@ class CheckpointApp(ExtensionApp):
         provisioner_config.server_url_file = str(self.server_url_path)
         provisioner_config.credentials_secret_file = secret_path
         provisioner_config.credentials_class = self.kernel_credentials_class
+        provisioner_config.helper_socket = self.helper_socket if self.uses_helper else ""
         self._publish_url()
         if self.use_provisioner_by_default:
             factory = KernelProvisionerFactory.instance(parent=self.serverapp)

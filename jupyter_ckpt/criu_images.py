@@ -191,8 +191,10 @@ _PT_NOTE = 4
 _NT_GNU_BUILD_ID = 3
 
 
-def differences(images_dir: Path) -> list[str]:
-    """One line per file that is missing or differs here, empty if none does."""
+def host_files(images_dir: Path) -> list[tuple[str, dict, str]]:
+    """The files the restored tree opens from this machine: (path, CRIU's
+    entry, its role: program, working directory, library or file). Left out:
+    what the images carry themselves (deleted files, the tree's own tmpfs)."""
 
     def load(name: str) -> list[dict]:
         return load_entries(images_dir, name)
@@ -221,18 +223,22 @@ def differences(images_dir: Path) -> list[str]:
     mount_of = {reg.get("id"): reg.get("mnt_id") for reg in regs}
     for remap in remaps:
         mount_of[remap.get("remap_id")] = mount_of.get(remap.get("orig_id"))
+    return [
+        (reg["name"], reg, roles.get(reg["id"]) or ("library" if "build_id" in reg else "file"))
+        for reg in regs
+        if reg.get("id") not in carried
+        and mount_of.get(reg.get("id")) not in carried_mounts
+        and reg.get("name", "").startswith("/")
+    ]
 
+
+def differences(images_dir: Path) -> list[str]:
+    """One line per file that is missing or differs here, empty if none does."""
     problems: dict[str, str] = {}
-    for reg in regs:
-        if reg.get("id") in carried or mount_of.get(reg.get("id")) in carried_mounts:
-            continue
-        if not reg.get("name", "").startswith("/"):
-            continue
-        name = reg["name"]
-        what = roles.get(reg["id"]) or ("library" if "build_id" in reg else "file")
+    for name, reg, role in host_files(images_dir):
         problem = _difference(name, reg)
         if problem and name not in problems:
-            problems[name] = f"{name} ({what}): {problem}"
+            problems[name] = f"{name} ({role}): {problem}"
     return sorted(problems.values())
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from . import refusals
-from .criu_images import allow_resized_files, close_outside_connections, prune_absent_mounts
+from .criu_images import allow_resized_files, close_outside_connections, move_listeners, prune_absent_mounts
 from .errors import CriuUnavailable, DumpFailed, RestoreFailed
+from .forknet import ForkNetwork
 
 # Oldest CRIU known to work on current kernels: 3.17 cannot read the vDSO layout
 # of Linux >= 6.16 and 4.1 fails on every TCP socket there.
@@ -291,6 +292,14 @@ class CriuEngine:
         """Lift the network lock of a dump whose criu died (see the function)."""
         return remove_network_lock(dump_log, pid)
 
+    def create_network(self, outbound: str = "nat") -> ForkNetwork:
+        """A network namespace for a fork (forknet)."""
+        return ForkNetwork.create(outbound)
+
+    def remove_network(self, name: str) -> bool:
+        """End a fork namespace's processes and remove it; False if ``name`` is not one."""
+        return ForkNetwork.remove(name)
+
     def restore(
         self,
         images_dir: Path,
@@ -299,6 +308,7 @@ class CriuEngine:
         inherit_fds: Mapping[str, int] = {},
         netns: Path | None = None,
         lazy: bool = False,
+        listener_moves: Mapping[int, tuple[str, int]] = {},
     ) -> RestoreResult:
         """Restore the tree dumped in ``images_dir`` as a child of this process.
 
@@ -306,6 +316,7 @@ class CriuEngine:
         ``socket:[5678]``) to an inheritable fd of this process that takes its place.
         ``netns`` is a network namespace file to restore the tree into; without
         it, the tree lands in this process's namespace. The log goes to ``work_dir``.
+        ``listener_moves``: TCP listeners to rebind elsewhere (move_listeners).
         ``lazy`` (where health().lazy_pages): the tree runs before its memory is
         all back; the result's ``lazy_pages`` brings in the rest, and the
         images must stay until its ``wait()`` returns.
@@ -322,6 +333,8 @@ class CriuEngine:
             c.opts.tcp_established = True
             c.opts.network_lock = pycriu.rpc.NFTABLES
             close_outside_connections(images_dir)
+            if listener_moves:
+                move_listeners(images_dir, listener_moves)
             # The restored root becomes our child, so we can wait for it and
             # reap it like any kernel we launched.
             c.opts.rst_sibling = True

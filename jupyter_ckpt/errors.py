@@ -64,3 +64,7 @@ class NotSupported(CheckpointError):
 
 class InvalidRequest(CheckpointError):
     """The request itself is malformed (bad mode, bad label, ...)."""
+
+
+class QuotaExceeded(CheckpointError):
+    """The snapshot store holds as many bytes as its quota allows."""

@@ -13,7 +13,6 @@ import asyncio
 import time
 import uuid
 
-from .criu_images import move_listeners
 from .errors import CheckpointError, InvalidRequest, RestoreFailed, SnapshotNotRestorable
 from .flow import Flow, FlowParts
 from .forknet import ForkNetwork
@@ -47,15 +46,14 @@ class Fork(Flow):
                 with self.store.scratch_dir("fork-") as work:
                     images = await verified_images(self.store, record, work)
                     prepared = time.monotonic() - started
-                    network = await asyncio.to_thread(ForkNetwork.create, self.outbound)
+                    network = await asyncio.to_thread(self.engine.create_network, self.outbound)
                     self.journal.begin("fork", kernel_id, snapshot_id=record.id, netns=network.name)
                     here = {**record.connection, "ip": network.kernel_address}
-                    await asyncio.to_thread(move_listeners, images, listener_moves(record.connection, here))
-
+                    moves = listener_moves(record.connection, here)
                     netns = network.path
 
                     def restore() -> RestoredTree:
-                        restored.append(restore_tree(self.engine, images, work, record.stdio_keys, netns))
+                        restored.append(restore_tree(self.engine, images, work, record.stdio_keys, netns, False, moves))
                         return restored[-1]
 
                     plan = LaunchPlan(record.id, record.connection, network, restore)

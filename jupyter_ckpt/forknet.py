@@ -122,11 +122,16 @@ class ForkNetwork:
         return net
 
     @classmethod
+    def from_name(cls, name: str) -> ForkNetwork | None:
+        index = name[len(NAME_PREFIX) :] if name.startswith(NAME_PREFIX) else ""
+        return cls(int(index)) if index.isdigit() and len(index) < 6 else None
+
+    @classmethod
     def remove(cls, name: str) -> bool:
         """End every process in a fork's namespace (a fork cut short by a server
         that died), then remove the namespace. False if ``name`` is not one."""
-        index = name[len(NAME_PREFIX) :] if name.startswith(NAME_PREFIX) else ""
-        if not index.isdigit():
+        net = cls.from_name(name)
+        if net is None:
             return False
         pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
         for pid in pids.stdout.split():
@@ -134,7 +139,7 @@ class ForkNetwork:
                 os.kill(int(pid), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
-        cls(int(index)).close()
+        net.close()
         return True
 
     def close(self) -> None:

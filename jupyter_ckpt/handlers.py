@@ -34,6 +34,7 @@ STATUS_FOR_ERROR: dict[type[errors.CheckpointError], int] = {
     errors.RestoreFailed: 500,
     errors.NotSupported: 501,
     errors.CriuUnavailable: 503,
+    errors.QuotaExceeded: 507,
 }
 
 

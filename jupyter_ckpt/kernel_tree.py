@@ -9,6 +9,7 @@ provisioner can wait for, signal and reap it like a launched one.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 from collections.abc import Iterator
@@ -70,24 +71,41 @@ class KernelStdio:
 
 
 class RestoredProcess:
-    """The subset of ``subprocess.Popen`` that the provisioner uses, for a restored
-    kernel: a child of this process that CRIU created, not ``Popen``."""
+    """The subset of ``subprocess.Popen`` that the provisioner uses, for a kernel
+    root this process did not launch: one CRIU restored as our child, or one
+    the helper (helper.py) started or restored as its own child. A child is
+    waited for; another process is watched through a pidfd, which no reuse of
+    its pid can confuse (its exit status is then not known: -SIGKILL)."""
 
     stdin = stdout = stderr = None
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self._pidfd: int | None = None
+        if not _is_child(pid):
+            try:
+                self._pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self.returncode = -signal.SIGKILL
 
     def _reap(self, flags: int) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, flags)
-            except ChildProcessError:
-                self.returncode = -signal.SIGKILL  # already reaped elsewhere
-            else:
-                if pid:
-                    self.returncode = os.waitstatus_to_exitcode(status)
+        if self.returncode is not None:
+            return self.returncode
+        if self._pidfd is not None:
+            ready, _, _ = select.select([self._pidfd], [], [], 0 if flags & os.WNOHANG else None)
+            if ready:
+                os.close(self._pidfd)
+                self._pidfd = None
+                self.returncode = -signal.SIGKILL
+            return self.returncode
+        try:
+            pid, status = os.waitpid(self.pid, flags)
+        except ChildProcessError:
+            self.returncode = -signal.SIGKILL  # already reaped elsewhere
+        else:
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
     def poll(self) -> int | None:
@@ -98,13 +116,25 @@ class RestoredProcess:
 
     def send_signal(self, signum: int) -> None:
         if self.returncode is None:
-            os.kill(self.pid, signum)
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            else:
+                os.kill(self.pid, signum)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
+
+
+def _is_child(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 @dataclass
@@ -132,6 +162,7 @@ def restore_tree(
     stdio_keys: dict[str, str],
     netns: Path | None = None,
     lazy: bool = False,
+    listener_moves: dict[int, tuple[str, int]] | None = None,
 ) -> RestoredTree:
     """Restore the tree dumped in ``images`` (blocking), its stdout and stderr
     re-attached to fresh pipes copied to the server's output."""
@@ -139,7 +170,9 @@ def restore_tree(
     try:
         inherit = {key: stdio.write_fds[name] for name, key in stdio_keys.items() if name in stdio.write_fds}
         with stdio.inheritable():
-            result = engine.restore(images, work_dir=work, inherit_fds=inherit, netns=netns, lazy=lazy)
+            result = engine.restore(
+                images, work_dir=work, inherit_fds=inherit, netns=netns, lazy=lazy, listener_moves=listener_moves or {}
+            )
     finally:
         stdio.close_write_ends()
     return RestoredTree(result.pid, stdio, result.seconds, result.lazy_pages)

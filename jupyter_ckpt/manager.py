@@ -234,6 +234,7 @@ class CheckpointManager:
 
     async def import_bundle(self, src: BinaryIO, trust: bool = False) -> SnapshotRecord:
         running = set(self.kernels.ids())
+        await asyncio.to_thread(self.store.require_room)
         return await asyncio.to_thread(bundle.import_bundle, self.store, src, trust, self.max_import_bytes, running)
 
     @contextmanager

@@ -86,6 +86,12 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         help="Give each kernel its own /dev/shm, saved and restored with it. Off: kernels share the host's "
         "/dev/shm, and a kernel with semaphores or shared memory there (worker pools) cannot be restored.",
     )
+    helper_socket = Unicode(
+        "",
+        config=True,
+        help="The jupyter-ckpt helper's socket, through which a server that is not root starts its kernels "
+        "(set by the server extension).",
+    )
     require_isolation = Bool(
         False,
         config=True,
@@ -151,6 +157,14 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
             )
         return env
 
+    def _command_and_env(self, cmd: list[str], kwargs: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+        """The kernel's command (with the magic for ipykernel) and environment."""
+        kernel_id = kwargs.get("kernel_id") or getattr(self, "kernel_id", "")
+        env = self._kernel_env(kwargs.get("env") or dict(os.environ), kernel_id)
+        if "JUPYTER_CKPT_KERNEL_TOKEN" in env and any("ipykernel" in part for part in cmd):
+            cmd = [*cmd, "--ext=jupyter_ckpt.magic"]
+        return list(cmd), env
+
     def _isolation_commands(self) -> tuple[list[str] | None, str]:
         unshare, setsid, tini = shutil.which(self.unshare_path), shutil.which("setsid"), shutil.which(self.tini_path)
         missing = [n for n, p in (("unshare", unshare), ("setsid", setsid), ("tini", tini)) if not p]
@@ -170,6 +184,8 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         plan, self._plan = self._plan, None
         if plan is not None and plan.restore is not None:
             return await self._launch_fork(plan, kwargs)
+        if self.helper_socket:
+            return await self._launch_through_helper(cmd, kwargs)
         prefix, reason = self._isolation_commands()
         if prefix is None:
             if self.require_isolation:
@@ -178,10 +194,7 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
             self.not_checkpointable_reason = reason
             return await super().launch_kernel(cmd, **kwargs)
 
-        kernel_id = kwargs.get("kernel_id") or getattr(self, "kernel_id", "")
-        env = self._kernel_env(kwargs.get("env") or dict(os.environ), kernel_id)
-        if "JUPYTER_CKPT_KERNEL_TOKEN" in env and any("ipykernel" in part for part in cmd):
-            cmd = [*cmd, "--ext=jupyter_ckpt.magic"]
+        cmd, env = self._command_and_env(cmd, kwargs)
         stdio = KernelStdio()
         # independent: jupyter_client then sets no JPY_PARENT_PID (see module doc).
         kwargs.update(
@@ -197,6 +210,32 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
             stdio.close_write_ends()
         self.tree = KernelTree(init_pid=await self._namespace_init(self.process.pid), stdio=stdio)
         return info
+
+    async def _launch_through_helper(self, cmd: list[str], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """As this (not root) user, the helper makes the namespaces (helper.py)."""
+        from .helper_client import HelperEngine
+
+        cmd, env = self._command_and_env(cmd, kwargs)
+        cwd = str(kwargs.get("cwd") or os.getcwd())
+        stdio = KernelStdio()
+        helper = HelperEngine(socket_path=self.helper_socket)
+        try:
+            pid = await asyncio.to_thread(
+                helper.launch,
+                list(cmd),
+                env,
+                cwd,
+                stdio.write_fds["stdout"],
+                stdio.write_fds["stderr"],
+                self.private_shm,
+            )
+        finally:
+            stdio.close_write_ends()
+        self.process = RestoredProcess(pid)
+        self.pid = self.pgid = pid
+        self.cwd = cwd
+        self.tree = KernelTree(init_pid=pid, stdio=stdio)
+        return self.connection_info
 
     async def _launch_fork(self, plan: LaunchPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Restore the snapshot's processes as this kernel's, in the fork's namespace."""

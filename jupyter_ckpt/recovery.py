@@ -21,7 +21,7 @@ from typing import Any
 
 from .engine import CriuEngine
 from .errors import CheckpointError
-from .forknet import ForkNetwork, for_address
+from .forknet import for_address
 from .private_files import private_dir, write_private_atomic
 from .records import SnapshotRecord, new_snapshot_id
 from .store import SnapshotStore
@@ -238,12 +238,11 @@ class PreviousRun:
         self._remove_fork_network(info)
         return outcome
 
-    @staticmethod
-    def _remove_fork_network(info: dict[str, Any]) -> None:
+    def _remove_fork_network(self, info: dict[str, Any]) -> None:
         """A fork's namespace ends with its kernel."""
         network = for_address((info.get("connection") or {}).get("ip", ""))
         if network is not None:
-            ForkNetwork.remove(network.name)
+            self.engine.remove_network(network.name)
 
     def mend_operation(self, entry: dict[str, Any], saved: dict[str, str]) -> dict[str, Any] | None:
         """Blocking. One restore or fork the previous server did not finish."""
@@ -251,7 +250,7 @@ class PreviousRun:
         lazy = entry.get("lazy_pages") or {}
         kill_and_wait(lazy.get("pid"), lazy.get("started"))  # its kernel is saved or gone by now
         if entry.get("kind") == "fork":
-            ForkNetwork.remove(entry.get("netns", ""))
+            self.engine.remove_network(entry.get("netns", ""))
             return {
                 "kernel_id": kernel_id,
                 "lost": True,

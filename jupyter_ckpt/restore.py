@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .criu_images import differences, move_listeners
+from .criu_images import differences
 from .engine import LazyPages
 from .errors import DumpFailed, KernelNotFound, RestoreFailed, SnapshotIncompatible
 from .flow import Flow, FlowParts
@@ -101,19 +101,17 @@ class RestoreInPlace(Flow):
             work = self.store.new_scratch_dir("restore-")
             try:
                 # Every byte is verified before the running kernel is touched.
-                images = await verified_images(self.store, record, work)
+                await verified_images(self.store, record, work)
                 prepared = time.monotonic() - started
                 # The snapshot's listeners go where this kernel listens (a
                 # fork's namespace address, or another kernel's ports).
                 moves = listener_moves(record.connection, connection_info(km))
-                if moves:
-                    await asyncio.to_thread(move_listeners, images, moves)
                 clients = client_connections(km.ip, kernel_ports(km))
                 self.claims.reconnecting(kernel_id)
                 try:
                     with prov.swapping():
                         saved_seconds, seconds, lazy_pages = await asyncio.to_thread(
-                            self._replace_processes, prov, record, work, None if started_again else before
+                            self._replace_processes, prov, record, work, None if started_again else before, moves
                         )
                 except KernelPutBack as e:
                     await self._wait_until_answering(km, kernel_id, clients)
@@ -184,7 +182,12 @@ class RestoreInPlace(Flow):
             shutil.rmtree(work, ignore_errors=True)
 
     def _replace_processes(
-        self, prov: CheckpointableProvisioner, record: SnapshotRecord, work: Path, before: SnapshotRecord | None
+        self,
+        prov: CheckpointableProvisioner,
+        record: SnapshotRecord,
+        work: Path,
+        before: SnapshotRecord | None,
+        moves: dict[int, tuple[str, int]],
     ) -> tuple[float, float, LazyPages | None]:
         """Blocking: runs in a worker thread while the provisioner reports 'alive'.
         ``work`` holds the snapshot's verified images in ``images/``; CRIU's logs
@@ -219,7 +222,7 @@ class RestoreInPlace(Flow):
         netns = current.network.path if current.network else None
         lazy = self.lazy_restore and self.engine.health().lazy_pages
         try:
-            tree = restore_tree(self.engine, work / "images", work, record.stdio_keys, netns, lazy)
+            tree = restore_tree(self.engine, work / "images", work, record.stdio_keys, netns, lazy, moves)
         except RestoreFailed as failure:
             if before is None:
                 raise RestoreFailed(f"restoring snapshot {record.id} failed: {failure}") from None

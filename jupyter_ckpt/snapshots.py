@@ -32,6 +32,7 @@ class SnapshotFlow(Flow):
         if trigger not in TRIGGERS:
             raise InvalidRequest(f"trigger must be one of {', '.join(TRIGGERS)}")
         self.engine.require()
+        await asyncio.to_thread(self.store.require_room)
         km, prov = self.kernels.require(kernel_id)
         if await prov.poll() is not None:
             raise KernelNotFound(f"kernel {kernel_id} is not running (it exited)")

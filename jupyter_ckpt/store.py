@@ -36,7 +36,7 @@ import fsspec
 
 from . import manifest
 from .chunks import ChunkStore, StoredFile, is_local
-from .errors import SnapshotNotFound, SnapshotNotRestorable
+from .errors import QuotaExceeded, SnapshotNotFound, SnapshotNotRestorable
 from .image_cache import ImageCache
 from .private_files import load_or_create_key, private_dir, write_private_atomic
 from .records import SNAPSHOT_ID, SnapshotRecord, check_snapshot_id
@@ -100,8 +100,10 @@ class SnapshotStore:
         key_path: str | os.PathLike[str] | None = None,
         storage_options: dict[str, Any] | None = None,
         image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES,
+        quota_bytes: int = 0,
     ):
         self.url = str(url)
+        self.quota_bytes = quota_bytes  # 0: none
         self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.root = root.rstrip("/")
         local = is_local(self.fs)
@@ -346,6 +348,18 @@ class SnapshotStore:
         return record
 
     # -- space --------------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        """What the complete snapshots added to the store (chunks shared are counted once)."""
+        return sum(r.stored_bytes for r in self.list() if r.status == "complete")
+
+    def require_room(self) -> None:
+        """QuotaExceeded if the store already holds its quota of bytes."""
+        if self.quota_bytes and (used := self.used_bytes()) >= self.quota_bytes:
+            raise QuotaExceeded(
+                f"the snapshot store is full: it holds {used / 2**20:.1f} MiB of its {self.quota_bytes / 2**20:.1f} "
+                "MiB quota; delete snapshots you no longer need (or ask for a larger quota) to take new ones"
+            )
 
     def prune(
         self,

@@ -5,13 +5,20 @@
 # Why build: Debian 12's criu 3.17 cannot parse the vDSO layout of Linux >= 6.16,
 # and criu 4.1 fails to dump TCP sockets there. 4.2.1 and newer work.
 #
-# Skips everything when a good criu (version >= MIN_VERSION, `criu check` passing)
-# and its pycriu sources are already installed. Run as root.
+# The patches in patches/criu/ are applied to the source before the build (each
+# says why); the installed build records which ones it carries.
+#
+# Skips everything when a good criu (version >= MIN_VERSION, `criu check` passing,
+# built with the current patches) and its pycriu sources are already installed.
+# Run as root.
 set -eu
+
+PATCHES_DIR=$(cd "$(dirname "$0")/../patches/criu" && pwd)
 
 MIN_VERSION=4.2.1
 PREFIX=${CRIU_PREFIX:-/usr/local}
 PYCRIU_SRC="$PREFIX/share/criu/pycriu-src"   # pycriu's source tree from the build
+PATCHES_STAMP="$PREFIX/share/criu/jupyter-ckpt-patches"  # checksums of the patches built in
 WORK=${CRIU_BUILD_DIR:-/var/cache/jupyter-ckpt/criu-build}
 SRC_LIST=/etc/apt/sources.list.d/jupyter-ckpt-criu-src.sources
 
@@ -27,7 +34,12 @@ criu_is_good() {
     [ -n "$v" ] || return 1
     dpkg --compare-versions "$v" ge "$MIN_VERSION" || return 1
     "$PREFIX/sbin/criu" check >/dev/null 2>&1 || return 1
-    [ -f "$PYCRIU_SRC/pycriu/rpc_pb2.py" ]
+    [ -f "$PYCRIU_SRC/pycriu/rpc_pb2.py" ] || return 1
+    [ "$(patch_sums)" = "$(cat "$PATCHES_STAMP" 2>/dev/null)" ]
+}
+
+patch_sums() {
+    (cd "$PATCHES_DIR" && sha256sum -- *.patch)
 }
 
 if criu_is_good; then
@@ -66,7 +78,7 @@ fi
 say "installing build dependencies"
 apt-get update -q >/dev/null
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    build-essential pkgconf xz-utils \
+    build-essential pkgconf xz-utils patch \
     libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev \
     libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler \
     python3-protobuf uuid-dev nftables iproute2 >/dev/null
@@ -100,6 +112,10 @@ done
 rm -rf src && mkdir src
 tar -xf "$tarball" -C src --strip-components=1
 cd src
+for p in "$PATCHES_DIR"/*.patch; do
+    say "applying $(basename "$p")"
+    patch -p1 --quiet <"$p" || die "patch $(basename "$p") does not apply to $(basename "$tarball")"
+done
 say "building $(basename "$tarball")"
 make -j"$(nproc)" criu >build.log 2>&1 || { tail -n 30 build.log; die "criu build failed"; }
 make lib >>build.log 2>&1 || { tail -n 30 build.log; die "pycriu build failed"; }
@@ -110,4 +126,5 @@ cp -r lib/pyproject.toml lib/setup.py lib/setup.cfg lib/pycriu "$PYCRIU_SRC/"
 find "$PYCRIU_SRC" \( -name '*.o' -o -name '*.d' -o -name Makefile \) -delete
 
 "$PREFIX/sbin/criu" check || die "'criu check' fails with the freshly built criu $(installed_version)"
+patch_sums >"$PATCHES_STAMP"
 say "installed criu $(installed_version) to $PREFIX/sbin/criu"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -73,18 +74,37 @@ class Server:
         netns: str | None = None,
         host: str = "127.0.0.1",
         local_store: bool = True,
+        user: str | None = None,
+        python: str = sys.executable,
+        log_dir=None,
     ):
+        """With ``user``, the server runs as that system user, with ``python``
+        (an interpreter that user can run), and ``tmp_path`` must be theirs."""
         self.port = free_port() if netns is None else 8888
         self.host = host
         self.runtime = tmp_path / "runtime"
         (tmp_path / "root").mkdir(exist_ok=True)
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            for d in (tmp_path, tmp_path / "root"):
+                os.chown(d, entry.pw_uid, entry.pw_gid)
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        self.log_path = tmp_path / f"server-{self.port}-{time.monotonic_ns()}.log"  # read it when a test fails
+        self.log_path = (log_dir or tmp_path) / f"server-{self.port}-{time.monotonic_ns()}.log"  # read it on failure
         log = open(self.log_path, "wb")
+        env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime), HOME=str(tmp_path))
+        as_user: dict = {}
+        if user is not None:
+            as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [], "cwd": str(tmp_path)}
+            env = {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "HOME": entry.pw_dir,
+                "USER": user,
+                "JUPYTER_RUNTIME_DIR": str(self.runtime),
+            }
         self.proc = subprocess.Popen(
             [
                 *prefix,
-                sys.executable,
+                python,
                 "-m",
                 app,
                 "--allow-root",
@@ -99,15 +119,18 @@ class Server:
             ],
             stdout=log,
             stderr=log,
-            env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime), HOME=str(tmp_path)),
+            env=env,
+            **as_user,
         )
         for _ in range(300):
             try:
                 self.call("GET", "/api/ckpt/status", timeout=1)
                 return
             except OSError:
+                if self.proc.poll() is not None:
+                    break
                 time.sleep(0.1)
-        raise RuntimeError("server did not start")
+        raise RuntimeError(f"server did not start: {self.log_path.read_text()[-3000:]}")
 
     def call(self, method, path, body=None, timeout=60):
         return call(self.port, method, path, body, timeout, host=self.host)

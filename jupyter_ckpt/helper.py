@@ -1,0 +1,573 @@
+"""jupyter-ckpt-helper: the small root service through which Jupyter servers
+that are not root launch, dump and restore their own kernels.
+
+CRIU needs root to dump and restore, and a pid namespace needs root to make.
+Rather than give users a CRIU they could point at anyone's process, one
+daemon runs as root and listens on a unix socket that every local user may
+connect to. It knows each caller by the kernel's word (``SO_PEERCRED``), and:
+
+- launches a kernel command only as the caller, in a fresh pid and mount
+  namespace (launcher.py);
+- dumps a process tree only if every process in it runs as the caller (real,
+  effective, saved and filesystem ids), and again checks the credentials CRIU
+  wrote, since a process could have executed a setuid program meanwhile;
+- writes the images into a directory the caller owns and passed to it open,
+  sealed for the caller (seal.py);
+- restores only images whose seal verifies for the caller, copied first where
+  the caller cannot change them, whose credentials are the caller's, into the
+  caller's own fork namespaces, with listeners moved only to unprivileged ports;
+- makes and removes fork network namespaces, each for the user who asked.
+
+What it never does: act on a path the caller names (directories come as open
+file descriptors), run anything of the caller's as root, or restore images it
+did not seal with its key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import grp
+import json
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import seal as sealing
+from .criu_images import host_files
+from .engine import CriuEngine
+from .errors import CheckpointError, DumpFailed, InvalidRequest
+from .forknet import ForkNetwork
+from .helper_client import DEFAULT_SOCKET, receive, send
+
+log = logging.getLogger("jupyter_ckpt.helper")
+DEFAULT_STATE_DIR = "/var/lib/jupyter-ckpt"
+MAX_SEAL_BYTES = 1 << 20
+OPEN_IMAGE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class Refused(CheckpointError):
+    """The caller may not do this."""
+
+
+@dataclass
+class Caller:
+    pid: int
+    uid: int
+    gid: int  # the user's primary group
+    groups: list[int]  # every group the user is in
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> Caller:
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        try:
+            entry = pwd.getpwuid(uid)
+            primary, groups = entry.pw_gid, os.getgrouplist(entry.pw_name, entry.pw_gid)
+        except KeyError:  # a uid without a passwd entry (containers): its own group only
+            primary, groups = gid, [gid]
+        return cls(pid, uid, primary, sorted(set(groups)))
+
+
+@dataclass
+class HelperSettings:
+    socket_path: str = DEFAULT_SOCKET
+    state_dir: str = DEFAULT_STATE_DIR  # the key and the work directories, root's only
+    key_file: str = ""  # default: <state_dir>/helper.key, made on first start
+    criu_path: str | None = None
+    tini_path: str = "tini"
+    socket_group: str = ""  # only this group may connect (default: every local user)
+    requests_per_user: int = 4  # at once
+
+
+@dataclass
+class Helper:
+    settings: HelperSettings
+    engine: CriuEngine = field(default_factory=CriuEngine)
+    key: bytes = b""
+    networks: dict[str, int] = field(default_factory=dict)  # fork namespace -> the uid it was made for
+    busy: dict[int, int] = field(default_factory=dict)  # uid -> requests running
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        state = Path(self.settings.state_dir)
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(state, 0o700)
+        (state / "work").mkdir(mode=0o700, exist_ok=True)
+        key_path = Path(self.settings.key_file or state / "helper.key")
+        if not key_path.exists():
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        if key_path.stat().st_mode & 0o077:
+            raise SystemExit(f"jupyter-ckpt-helper: {key_path} must be readable by root only (chmod 600)")
+        self.key = key_path.read_text().strip().encode()
+        self.work = state / "work"
+        for leftover in self.work.iterdir():  # a helper that stopped mid-request
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    # -- serving ------------------------------------------------------------------
+
+    def serve(self) -> None:
+        path = Path(self.settings.socket_path)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        server.bind(str(path))
+        if self.settings.socket_group:
+            os.chown(path, 0, grp.getgrnam(self.settings.socket_group).gr_gid)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, 0o666)  # who the caller is comes from SO_PEERCRED, not the file's mode
+        server.listen(64)
+        log.info("jupyter-ckpt-helper: listening on %s (CRIU %s)", path, self.engine.health().version)
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        try:
+            caller = Caller.of(conn)
+            message, fds = receive(conn)
+            op = str(message.get("op"))
+            handler: Callable[..., dict] | None = getattr(self, f"op_{op}", None)
+            started = time.monotonic()
+            try:
+                if handler is None:
+                    raise InvalidRequest(f"the helper does not know the request {op!r}")
+                with self._slot(caller):
+                    answer = {"ok": True, **handler(caller, message, fds)}
+            except CheckpointError as e:
+                answer = {"ok": False, "error": str(e), "error_type": type(e).__name__}
+            except Exception as e:  # a bug must not end the daemon, and the caller must hear of it
+                log.exception("jupyter-ckpt-helper: %s for uid %d failed", op, caller.uid)
+                answer = {"ok": False, "error": f"the helper failed: {type(e).__name__}: {e}"}
+            log.info(
+                "jupyter-ckpt-helper: uid %d pid %d %s: %s in %.3f s",
+                caller.uid,
+                caller.pid,
+                op,
+                "ok" if answer["ok"] else answer["error"],
+                time.monotonic() - started,
+            )
+            send(conn, answer)
+        except (OSError, ConnectionError) as e:
+            log.info("jupyter-ckpt-helper: a connection ended: %s", e)
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            conn.close()
+
+    def _slot(self, caller: Caller) -> Any:
+        helper = self
+
+        class Slot:
+            def __enter__(self) -> None:
+                with helper.lock:
+                    if helper.busy.get(caller.uid, 0) >= helper.settings.requests_per_user:
+                        raise Refused("too many requests to the helper at once; try again when one has ended")
+                    helper.busy[caller.uid] = helper.busy.get(caller.uid, 0) + 1
+
+            def __exit__(self, *exc: object) -> None:
+                with helper.lock:
+                    helper.busy[caller.uid] -= 1
+
+        return Slot()
+
+    # -- requests -------------------------------------------------------------------
+
+    def op_hello(self, caller: Caller, message: dict, fds: list[int]) -> dict:
+        h = self.engine.health()
+        return {"available": h.available, "version": h.version, "path": h.path, "reason": h.reason, "uid": caller.uid}
+
+    def op_launch(self, caller: Caller, message: dict, fds: list[int]) -> dict:
+        cmd, env, cwd = message.get("cmd"), message.get("env"), message.get("cwd")
+        if not (isinstance(cmd, list) and cmd and all(isinstance(c, str) for c in cmd)):
+            raise InvalidRequest("cmd must be a non-empty list of strings")
+        if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+            raise InvalidRequest("env must map strings to strings")
+        if not isinstance(cwd, str) or len(fds) != 2:
+            raise InvalidRequest("launch needs a working directory, and the stdout and stderr fds")
+        tini = shutil.which(self.settings.tini_path)
+        if tini is None:
+            raise Refused(f"{self.settings.tini_path} is not installed where the helper runs")
+        report_r, report_w = os.pipe()
+        spec = {
+            "uid": caller.uid,
+            "gid": caller.gid,
+            "groups": caller.groups,
+            "cmd": cmd,
+            "env": env,
+            "cwd": cwd,
+            "private_shm": bool(message.get("private_shm", True)),
+            "tini": tini,
+            "stdout": fds[0],
+            "stderr": fds[1],
+            "report": report_w,
+        }
+        try:
+            launcher = subprocess.Popen(
+                [sys.executable, "-m", "jupyter_ckpt.launcher"],
+                stdin=subprocess.PIPE,
+                pass_fds=(fds[0], fds[1], report_w),
+                env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+                cwd="/",
+            )
+        finally:
+            os.close(report_w)
+        try:
+            assert launcher.stdin is not None
+            launcher.stdin.write(json.dumps(spec).encode())
+            launcher.stdin.close()
+            with os.fdopen(report_r) as report:
+                line = report.readline().strip()
+        except BaseException:
+            launcher.kill()
+            raise
+        threading.Thread(target=launcher.wait, daemon=True).start()
+        if not line.isdigit():
+            launcher.wait()
+            raise Refused(f"the kernel could not be started in its namespaces (launcher status {launcher.returncode})")
+        return {"pid": int(line)}
+
+    def op_dump(self, caller: Caller, message: dict, fds: list[int]) -> dict:
+        pid = message.get("pid")
+        if not isinstance(pid, int) or pid <= 1 or len(fds) != 1:
+            raise InvalidRequest("dump needs a process id and the images directory, open")
+        target = fds[0]
+        _require_own_directory(target, caller)
+        wrong = processes_not_of(pid, caller)
+        if wrong:
+            raise Refused(f"the process tree of {pid} is not yours alone: {wrong}")
+        with self._work_dir() as work:
+            images = work / "images"
+            images.mkdir(mode=0o700)
+            result = self.engine.dump(pid, images)
+            try:
+                sealing.check_credentials(images, caller.uid, caller.groups)
+            except sealing.ImagesRefused as e:
+                raise DumpFailed(f"a process changed its credentials while it was dumped: {e}") from None
+            sealing.seal(images, self.key, caller.uid)
+            hand_over(images, target, caller)
+        return {
+            "freeze_seconds": result.freeze_seconds,
+            "total_seconds": result.total_seconds,
+            "memory_bytes": result.memory_bytes,
+        }
+
+    def op_restore(self, caller: Caller, message: dict, fds: list[int]) -> dict:
+        keys = message.get("inherit_keys") or []
+        if not (fds and isinstance(keys, list) and len(keys) == len(fds) - 1 and all(isinstance(k, str) for k in keys)):
+            raise InvalidRequest("restore needs the images directory, open, and one fd per inherited key")
+        source = fds[0]
+        _require_own_directory(source, caller)
+        moves = self._listener_moves(message.get("listener_moves") or {})
+        netns = message.get("netns")
+        network = ForkNetwork.from_name(str(netns)) if netns is not None else None
+        if netns is not None:
+            with self.lock:
+                if network is None or self.networks.get(network.name) != caller.uid:
+                    raise Refused(f"{netns} is not a fork namespace the helper made for you")
+        with self._work_dir() as work:
+            images = work / "images"
+            images.mkdir(mode=0o700)
+            take_over(source, images, self.key, caller)
+            sealing.check_credentials(images, caller.uid, caller.groups)
+            check_files(images, caller)
+            result = self.engine.restore(
+                images,
+                work_dir=work,
+                inherit_fds=dict(zip(keys, fds[1:], strict=True)),
+                netns=network.path if network is not None else None,
+                listener_moves=moves,
+            )
+        # The restored tree is this process's child (CRIU's rst_sibling): reap it.
+        threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
+        return {"pid": result.pid, "seconds": result.seconds}
+
+    def op_network_create(self, caller: Caller, message: dict, fds: list[int]) -> dict:
+        outbound = message.get("outbound", "nat")
+        if outbound not in ("nat", "host"):
+            raise InvalidRequest("outbound must be 'nat' or 'host'")
+        network = ForkNetwork.create(outbound)
+        with self.lock:
+            self.networks[network.name] = caller.uid
+        return {"index": network.index, "name": network.name}
+
+    def op_network_close(self, caller: Caller, message: dict, fds: list[int]) -> dict:
+        name = str(message.get("name"))
+        with self.lock:
+            if self.networks.get(name) != caller.uid:
+                raise Refused(f"{name} is not a fork namespace the helper made for you")
+            del self.networks[name]
+        ForkNetwork.remove(name)
+        return {}
+
+    # -- parts ----------------------------------------------------------------------
+
+    def _work_dir(self) -> Any:
+        from contextlib import contextmanager
+
+        @contextmanager
+        def work_dir() -> Any:
+            path = self.work / secrets.token_hex(8)
+            path.mkdir(mode=0o700)
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+
+        return work_dir()
+
+    @staticmethod
+    def _listener_moves(raw: Any) -> dict[int, tuple[str, int]]:
+        """Moves of the ZMQ listeners, to a port a user may bind anyway: root
+        binds them during the restore."""
+        try:
+            with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+                first_free = int(f.read())
+        except OSError:
+            first_free = 1024
+        moves: dict[int, tuple[str, int]] = {}
+        if not isinstance(raw, dict):
+            raise InvalidRequest("listener_moves must be an object")
+        for port, target in raw.items():
+            try:
+                address, new_port = str(target[0]), int(target[1])
+                old = int(port)
+            except (ValueError, TypeError, IndexError):
+                raise InvalidRequest("each listener move is [address, port]") from None
+            if not first_free <= new_port < 65536:
+                raise Refused(f"a listener cannot be moved to port {new_port}: ports below {first_free} are root's")
+            moves[old] = (address, new_port)
+        return moves
+
+
+# -- checks on processes and files ---------------------------------------------------
+
+
+def _ids(pid: int) -> tuple[list[int], list[int]] | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return [int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return found
+
+
+def processes_not_of(pid: int, caller: Caller) -> str:
+    """'' if every process of the tree at ``pid`` runs as the caller; else the first that does not."""
+    pending, seen = [pid], set()
+    while pending:
+        p = pending.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        ids = _ids(p)
+        if ids is None:
+            if p == pid:
+                return f"no process {pid}"
+            continue  # exited meanwhile
+        uids, gids = ids
+        if any(u != caller.uid for u in uids) or any(g not in caller.groups for g in gids):
+            return f"process {p} runs as uid {uids[1]}, gid {gids[1]}"
+        pending += _children(p)
+    return ""
+
+
+def check_files(images: Path, caller: Caller) -> None:
+    """Every file of this machine that the images open, the caller may open the
+    same way: CRIU opens them as root. Tried in a child process that has taken
+    the caller's credentials (ImagesRefused names the first refused)."""
+    wanted = [(name, reg.get("flags", 0) & os.O_ACCMODE) for name, reg, _role in host_files(images)]
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # only system calls from here: other threads' locks may be held
+        try:
+            os.close(read_end)
+            os.setgroups(caller.groups)
+            os.setresgid(caller.gid, caller.gid, caller.gid)
+            os.setresuid(caller.uid, caller.uid, caller.uid)
+            for name, mode in wanted:
+                try:
+                    os.close(os.open(name, mode | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC))
+                except OSError as e:
+                    if e.errno in (errno.EACCES, errno.EPERM):
+                        os.write(write_end, name.encode(errors="replace")[:4000])
+                        break
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        refused = f.read().decode(errors="replace")
+    os.waitpid(child, 0)
+    if refused:
+        raise sealing.ImagesRefused(f"the snapshot opens {refused}, which you may not open")
+
+
+def _require_own_directory(fd: int, caller: Caller) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != caller.uid:
+        raise Refused("the images directory must be a directory of yours")
+
+
+def hand_over(images: Path, target: int, caller: Caller) -> None:
+    """Move the sealed images into the caller's directory ``target`` (an open
+    fd), owned by the caller. Names are created, never followed or reused."""
+    for entry in os.scandir(images):
+        os.chown(entry.path, caller.uid, caller.gid, follow_symlinks=False)
+        os.chmod(entry.path, 0o600, follow_symlinks=False)
+        try:
+            os.link(entry.path, entry.name, dst_dir_fd=target, follow_symlinks=False)
+        except OSError as e:
+            if e.errno != errno.EXDEV:  # another filesystem: copy instead
+                raise
+            _copy_new(entry.path, target, entry.name)
+
+
+def _copy_new(source: str, target_dir: int, name: str) -> None:
+    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        dst = os.open(name, flags, 0o600, dir_fd=target_dir)
+        try:
+            st = os.fstat(src)
+            os.fchown(dst, st.st_uid, st.st_gid)
+            _copy_fd(src, dst, st.st_size)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _copy_fd(src: int, dst: int, size: int) -> None:
+    copied = 0
+    while copied < size:
+        n = os.copy_file_range(src, dst, size - copied)
+        if n == 0:
+            break
+        copied += n
+
+
+def take_over(source: int, images: Path, key: bytes, caller: Caller) -> None:
+    """Copy the sealed images from the caller's directory ``source`` (an open
+    fd) into ``images`` (root's), and check the copies against the seal."""
+    fd = _open_caller_file(source, sealing.SEAL_FILE, caller)
+    try:
+        text = os.read(fd, MAX_SEAL_BYTES)
+        if len(text) >= MAX_SEAL_BYTES:
+            raise sealing.ImagesRefused("the snapshot's seal is too large")
+    finally:
+        os.close(fd)
+    files = sealing.read_seal(text, key, caller.uid)
+    for name, sealed in files.items():
+        src = _open_caller_file(source, name, caller)
+        try:
+            size = os.fstat(src).st_size
+            if sealing.UNSEALED_CONTENT.fullmatch(name):
+                try:  # the same inode, where the caller cannot swap it: no copy of the memory
+                    os.link(f"/proc/self/fd/{src}", images / name, follow_symlinks=True)
+                except OSError:
+                    _copy_open(src, images / name, size)
+            else:
+                _copy_open(src, images / name, size)
+        finally:
+            os.close(src)
+        copy = os.open(images / name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sealing.check_file(name, copy, sealed)
+        finally:
+            os.close(copy)
+
+
+def _open_caller_file(directory: int, name: str, caller: Caller) -> int:
+    try:
+        fd = os.open(name, OPEN_IMAGE, dir_fd=directory)
+    except FileNotFoundError:
+        raise sealing.ImagesRefused(f"image {name} is missing") from None
+    except OSError as e:
+        raise sealing.ImagesRefused(f"image {name} cannot be opened ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != caller.uid:
+        os.close(fd)
+        raise sealing.ImagesRefused(f"image {name} is not a regular file of yours")
+    return fd
+
+
+def _copy_open(src: int, path: Path, size: int) -> None:
+    dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.lseek(src, 0, os.SEEK_SET)
+        _copy_fd(src, dst, size)
+    finally:
+        os.close(dst)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="jupyter-ckpt-helper",
+        description="The root service through which Jupyter servers that are not root snapshot their kernels.",
+    )
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, help="the unix socket to listen on (%(default)s)")
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="the key and work files (%(default)s)")
+    parser.add_argument("--key-file", default="", help="the sealing key (default: STATE_DIR/helper.key)")
+    parser.add_argument("--criu", default=None, help="the criu binary (default: on PATH)")
+    parser.add_argument("--tini", default="tini", help="the init of each kernel's pid namespace (%(default)s)")
+    parser.add_argument("--socket-group", default="", help="only members of this group may connect")
+    parser.add_argument("--requests-per-user", type=int, default=4, help="at once (%(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if os.geteuid() != 0:
+        raise SystemExit("jupyter-ckpt-helper must run as root: it runs CRIU for the users who connect")
+    settings = HelperSettings(
+        args.socket, args.state_dir, args.key_file, args.criu, args.tini, args.socket_group, args.requests_per_user
+    )
+    helper = Helper(settings, CriuEngine(args.criu))
+    health = helper.engine.health()
+    if not health.available:
+        log.warning("jupyter-ckpt-helper: CRIU cannot be used: %s", health.reason)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    helper.serve()
+
+
+if __name__ == "__main__":
+    main()
