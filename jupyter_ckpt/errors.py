@@ -68,3 +68,11 @@ class InvalidRequest(CheckpointError):
 
 class QuotaExceeded(CheckpointError):
     """The snapshot store holds as many bytes as its quota allows."""
+
+
+class ImagesRefused(SnapshotNotRestorable):
+    """The helper will not restore these images for this user (seal.py)."""
+
+
+class NotPermitted(CheckpointError):
+    """The helper refuses: what was asked is not the caller's (helper.py)."""

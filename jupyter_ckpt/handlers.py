@@ -25,6 +25,7 @@ from .records import SnapshotRecord
 # The one place where the package's errors become HTTP statuses.
 STATUS_FOR_ERROR: dict[type[errors.CheckpointError], int] = {
     errors.InvalidRequest: 400,
+    errors.NotPermitted: 403,
     errors.SnapshotNotFound: 404,
     errors.KernelNotFound: 404,
     errors.KernelNotCheckpointable: 409,

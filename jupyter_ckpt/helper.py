@@ -51,6 +51,7 @@ from . import seal as sealing
 from .criu_images import host_files
 from .engine import CriuEngine
 from .errors import CheckpointError, DumpFailed, InvalidRequest
+from .errors import NotPermitted as Refused
 from .forknet import ForkNetwork
 from .helper_client import DEFAULT_SOCKET, receive, send
 
@@ -58,10 +59,6 @@ log = logging.getLogger("jupyter_ckpt.helper")
 DEFAULT_STATE_DIR = "/var/lib/jupyter-ckpt"
 MAX_SEAL_BYTES = 1 << 20
 OPEN_IMAGE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-class Refused(CheckpointError):
-    """The caller may not do this."""
 
 
 @dataclass
@@ -518,6 +515,8 @@ def _open_caller_file(directory: int, name: str, caller: Caller) -> int:
     except FileNotFoundError:
         raise sealing.ImagesRefused(f"image {name} is missing") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise sealing.ImagesRefused(f"image {name} is a symbolic link: the helper does not follow it") from None
         raise sealing.ImagesRefused(f"image {name} cannot be opened ({e.strerror})") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != caller.uid:

@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import ImagesRefused
 
 SEAL_FILE = "helper-seal.json"
 SEAL_VERSION = 1
@@ -41,10 +41,6 @@ NOT_IMAGES = re.compile(r".*\.log|stats-(dump|restore)|" + re.escape(SEAL_FILE))
 _UID_FIELDS = ("uid", "euid", "suid", "fsuid")
 _GID_FIELDS = ("gid", "egid", "sgid", "fsgid")
 _CAPABILITY_SETS = ("cap_inh", "cap_prm", "cap_eff", "cap_amb")
-
-
-class ImagesRefused(CheckpointError):
-    """The helper will not restore these images for this caller."""
 
 
 def file_digest(fd: int) -> str:

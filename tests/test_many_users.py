@@ -195,6 +195,321 @@ def test_a_bundle_moves_a_kernel_to_another_server_of_the_same_user(user_servers
     assert value(there, "total, marker") == "(1225, 'from A')"
 
 
+class HelperCaller:
+    """Requests to the helper from a user's own process (tests/helper_calls.py)."""
+
+    def __init__(self, helper, shared_python, users):
+        self.helper, self.python, self.users = helper, shared_python, users
+
+    def __call__(self, user: str, op: str, **spec) -> dict:
+        spec = {"op": op, **spec}
+        done = as_user(user, self.python.python, "-m", "tests.helper_calls", self.helper.socket, json.dumps(spec))
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def folder(self, user: str, name: str) -> Path:
+        path = Path(self.users[user].pw_dir) / name
+        assert as_user(user, "mkdir", "-m", "700", str(path)).returncode == 0
+        return path
+
+    def sleeper(self, user: str) -> int:
+        home = self.users[user].pw_dir
+        answer = self(user, "launch", cmd=["sleep", "600"], env={"PATH": "/usr/bin:/bin"}, cwd=home, pipes=2)
+        assert answer["ok"], answer
+        return answer["pid"]
+
+    def dump(self, user: str, pid: int, name: str) -> Path:
+        images = self.folder(user, name)
+        answer = self(user, "dump", pid=pid, dirs=[str(images)])
+        assert answer["ok"], answer
+        return images
+
+
+def edit_image(path: Path, edit) -> None:
+    import pycriu
+
+    with open(path, "rb") as f:
+        image = pycriu.images.load(f)
+    edit(image["entries"])
+    with open(path, "wb") as f:
+        pycriu.images.dump(image, f)
+
+
+def refused(answer: dict, *words: str) -> None:
+    assert not answer["ok"], answer
+    for word in words:
+        assert word in answer["error"], answer["error"]
+
+
 def test_the_helper_refuses_what_is_not_the_callers(users, helper, shared_python):
-    """Bob talks to the helper directly, with crafted requests, about Ann's kernel."""
-    pass
+    """Bob talks to the helper directly, with crafted requests and images."""
+    import shutil
+
+    from jupyter_ckpt import seal
+
+    call = HelperCaller(helper, shared_python, users)
+    ann, bob = users[ANN], users[BOB]
+    ann_pid = call.sleeper(ANN)
+    assert ids_of(ann_pid) == [ann.pw_uid] * 4
+    ann_images = call.dump(ANN, ann_pid, "ann-dump")
+    assert (ann_images / seal.SEAL_FILE).stat().st_uid == ann.pw_uid
+    bob_pid = call.sleeper(BOB)
+    bob_images = call.dump(BOB, bob_pid, "bob-dump")
+    key = (helper.state / "helper.key").read_text().strip().encode()
+
+    def variant(name: str) -> Path:
+        """A copy of Bob's images that is Bob's, to edit."""
+        copy = Path(bob.pw_dir) / name
+        shutil.copytree(bob_images, copy)
+        for path in [copy, *copy.iterdir()]:
+            os.chown(path, bob.pw_uid, bob.pw_gid, follow_symlinks=False)
+        return copy
+
+    def restore(images: Path, **spec) -> dict:
+        return call(BOB, "restore", dirs=[str(images)], inherit_keys=[], **spec)
+
+    # Another user's process: not dumped.
+    refused(
+        call(BOB, "dump", pid=ann_pid, dirs=[str(call.folder(BOB, "theft"))]), "not yours alone", f"uid {ann.pw_uid}"
+    )
+    assert not any((Path(bob.pw_dir) / "theft").iterdir())
+    # Images written only into a folder of the caller's.
+    refused(call(BOB, "dump", pid=bob_pid, dirs=["/etc"]), "must be a directory of yours")
+    # Another user's images, handed to Bob: sealed for Ann.
+    stolen = Path(bob.pw_dir) / "stolen"
+    shutil.copytree(ann_images, stolen)
+    for path in [stolen, *stolen.iterdir()]:
+        os.chown(path, bob.pw_uid, bob.pw_gid)
+    refused(restore(stolen), "another user's kernel")
+
+    # Bob's own images, edited to run as root: the seal breaks.
+    def as_root(entries):
+        for core in entries:
+            core["thread_core"]["creds"].update(uid=0, euid=0, suid=0, fsuid=0)
+
+    rooted = variant("rooted")
+    core = next(rooted.glob("core-*.img"))
+    edit_image(core, as_root)
+    refused(restore(rooted), "core-", "differs from the one the helper dumped")
+    # ... and resealed with the helper's own key (which Bob cannot read): the
+    # credentials are still checked.
+    seal.seal(rooted, key, bob.pw_uid)
+    refused(restore(rooted), "does not run as you", "uid=0")
+
+    # Another user's file, opened by the restored process: refused.
+    def open_ann_file(entries):
+        for entry in entries:
+            if entry.get("type") == "REG" and entry["reg"]["name"].startswith("/usr/bin/sleep"):
+                entry["reg"]["name"] = f"{ann.pw_dir}/secret"
+
+    (Path(ann.pw_dir) / "secret").write_text("ann's")
+    os.chown(Path(ann.pw_dir) / "secret", ann.pw_uid, ann.pw_gid)
+    os.chmod(Path(ann.pw_dir) / "secret", 0o600)
+    snooping = variant("snooping")
+    edit_image(snooping / "files.img", open_ann_file)
+    seal.seal(snooping, key, bob.pw_uid)
+    refused(restore(snooping), "secret", "you may not open")
+    # A memory image swapped for a link to root's file: not followed.
+    linked = variant("linked")
+    pages = next(linked.glob("pages-*.img"))
+    pages.unlink()
+    pages.symlink_to("/etc/shadow")
+    os.chown(pages, bob.pw_uid, bob.pw_gid, follow_symlinks=False)
+    refused(restore(linked), "pages-", "symbolic link")
+    # Fork namespaces are their maker's.
+    made = call(ANN, "network_create", outbound="host")
+    assert made["ok"], made
+    refused(call(BOB, "network_close", name=made["name"]), "not a fork namespace the helper made for you")
+    refused(restore(variant("into-ann-net"), netns=made["name"]), "not a fork namespace the helper made for you")
+    assert call(ANN, "network_close", name=made["name"])["ok"]
+    # Root's ports are not handed out by moving a listener.
+    refused(restore(variant("port"), listener_moves={"5555": ["127.0.0.1", 80]}), "port 80")
+    refused(call(BOB, "format_disk"), "does not know")
+    # Nothing of the above ran anything: Ann's and Bob's sleepers are the only processes.
+    for user in (ANN, BOB):
+        assert as_user(user, "pgrep", "-c", "-u", user).stdout.strip() == "2"  # tini and sleep
+
+    # What is one's own works: Ann's images restore, as Ann.
+    os.kill(ann_pid, 9)
+    restored = call(ANN, "restore", dirs=[str(ann_images)], inherit_keys=[])
+    assert restored["ok"], restored
+    assert ids_of(restored["pid"]) == [ann.pw_uid] * 4
+    os.kill(restored["pid"], 9)
+    os.kill(bob_pid, 9)
+
+
+# -- JupyterHub ----------------------------------------------------------------------
+
+HUB_PASSWORD = "a password for the test users"
+
+
+class Hub:
+    """A real JupyterHub (root, local process spawner, configurable-http-proxy)
+    whose users log in with a password (JupyterHub's shared-password authenticator) and
+    whose single-user servers run jupyter_ckpt through the helper."""
+
+    def __init__(self, tmp_path, helper, shared_python, users):
+        import subprocess
+        import sys
+
+        from .servers import free_port
+
+        self.port, self.api_port, self.hub_port = free_port(), free_port(), free_port()
+        proxy = Path(__file__).parent / "hub" / "node_modules" / ".bin" / "configurable-http-proxy"
+        assert proxy.exists(), "run 'make test' (it installs configurable-http-proxy)"
+        config = tmp_path / "jupyterhub_config.py"
+        single_user_args = [
+            f"--CheckpointApp.helper_socket={helper.socket}",
+            "--CheckpointApp.auto_backup=False",
+            "--ServerApp.jpserver_extensions=jupyter_ckpt=True",
+        ]
+        config.write_text(
+            "\n".join(
+                [
+                    f"c.JupyterHub.bind_url = 'http://127.0.0.1:{self.port}'",
+                    f"c.JupyterHub.hub_port = {self.hub_port}",
+                    f"c.ConfigurableHTTPProxy.api_url = 'http://127.0.0.1:{self.api_port}'",
+                    f"c.ConfigurableHTTPProxy.command = [{str(proxy)!r}]",
+                    f"c.JupyterHub.db_url = 'sqlite:///{tmp_path}/jupyterhub.sqlite'",
+                    f"c.JupyterHub.cookie_secret_file = '{tmp_path}/cookie_secret'",
+                    f"c.JupyterHub.pid_file = '{tmp_path}/jupyterhub.pid'",
+                    "c.JupyterHub.authenticator_class = 'shared-password'",
+                    f"c.SharedPasswordAuthenticator.user_password = {HUB_PASSWORD!r}",
+                    f"c.Authenticator.allowed_users = {set(users)!r}",
+                    "c.JupyterHub.spawner_class = 'localprocess'",
+                    f"c.Spawner.cmd = [{shared_python.python!r}, '-m', 'jupyterhub.singleuser']",
+                    f"c.Spawner.args = {single_user_args!r}",
+                    "c.Spawner.start_timeout = 120",
+                ]
+            )
+        )
+        self.log_path = tmp_path / "jupyterhub.log"
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(config)],
+            cwd=tmp_path,
+            stdout=open(self.log_path, "wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if self.call("GET", "/hub/api/")[0] == 200:  # the proxy answers 404 until the hub's route is in
+                    break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"JupyterHub did not start: {self.log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def call(self, method: str, path: str, body=None, token: str | None = None, timeout: float = 120):
+        """(status, JSON body) of a request through the hub's proxy."""
+        import urllib.error
+        import urllib.request
+
+        headers = {"Authorization": f"token {token}"} if token else {}
+        data = json.dumps(body).encode() if body is not None else (b"" if method in ("POST", "PUT") else None)
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def log_in(self, name: str) -> str:
+        """A token for ``name``, got from the hub with the user's password."""
+        status, body = self.call(
+            "POST", f"/hub/api/users/{name}/tokens", {"auth": {"username": name, "password": HUB_PASSWORD}}
+        )
+        assert status == 201, body
+        return body["token"]
+
+    def start_server(self, name: str, token: str) -> str:
+        """Start the user's single-user server; its URL prefix."""
+        status, body = self.call("POST", f"/hub/api/users/{name}/server", token=token)
+        assert status in (201, 202), body
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status, user = self.call("GET", f"/hub/api/users/{name}", token=token)
+            server = (user.get("servers") or {}).get("", {})
+            if server.get("ready"):
+                return f"/user/{name}"
+            time.sleep(0.3)
+        raise RuntimeError(f"{name}'s server did not start: {self.log_path.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+
+
+@pytest.fixture
+def hub(tmp_path, helper, shared_python, users):
+    running = Hub(tmp_path, helper, shared_python, users)
+    yield running
+    running.close()
+
+
+def test_jupyterhub_users_snapshot_their_own_kernels_and_nobody_elses(hub, users):
+    from jupyter_client import BlockingKernelClient
+
+    tokens = {name: hub.log_in(name) for name in (ANN, BOB)}
+    prefix = {name: hub.start_server(name, tokens[name]) for name in (ANN, BOB)}
+    clients, snaps = {}, {}
+    for name in (ANN, BOB):
+        status, kernel = hub.call("POST", f"{prefix[name]}/api/kernels", {"name": "python3"}, token=tokens[name])
+        assert status == 201, kernel
+        connection_file = f"{users[name].pw_dir}/.local/share/jupyter/runtime/kernel-{kernel['id']}.json"
+        client = BlockingKernelClient()
+        client.load_connection_file(connection_file)
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+        assert value(client, f"who = {name!r}; import os; os.getuid()") == str(users[name].pw_uid)
+        status, snap = hub.call(
+            "POST", f"{prefix[name]}/api/ckpt/kernels/{kernel['id']}/snapshots", {"label": name}, token=tokens[name]
+        )
+        assert status == 202, snap
+        deadline = time.monotonic() + 120
+        while snap["status"] not in ("complete", "failed") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status, snap = hub.call("GET", f"{prefix[name]}/api/ckpt/snapshots/{snap['id']}", token=tokens[name])
+        assert snap["status"] == "complete", snap
+        client.execute_interactive("who = 'changed'", timeout=60)
+        clients[name], snaps[name] = (connection_file, kernel["id"]), snap
+
+    for name in (ANN, BOB):
+        status, outcome = hub.call(
+            "POST",
+            f"{prefix[name]}/api/ckpt/snapshots/{snaps[name]['id']}/restore",
+            {"mode": "replace"},
+            token=tokens[name],
+        )
+        assert status == 200, outcome
+        client = BlockingKernelClient()
+        client.load_connection_file(clients[name][0])
+        client.start_channels()
+        assert value(client, "who, os.getuid()") == f"({name!r}, {users[name].pw_uid})"
+
+    # Ann's snapshot is not visible to Bob, on his server or through hers.
+    ann_snap, ann_kernel = snaps[ANN]["id"], clients[ANN][1]
+    status, listed = hub.call("GET", f"{prefix[BOB]}/api/ckpt/snapshots", token=tokens[BOB])
+    assert status == 200 and [s["label"] for s in listed] == [BOB]
+    assert hub.call("GET", f"{prefix[BOB]}/api/ckpt/snapshots/{ann_snap}", token=tokens[BOB])[0] == 404
+    for method, path, body in (
+        ("GET", "/api/ckpt/snapshots", None),
+        ("GET", f"/api/ckpt/snapshots/{ann_snap}", None),
+        ("GET", f"/api/ckpt/snapshots/{ann_snap}/bundle", None),
+        ("POST", f"/api/ckpt/kernels/{ann_kernel}/snapshots", {}),
+        ("POST", f"/api/ckpt/snapshots/{ann_snap}/restore", {"mode": "new"}),
+        ("DELETE", f"/api/ckpt/snapshots/{ann_snap}", None),
+    ):
+        status, body = hub.call(method, f"{prefix[ANN]}{path}", body, token=tokens[BOB])
+        assert status == 403, (method, path, status, body)
+    status, listed = hub.call("GET", f"{prefix[ANN]}/api/ckpt/snapshots", token=tokens[ANN])
+    assert [s["label"] for s in listed] == [ANN]  # nothing of Ann's was deleted or added
