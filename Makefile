@@ -19,7 +19,7 @@ LABEXT_SOURCES := labextension/package.json labextension/yarn.lock labextension/
 # Runs a command with its output kept in a log, shown only if it fails.
 quietly = log=$(STAMPS)/last-build.log; mkdir -p $(STAMPS); ( $(1) ) >$$log 2>&1 || { cat $$log; echo "failed: $(1)" >&2; exit 1; }
 
-.PHONY: all setup system criu labextension test test-quick lint lab bench soak clean FORCE
+.PHONY: all setup system criu labextension test test-quick lint lab helper bench soak clean FORCE
 
 all: setup
 
@@ -55,6 +55,16 @@ $(STAMPS)/labextension: $(LABEXT_SOURCES) $(STAMPS)/venv
 	@$(VENV)/bin/jupyter labextension list 2>&1 | grep -q 'jupyter-ckpt.*enabled' && echo "labextension ready"
 	@mkdir -p $(STAMPS) && touch $@
 
+# The proxy JupyterHub needs (configurable-http-proxy, npm), for the JupyterHub test.
+$(STAMPS)/hub-proxy: tests/hub/package.json tests/hub/package-lock.json $(STAMPS)/venv
+	@$(call quietly,cd tests/hub && npm ci --no-audit --no-fund)
+	@mkdir -p $(STAMPS) && touch $@
+
+# The privileged helper for servers that are not root (README: Deploying for
+# many users), in the foreground, on its default socket.
+helper: setup
+	$(VENV)/bin/jupyter-ckpt-helper
+
 # Python (ruff) and TypeScript (eslint, prettier) style checks.
 lint: $(STAMPS)/venv $(STAMPS)/labextension
 	$(VENV)/bin/ruff check .
@@ -63,7 +73,7 @@ lint: $(STAMPS)/venv $(STAMPS)/labextension
 
 # The whole suite. scripts/check-skips.py fails the run when a test that CI
 # can run was skipped.
-test: setup lint
+test: setup lint $(STAMPS)/hub-proxy
 	cd labextension && jlpm test --silent
 	$(PY) -m pytest -p no:cacheprovider -q -rs --junitxml=test-artifacts/junit.xml
 	$(PY) scripts/check-skips.py test-artifacts/junit.xml

@@ -199,6 +199,10 @@ class BundleUploadHandler(CheckpointHandler):
         )
         if not allowed:
             raise web.HTTPError(403, "not authorized to upload snapshots")
+        try:
+            await self.manager.require_room()
+        except errors.QuotaExceeded as e:
+            raise web.HTTPError(507, str(e)) from None
         self._scratch = self.manager.scratch_dir("upload-")
         self._dir = self._scratch.__enter__()
         self._upload = open(self._dir / "bundle.jckpt", "wb")

@@ -232,9 +232,13 @@ class CheckpointManager:
             raise SnapshotNotRestorable(f"snapshot {snapshot_id} is {record.status}")
         return await asyncio.to_thread(bundle.export_bundle, self.store, snapshot_id, out)
 
+    async def require_room(self) -> None:
+        """QuotaExceeded if the store holds its quota already."""
+        await asyncio.to_thread(self.store.require_room)
+
     async def import_bundle(self, src: BinaryIO, trust: bool = False) -> SnapshotRecord:
         running = set(self.kernels.ids())
-        await asyncio.to_thread(self.store.require_room)
+        await self.require_room()
         return await asyncio.to_thread(bundle.import_bundle, self.store, src, trust, self.max_import_bytes, running)
 
     @contextmanager
