@@ -146,6 +146,7 @@ class Helper:
             try:
                 if handler is None:
                     raise InvalidRequest(f"the helper does not know the request {op!r}")
+                require_same_namespaces(caller)
                 with self._slot(caller):
                     answer = {"ok": True, **handler(caller, message, fds)}
             except CheckpointError as e:
@@ -432,6 +433,25 @@ def check_files(images: Path, caller: Caller) -> None:
     os.waitpid(child, 0)
     if refused:
         raise sealing.ImagesRefused(f"the snapshot opens {refused}, which you may not open")
+
+
+SHARED_NAMESPACES = ("pid", "mnt", "net")
+
+
+def require_same_namespaces(caller: Caller) -> None:
+    """The helper serves servers that see the machine as it does: the same
+    processes (pids are named across the socket), files (kernels are started
+    and restored on its mounts) and network (kernels listen for the server)."""
+    for ns in SHARED_NAMESPACES:
+        try:
+            theirs, ours = os.stat(f"/proc/{caller.pid}/ns/{ns}").st_ino, os.stat(f"/proc/self/ns/{ns}").st_ino
+        except OSError:
+            raise Refused("the helper cannot see your process (is it in another pid namespace?)") from None
+        if theirs != ours:
+            raise Refused(
+                f"your server runs in another {ns} namespace than the helper (a container?): run the helper in the "
+                "same container or host as the Jupyter servers it serves (README: Deploying for many users)"
+            )
 
 
 def _require_own_directory(fd: int, caller: Caller) -> None:

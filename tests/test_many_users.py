@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -325,6 +326,17 @@ def test_the_helper_refuses_what_is_not_the_callers(users, helper, shared_python
     # Root's ports are not handed out by moving a listener.
     refused(restore(variant("port"), listener_moves={"5555": ["127.0.0.1", 80]}), "port 80")
     refused(call(BOB, "format_disk"), "does not know")
+    # A server in other namespaces (a container) is told to run the helper beside it.
+    contained = subprocess.run(
+        ["unshare", "--mount", "--", "setpriv", f"--reuid={bob.pw_uid}", f"--regid={bob.pw_gid}", "--clear-groups"]
+        + [shared_python.python, "-m", "tests.helper_calls", helper.socket, json.dumps({"op": "hello"})],
+        capture_output=True,
+        text=True,
+        cwd=bob.pw_dir,
+        env={"PATH": "/usr/bin:/bin", "HOME": bob.pw_dir},
+        timeout=60,
+    )
+    refused(json.loads(contained.stdout), "another mnt namespace", "same container or host")
     # Nothing of the above ran anything: Ann's and Bob's sleepers are the only processes.
     for user in (ANN, BOB):
         assert as_user(user, "pgrep", "-c", "-u", user).stdout.strip() == "2"  # tini and sleep
