@@ -216,6 +216,7 @@ class Helper:
             "cwd": cwd,
             "private_shm": bool(message.get("private_shm", True)),
             "tini": tini,
+            "cgroup": cgroup_of(caller.pid),
             "stdout": fds[0],
             "stderr": fds[1],
             "report": report_w,
@@ -435,6 +436,21 @@ def check_files(images: Path, caller: Caller) -> None:
         raise sealing.ImagesRefused(f"the snapshot opens {refused}, which you may not open")
 
 
+def cgroup_of(pid: int) -> str:
+    """A process's cgroup v2 path ('' where there is none to join: cgroup v1,
+    or the root cgroup)."""
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return ""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::/") and ".." not in line:
+                    return line[3:].strip().rstrip("/")
+    except OSError:
+        pass
+    return ""
+
+
 SHARED_NAMESPACES = ("pid", "mnt", "net")
 
 
@@ -515,7 +531,7 @@ def take_over(source: int, images: Path, key: bytes, caller: Caller) -> None:
             size = os.fstat(src).st_size
             if sealing.UNSEALED_CONTENT.fullmatch(name):
                 try:  # the same inode, where the caller cannot swap it: no copy of the memory
-                    os.link(f"/proc/self/fd/{src}", images / name, follow_symlinks=True)
+                    link_open_file(src, images, name)
                 except OSError:
                     _copy_open(src, images / name, size)
             else:
@@ -527,6 +543,17 @@ def take_over(source: int, images: Path, key: bytes, caller: Caller) -> None:
             sealing.check_file(name, copy, sealed)
         finally:
             os.close(copy)
+
+
+def link_open_file(fd: int, directory: Path, name: str) -> None:
+    """A new name in ``directory`` for the open file ``fd`` (same filesystem).
+    linkat() with AT_SYMLINK_FOLLOW through /proc/self/fd; os.link() uses
+    link(), which would link the /proc entry itself, unless a dir fd is given."""
+    dir_fd = os.open(directory, os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+    finally:
+        os.close(dir_fd)
 
 
 def _open_caller_file(directory: int, name: str, caller: Caller) -> int:

@@ -4,7 +4,7 @@ root (a pid namespace under tini, a mount namespace with its own /proc and
 
 Run by the helper as root: ``python -m jupyter_ckpt.launcher``, the request on
 stdin as JSON: ``uid``, ``gid``, ``groups``, ``cmd``, ``env``, ``cwd``,
-``private_shm``, ``tini``, and the fds ``stdout``, ``stderr``, ``report``
+``private_shm``, ``tini``, ``cgroup`` (the caller's, joined first), and the fds ``stdout``, ``stderr``, ``report``
 (where the host pid of the namespace's init is written). It stays as the
 namespace's parent and exits with the init's status, as ``unshare --fork`` does.
 
@@ -57,8 +57,21 @@ def become_init(spec: dict) -> None:
     os.execve(tini, [tini, "-g", "--", *spec["cmd"]], spec["env"])
 
 
+def join_cgroup(path: str) -> None:
+    """Into the caller's cgroup (v2), so the kernel counts against the user's
+    limits (a systemd user slice, a spawner's unit) and not the helper's."""
+    if not path:
+        return
+    try:
+        with open(f"/sys/fs/cgroup{path}/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as e:
+        os.write(2, f"jupyter-ckpt launcher: the kernel stays in the helper's cgroup ({e})\n".encode())
+
+
 def main() -> None:
     spec = json.loads(sys.stdin.read())
+    join_cgroup(spec.get("cgroup", ""))
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID), "unshare")
     # Mounts made in the kernel's namespace stay there.
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
