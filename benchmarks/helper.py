@@ -150,6 +150,7 @@ def main() -> None:
         if done.returncode != 0:
             raise SystemExit(f"the user's side failed: {done.stderr[-3000:]}\n{helper.log()[-2000:]}")
         user = json.loads(done.stdout.strip().splitlines()[-1])
+        print("".join(line + "\n" for line in helper.log().splitlines() if "images checked" in line), end="")
     finally:
         remove_user(USER)
         helper.close()

@@ -25,6 +25,7 @@ from jupyter_core.paths import jupyter_data_dir
 
 from .engine import CriuEngine
 from .errors import CheckpointError, SnapshotNotFound
+from .helper_client import DEFAULT_SOCKET, HelperEngine
 from .manager import CheckpointManager
 from .private_files import private_opener
 from .records import SnapshotRecord
@@ -197,7 +198,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    health = CriuEngine(args.criu or None).health()
+    if os.geteuid() == 0:
+        health = CriuEngine(args.criu or None).health()
+    else:
+        health = HelperEngine(socket_path=args.helper_socket).health()
     if args.json:
         print(json.dumps(asdict(health)))
     else:
@@ -299,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--trust", action="store_true", help="accept a bundle signed with another store's key")
     p.set_defaults(func=cmd_import)
-    p = add_parser("check", help="is CRIU usable here?")
+    p = add_parser("check", help="is CRIU usable here (for a user other than root: through the helper)?")
     p.add_argument("--criu", default=None, help="the criu binary")
+    p.add_argument("--helper-socket", default=DEFAULT_SOCKET, help="the helper's socket (users other than root)")
     p.set_defaults(func=cmd_check)
     p = add_parser("restore", help="restore a snapshot through a running server")
     p.add_argument("id")

@@ -284,12 +284,14 @@ class Helper:
             with self.lock:
                 if network is None or self.networks.get(network.name) != caller.uid:
                     raise Refused(f"{netns} is not a fork namespace the helper made for you")
+        started = time.monotonic()
         with self._work_dir() as work:
             images = work / "images"
             images.mkdir(mode=0o700)
             take_over(source, images, self.key, caller)
             sealing.check_credentials(images, caller.uid, caller.groups)
             check_files(images, caller)
+            checked = time.monotonic() - started
             result = self.engine.restore(
                 images,
                 work_dir=work,
@@ -299,7 +301,13 @@ class Helper:
             )
         # The restored tree is this process's child (CRIU's rst_sibling): reap it.
         threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
-        return {"pid": result.pid, "seconds": result.seconds}
+        log.info(
+            "jupyter-ckpt-helper: uid %d: images checked in %.3f s, restored in %.3f s",
+            caller.uid,
+            checked,
+            result.seconds,
+        )
+        return {"pid": result.pid, "seconds": result.seconds, "check_seconds": checked}
 
     def op_network_create(self, caller: Caller, message: dict, fds: list[int]) -> dict:
         outbound = message.get("outbound", "nat")

@@ -149,6 +149,16 @@ def test_an_ordinary_users_server_snapshots_restores_and_forks_its_kernels(user_
     listed = as_user(ANN, user_servers.python.python, "-m", "jupyter_ckpt.cli", "--store", str(store), "list")
     assert listed.returncode == 0, listed.stderr
     assert "mid-loop" in listed.stdout and "from the magic" in listed.stdout
+    check = as_user(
+        ANN,
+        user_servers.python.python,
+        "-m",
+        "jupyter_ckpt.cli",
+        "check",
+        "--helper-socket",
+        user_servers.helper.socket,
+    )
+    assert check.returncode == 0 and "OK" in check.stdout, check.stdout + check.stderr
     # Nothing of the user's is root's: the store is theirs alone.
     for path in [store, *store.rglob("*")]:
         assert path.lstat().st_uid == ann.pw_uid, path
