@@ -77,6 +77,7 @@ class Server:
         user: str | None = None,
         python: str = sys.executable,
         log_dir=None,
+        env: dict[str, str] | None = None,
     ):
         """With ``user``, the server runs as that system user, with ``python``
         (an interpreter that user can run), and ``tmp_path`` must be theirs."""
@@ -91,7 +92,8 @@ class Server:
         prefix = ["ip", "netns", "exec", netns] if netns else []
         self.log_path = (log_dir or tmp_path) / f"server-{self.port}-{time.monotonic_ns()}.log"  # read it on failure
         log = open(self.log_path, "wb")
-        env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime), HOME=str(tmp_path))
+        extra_env = env or {}
+        env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(self.runtime), HOME=str(tmp_path), **extra_env)
         as_user: dict = {}
         if user is not None:
             as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [], "cwd": str(tmp_path)}
@@ -100,6 +102,7 @@ class Server:
                 "HOME": entry.pw_dir,
                 "USER": user,
                 "JUPYTER_RUNTIME_DIR": str(self.runtime),
+                **extra_env,
             }
         self.proc = subprocess.Popen(
             [

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from .servers import Server, take, value
+from .test_ui import page  # noqa: F401 (the browser fixture)
 from .users import USER_PREFIX, RunningHelper, SharedPython, as_user, create_user, remove_user
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -54,7 +55,7 @@ class UserServers:
         self.users, self.helper, self.python, self.tmp_path = users, helper, shared_python, tmp_path
         self.servers: list[Server] = []
 
-    def start(self, user: str, *extra: str, name: str = "server") -> Server:
+    def start(self, user: str, *extra: str, name: str = "server", app: str = "jupyter_server") -> Server:
         home = Path(self.users[user].pw_dir) / f"{name}-{len(self.servers)}"
         home.mkdir()
         server = Server(
@@ -62,9 +63,12 @@ class UserServers:
             f"--CheckpointApp.helper_socket={self.helper.socket}",
             *([] if any("auto_backup=" in e for e in extra) else ["--CheckpointApp.auto_backup=False"]),
             *extra,
+            *(self.python.lab_args if app == "jupyterlab" else []),
             user=user,
             python=self.python.python,
             log_dir=self.tmp_path,
+            app=app,
+            env=self.python.env,
         )
         server.base = home
         self.servers.append(server)
@@ -204,6 +208,32 @@ def test_a_bundle_moves_a_kernel_to_another_server_of_the_same_user(user_servers
     moved = b.call("POST", f"/api/ckpt/snapshots/{json.loads(body)['id']}/restore", {"mode": "new"}, timeout=120)
     there = b.client(moved["kernel_id"])
     assert value(there, "total, marker") == "(1225, 'from A')"
+
+
+@pytest.mark.browser
+def test_the_toolbar_and_the_panel_on_an_ordinary_users_jupyterlab(user_servers, users, page):  # noqa: F811
+    from .test_ui import EMPTY_NOTEBOOK, click_snapshot, last_output, open_notebook, run_cell
+
+    ann = users[ANN]
+    server = user_servers.start(ANN, app="jupyterlab")
+    notebook = server.base / "root" / "story.ipynb"
+    notebook.write_text(json.dumps(EMPTY_NOTEBOOK))
+    os.chown(notebook, ann.pw_uid, ann.pw_gid)
+    open_notebook(page, server.port, "lab/tree/story.ipynb")
+    run_cell(page, "import os; x = 'before'; print('x is', x, 'as', os.getuid())")
+    last_output(page, f"x is before as {ann.pw_uid}")
+    assert "kernel frozen" in click_snapshot(page).inner_text()
+
+    page.locator(".lm-TabBar-tab[data-id='jupyter-ckpt-panel']").click()
+    row = page.locator(".jp-ckpt-row.jp-ckpt-status-complete").first
+    row.wait_for()
+    run_cell(page, "x = 'after'; print('x is', x)")
+    last_output(page, "x is after")
+    row.locator(".jp-ToolbarButtonComponent[aria-label='Restore']").click()
+    page.locator(".jp-Dialog button.jp-mod-warn").click()
+    page.locator(".jp-toast-message", has_text="Kernel restored").wait_for()
+    run_cell(page, "print('x is now', x)")
+    last_output(page, "x is now before")
 
 
 class HelperCaller:

@@ -74,10 +74,8 @@ class SharedPython:
         self.root = Path(tempfile.mkdtemp(prefix="ckpt-users-python-"))
         os.chmod(self.root, 0o755)
         self.mounts: list[Path] = []
-        paths = [
-            self._reachable(Path(jupyter_ckpt.__file__).parents[1]),
-            self._reachable(Path(sysconfig.get_paths()["purelib"])),
-        ]
+        checkout = self._reachable(Path(jupyter_ckpt.__file__).parents[1])
+        paths = [checkout, self._reachable(Path(sysconfig.get_paths()["purelib"]))]
         venv = self.root / "venv"
         subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True)
         site = Path(
@@ -87,6 +85,13 @@ class SharedPython:
         )
         (site / "jupyter-ckpt-tests.pth").write_text("".join(f"{p}\n" for p in paths))
         self.python = str(venv / "bin" / "python")
+        # JupyterLab's assets are in this environment's data folder, and the
+        # extension is linked into it from this checkout.
+        shared_data = self._reachable(Path(sys.prefix) / "share" / "jupyter")
+        (self.root / "data" / "labextensions").mkdir(parents=True)
+        (self.root / "data" / "labextensions" / "jupyter-ckpt").symlink_to(checkout / "jupyter_ckpt" / "labextension")
+        self.env = {"JUPYTER_PATH": f"{self.root / 'data'}:{shared_data}"}
+        self.lab_args = [f"--LabApp.app_dir={shared_data / 'lab'}"]
 
     @staticmethod
     def _version() -> tuple[int, int]:
