@@ -191,6 +191,17 @@ _PT_NOTE = 4
 _NT_GNU_BUILD_ID = 3
 
 
+def own_mounts(images_dir: Path) -> dict[int, dict]:
+    """The mounts the tree made itself (its /dev/shm tmpfs, its /proc), by
+    mount id: not the host's, bound in as external, nor the root."""
+    return {
+        m["mnt_id"]: m
+        for mounts in images_dir.glob("mountpoints-*.img")
+        for m in load_entries(images_dir, mounts.name)
+        if not m.get("ext_key") and m.get("mountpoint") != "/"
+    }
+
+
 def host_files(images_dir: Path) -> list[tuple[str, dict, str]]:
     """The files the restored tree opens from this machine: (path, CRIU's
     entry, its role: program, working directory, library or file). Left out:
@@ -202,13 +213,9 @@ def host_files(images_dir: Path) -> list[tuple[str, dict, str]]:
     # Deleted files that CRIU carries in the images itself need nothing here.
     remaps = load("remap-fpath.img")
     carried = {e.get("orig_id") for e in remaps}
-    # So do files of the tree's own tmpfs (its /dev/shm), saved with its mount namespace.
-    carried_mounts = {
-        m.get("mnt_id")
-        for mounts in images_dir.glob("mountpoints-*.img")
-        for m in load(mounts.name)
-        if not m.get("ext_key") and m.get("fstype") in _TMPFS
-    }
+    # So do files of the tree's own mounts (its /dev/shm, saved with its mount
+    # namespace, and its /proc).
+    carried_mounts = set(own_mounts(images_dir))
     roles: dict[int, str] = {}
     for mm_file in images_dir.glob("mm-*.img"):
         for mm in load(mm_file.name):

@@ -148,8 +148,12 @@ class CriuEngine:
         criu_path: str | None = None,
         log_level: int = 4,
         resizable_files: tuple[str, ...] = DEFAULT_RESIZABLE_FILES,
+        restore_no_symlinks: bool = False,
     ):
         self.criu_path = criu_path or _find_criu()
+        # For images of a less privileged user (helper.py): CRIU opens restored
+        # files without following symlinks (patches/criu/0002).
+        self.restore_no_symlinks = restore_no_symlinks
         self.log_level = log_level
         self.resizable_files = tuple(resizable_files)
         self._health: CriuHealth | None = None
@@ -192,6 +196,14 @@ class CriuEngine:
         if chk.returncode != 0:
             detail = (chk.stderr or chk.stdout).strip().splitlines()[-1:] or ["no output"]
             return CriuHealth(False, version, path, f"'criu check' fails: {detail[0]}")
+        if (
+            self.restore_no_symlinks
+            and "--restore-no-symlinks"
+            not in subprocess.run([path, "--help"], capture_output=True, text=True, timeout=10).stdout
+        ):
+            return CriuHealth(
+                False, version, path, f"{path} lacks our --restore-no-symlinks patch (scripts/install-criu.sh adds it)"
+            )
         uffd = subprocess.run([path, "check", "--feature", "uffd-noncoop"], capture_output=True, timeout=60)
         return CriuHealth(True, version, path, lazy_pages=uffd.returncode == 0)
 
@@ -332,6 +344,8 @@ class CriuEngine:
             # outside it were turned into closed sockets (criu_images).
             c.opts.tcp_established = True
             c.opts.network_lock = pycriu.rpc.NFTABLES
+            if self.restore_no_symlinks:
+                c.opts.restore_no_symlinks = True
             close_outside_connections(images_dir)
             if listener_moves:
                 move_listeners(images_dir, listener_moves)

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import pwd
+import resource
 import secrets
 import shutil
 import signal
@@ -54,10 +55,12 @@ from .errors import CheckpointError, DumpFailed, InvalidRequest
 from .errors import NotPermitted as Refused
 from .forknet import ForkNetwork
 from .helper_client import DEFAULT_SOCKET, receive, send
+from .path_checks import unsafe_paths
 
 log = logging.getLogger("jupyter_ckpt.helper")
 DEFAULT_STATE_DIR = "/var/lib/jupyter-ckpt"
 MAX_SEAL_BYTES = 1 << 20
+REQUEST_TIMEOUT = 30.0  # seconds for a connection to send its request
 OPEN_IMAGE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -88,6 +91,8 @@ class HelperSettings:
     tini_path: str = "tini"
     socket_group: str = ""  # only this group may connect (default: every local user)
     requests_per_user: int = 4  # at once
+    connections_per_user: int = 16  # open at once (requests waiting for a slot included)
+    forks_per_user: int = 32  # fork network namespaces
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Helper:
     key: bytes = b""
     networks: dict[str, int] = field(default_factory=dict)  # fork namespace -> the uid it was made for
     busy: dict[int, int] = field(default_factory=dict)  # uid -> requests running
+    connections: dict[int, int] = field(default_factory=dict)  # uid -> connections open
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -113,6 +119,8 @@ class Helper:
             raise SystemExit(f"jupyter-ckpt-helper: {key_path} must be readable by root only (chmod 600)")
         self.key = key_path.read_text().strip().encode()
         self.work = state / "work"
+        self.state = state
+        self._load_networks()
         for leftover in self.work.iterdir():  # a helper that stopped mid-request
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -132,14 +140,34 @@ class Helper:
         server.listen(64)
         log.info("jupyter-ckpt-helper: listening on %s (CRIU %s)", path, self.engine.health().version)
         while True:
-            conn, _ = server.accept()
-            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+            try:
+                conn, _ = server.accept()
+            except OSError as e:  # out of file descriptors, say: go on serving
+                log.warning("jupyter-ckpt-helper: cannot accept a connection: %s", e)
+                time.sleep(0.1)
+                continue
+            try:
+                caller = Caller.of(conn)
+            except OSError:
+                conn.close()
+                continue
+            with self.lock:
+                open_now = self.connections.get(caller.uid, 0)
+                if open_now < self.settings.connections_per_user:
+                    self.connections[caller.uid] = open_now + 1
+            if open_now >= self.settings.connections_per_user:
+                log.warning("jupyter-ckpt-helper: uid %d has %d connections open: refused", caller.uid, open_now)
+                conn.close()
+                continue
+            threading.Thread(target=self.handle, args=(conn, caller), daemon=True).start()
 
-    def handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket, caller: Caller) -> None:
         fds: list[int] = []
         try:
-            caller = Caller.of(conn)
+            # A request arrives at once; a connection that sends none must not hold a thread.
+            conn.settimeout(REQUEST_TIMEOUT)
             message, fds = receive(conn)
+            conn.settimeout(None)
             op = str(message.get("op"))
             handler: Callable[..., dict] | None = getattr(self, f"op_{op}", None)
             started = time.monotonic()
@@ -163,15 +191,13 @@ class Helper:
                 time.monotonic() - started,
             )
             send(conn, answer)
-        except (OSError, ConnectionError) as e:
-            log.info("jupyter-ckpt-helper: a connection ended: %s", e)
+        except Exception as e:  # the caller's problem (a timeout, garbage, a hang-up), not the helper's
+            log.info("jupyter-ckpt-helper: uid %d: a connection ended: %s", caller.uid, e)
         finally:
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_all(fds)
             conn.close()
+            with self.lock:
+                self.connections[caller.uid] -= 1
 
     def _slot(self, caller: Caller) -> Any:
         helper = self
@@ -290,6 +316,12 @@ class Helper:
             images.mkdir(mode=0o700)
             take_over(source, images, self.key, caller)
             sealing.check_credentials(images, caller.uid, caller.groups)
+            unsafe = unsafe_paths(images, caller.uid)
+            if unsafe:
+                raise sealing.ImagesRefused(
+                    f"the snapshot holds what cannot be restored for you safely: {'; '.join(unsafe[:5])}"
+                    + (f"; and {len(unsafe) - 5} more" if len(unsafe) > 5 else "")
+                )
             check_files(images, caller)
             checked = time.monotonic() - started
             result = self.engine.restore(
@@ -313,9 +345,16 @@ class Helper:
         outbound = message.get("outbound", "nat")
         if outbound not in ("nat", "host"):
             raise InvalidRequest("outbound must be 'nat' or 'host'")
+        with self.lock:
+            if sum(uid == caller.uid for uid in self.networks.values()) >= self.settings.forks_per_user:
+                raise Refused(
+                    f"you have {self.settings.forks_per_user} forked kernels' namespaces already: "
+                    "shut some forks down first"
+                )
         network = ForkNetwork.create(outbound)
         with self.lock:
             self.networks[network.name] = caller.uid
+            self._save_networks()
         return {"index": network.index, "name": network.name}
 
     def op_network_close(self, caller: Caller, message: dict, fds: list[int]) -> dict:
@@ -324,8 +363,25 @@ class Helper:
             if self.networks.get(name) != caller.uid:
                 raise Refused(f"{name} is not a fork namespace the helper made for you")
             del self.networks[name]
+            self._save_networks()
         ForkNetwork.remove(name)
         return {}
+
+    def _save_networks(self) -> None:
+        """Who each fork namespace belongs to, kept across restarts of the helper."""
+        tmp = self.state / "networks.json.tmp"
+        tmp.write_text(json.dumps(self.networks))
+        os.replace(tmp, self.state / "networks.json")
+
+    def _load_networks(self) -> None:
+        try:
+            saved = json.loads((self.state / "networks.json").read_text())
+        except (OSError, ValueError):
+            return
+        for name, uid in saved.items():
+            network = ForkNetwork.from_name(name)
+            if network is not None and network.path.exists() and isinstance(uid, int):
+                self.networks[network.name] = uid
 
     # -- parts ----------------------------------------------------------------------
 
@@ -370,11 +426,15 @@ class Helper:
 # -- checks on processes and files ---------------------------------------------------
 
 
-def _ids(pid: int) -> tuple[list[int], list[int]] | None:
+def _ids(pid: int) -> tuple[list[int], list[int], int] | None:
+    """A process's uids, gids, and its capabilities (permitted, effective and ambient, or'ed)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return [int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()]
+        capabilities = 0
+        for name in ("CapPrm", "CapEff", "CapAmb"):
+            capabilities |= int(fields[name], 16)
+        return [int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()], capabilities
     except (OSError, KeyError, ValueError):
         return None
 
@@ -407,9 +467,19 @@ def processes_not_of(pid: int, caller: Caller) -> str:
             if p == pid:
                 return f"no process {pid}"
             continue  # exited meanwhile
-        uids, gids = ids
+        uids, gids, capabilities = ids
         if any(u != caller.uid for u in uids) or any(g not in caller.groups for g in gids):
             return f"process {p} runs as uid {uids[1]}, gid {gids[1]}"
+        if capabilities:
+            return f"process {p} holds capabilities {capabilities:#x} (it ran a program with file capabilities)"
+        # A process that ran a set-id program and dropped back stays undumpable
+        # (its memory may hold what the caller may not read): the kernel gives
+        # its /proc folder to root.
+        try:
+            if os.stat(f"/proc/{p}").st_uid != caller.uid:
+                return f"process {p} is not dumpable by you (it ran a privileged program)"
+        except OSError:
+            continue
         pending += _children(p)
     return ""
 
@@ -417,7 +487,8 @@ def processes_not_of(pid: int, caller: Caller) -> str:
 def check_files(images: Path, caller: Caller) -> None:
     """Every file of this machine that the images open, the caller may open the
     same way: CRIU opens them as root. Tried in a child process that has taken
-    the caller's credentials (ImagesRefused names the first refused)."""
+    the caller's credentials (ImagesRefused names the first refused). CRIU then
+    opens the same paths without following symlinks (path_checks.py says why)."""
     wanted = [(name, reg.get("flags", 0) & os.O_ACCMODE) for name, reg, _role in host_files(images)]
     read_end, write_end = os.pipe()
     child = os.fork()
@@ -431,7 +502,7 @@ def check_files(images: Path, caller: Caller) -> None:
                 try:
                     os.close(os.open(name, mode | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC))
                 except OSError as e:
-                    if e.errno in (errno.EACCES, errno.EPERM):
+                    if e.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
                         os.write(write_end, name.encode(errors="replace")[:4000])
                         break
         finally:
@@ -442,6 +513,14 @@ def check_files(images: Path, caller: Caller) -> None:
     os.waitpid(child, 0)
     if refused:
         raise sealing.ImagesRefused(f"the snapshot opens {refused}, which you may not open")
+
+
+def close_all(fds: Any) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def cgroup_of(pid: int) -> str:
@@ -608,14 +687,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tini", default="tini", help="the init of each kernel's pid namespace (%(default)s)")
     parser.add_argument("--socket-group", default="", help="only members of this group may connect")
     parser.add_argument("--requests-per-user", type=int, default=4, help="at once (%(default)s)")
+    parser.add_argument("--connections-per-user", type=int, default=16, help="open at once (%(default)s)")
+    parser.add_argument("--forks-per-user", type=int, default=32, help="fork namespaces (%(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if os.geteuid() != 0:
         raise SystemExit("jupyter-ckpt-helper must run as root: it runs CRIU for the users who connect")
     settings = HelperSettings(
-        args.socket, args.state_dir, args.key_file, args.criu, args.tini, args.socket_group, args.requests_per_user
+        args.socket,
+        args.state_dir,
+        args.key_file,
+        args.criu,
+        args.tini,
+        args.socket_group,
+        args.requests_per_user,
+        args.connections_per_user,
+        args.forks_per_user,
     )
-    helper = Helper(settings, CriuEngine(args.criu))
+    # Each connection and request holds descriptors: as many as the system allows.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "1":
+        # Users could then link root's files into their folders, for a restore to open.
+        raise SystemExit("jupyter-ckpt-helper: needs fs.protected_hardlinks = 1 (sysctl)")
+    # CRIU opens restored files without following symlinks (our patch to CRIU).
+    helper = Helper(settings, CriuEngine(args.criu, restore_no_symlinks=True))
     health = helper.engine.health()
     if not health.available:
         log.warning("jupyter-ckpt-helper: CRIU cannot be used: %s", health.reason)

@@ -35,19 +35,21 @@ def send(sock: socket.socket, message: dict, fds: Sequence[int] = ()) -> None:
 
 
 def receive(sock: socket.socket) -> tuple[dict, list[int]]:
+    """One message and the fds that came with it (none is left open when the
+    message is not a JSON object: any fds sent with garbage are closed)."""
     data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        raise ConnectionError("the helper closed the connection")
     try:
+        if not data:
+            raise ConnectionError("the connection closed")
         message = json.loads(data)
         if not isinstance(message, dict):
             raise ValueError
-    except ValueError:
+    except BaseException as e:
         for fd in fds:
             os.close(fd)
-        raise ConnectionError("not a JSON object") from None
+        if isinstance(e, (ValueError, RecursionError)):
+            raise ConnectionError("not a JSON object") from None
+        raise
     return message, fds
 
 

@@ -217,6 +217,10 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
 
         cmd, env = self._command_and_env(cmd, kwargs)
         cwd = str(kwargs.get("cwd") or os.getcwd())
+        if self.private_shm:
+            # Temporary files and multiprocessing's sockets on the kernel's own tmpfs:
+            # the helper restores those, not ones on the host's mounts (path_checks.py).
+            env.setdefault("TMPDIR", "/dev/shm")
         stdio = KernelStdio()
         helper = HelperEngine(socket_path=self.helper_socket)
         try:

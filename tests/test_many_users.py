@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,7 @@ class UserServers:
         self.servers: list[Server] = []
 
     def start(self, user: str, *extra: str, name: str = "server", app: str = "jupyter_server") -> Server:
-        home = Path(self.users[user].pw_dir) / f"{name}-{len(self.servers)}"
+        home = Path(self.users[user].pw_dir) / f"{name}-{uuid.uuid4().hex[:8]}"
         home.mkdir()
         server = Server(
             home,
@@ -70,13 +72,16 @@ class UserServers:
             app=app,
             env=self.python.env,
         )
-        server.base = home
+        server.base, server.user = home, user
         self.servers.append(server)
         return server
 
     def close(self) -> None:
         for server in self.servers:
             server.kill()
+        # The kernels too: the helper started them, they are not the servers' children.
+        for user in {s.user for s in self.servers}:
+            subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
 
 
 @pytest.fixture
@@ -253,10 +258,13 @@ class HelperCaller:
         assert as_user(user, "mkdir", "-m", "700", str(path)).returncode == 0
         return path
 
-    def sleeper(self, user: str) -> int:
+    def sleeper(self, user: str, script: str = "exec sleep 600") -> int:
+        """A process tree of ``user``'s, launched by the helper: ``script`` in sh."""
         home = self.users[user].pw_dir
-        answer = self(user, "launch", cmd=["sleep", "600"], env={"PATH": "/usr/bin:/bin"}, cwd=home, pipes=2)
+        cmd = ["sh", "-c", script]
+        answer = self(user, "launch", cmd=cmd, env={"PATH": "/usr/bin:/bin", "HOME": home}, cwd=home, pipes=2)
         assert answer["ok"], answer
+        time.sleep(0.5)  # sh has run its commands and exec'd sleep
         return answer["pid"]
 
     def dump(self, user: str, pid: int, name: str) -> Path:
@@ -388,6 +396,118 @@ def test_the_helper_refuses_what_is_not_the_callers(users, helper, shared_python
     assert ids_of(restored["pid"]) == [ann.pw_uid] * 4
     os.kill(restored["pid"], 9)
     os.kill(bob_pid, 9)
+
+
+def test_the_helper_holds_against_swapped_paths_floods_and_privileged_programs(users, helper, shared_python):
+    """What a red team tried: a path swapped for a symlink after the helper's
+    checks, sockets and deleted files restored by path as root, garbage and
+    idle connections, a process that ran a program with file capabilities."""
+    call = HelperCaller(helper, shared_python, users)
+    bob = users[BOB]
+    home = Path(bob.pw_dir)
+
+    # A file the kernel has open, swapped for a symlink to a file Bob may open
+    # (so the helper's check as Bob passes): CRIU does not follow it.
+    as_user(BOB, "sh", "-c", "mkdir -p ~/w && echo data > ~/w/data.txt && echo other > ~/other.txt")
+    pid = call.sleeper(BOB, "exec 3<~/w/data.txt; exec sleep 600")
+    images = call.dump(BOB, pid, "swap-dump")
+    os.kill(pid, 9)
+    as_user(BOB, "sh", "-c", "rm ~/w/data.txt && ln -s ~/other.txt ~/w/data.txt")
+    answer = call(BOB, "restore", dirs=[str(images)], inherit_keys=[])
+    refused(answer, "w/data.txt", "symbolic links")
+
+    # What CRIU would create by path as root on the host's mounts: refused.
+    script = (
+        "mkdir -p ~/s; python3 -c 'import socket,os,time; s=socket.socket(socket.AF_UNIX); "
+        's.bind(os.path.expanduser("~/s/helper.sock")); s.listen(); time.sleep(600)\' & '
+        "ln -s /etc /dev/shm/etc; exec 3<>~/ghost; rm ~/ghost; exec sleep 600"
+    )
+    pid = call.sleeper(BOB, script)
+    images = call.dump(BOB, pid, "paths-dump")
+    os.kill(pid, 9)
+    refused(
+        call(BOB, "restore", dirs=[str(images)], inherit_keys=[]),
+        f"unix socket bound at {home}/s/helper.sock",
+        f"{home}/ghost, deleted while open",
+        "etc in the kernel's /dev/shm is a link (/etc)",
+    )
+
+    # A process that ran a program with file capabilities is not its user's to dump.
+    capsleep = helper.dir / "capsleep"
+    shutil.copy("/usr/bin/sleep", capsleep)
+    subprocess.run(["setcap", "cap_net_raw+ep", str(capsleep)], check=True)
+    pid = call.sleeper(BOB, f"exec {capsleep} 600")
+    refused(call(BOB, "dump", pid=pid, dirs=[str(call.folder(BOB, "cap-dump"))]), "holds capabilities 0x2000")
+    os.kill(pid, 9)
+
+    # Garbage with descriptors attached leaves none open in the helper.
+    def helper_fds() -> int:
+        return len(os.listdir(f"/proc/{helper.proc.pid}/fd"))
+
+    before = helper_fds()
+    flood = (
+        "import socket, os, sys\n"
+        "for _ in range(200):\n"
+        "    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.connect(sys.argv[1])\n"
+        "    fds = [os.open('/dev/null', os.O_RDONLY) for _ in range(10)]\n"
+        "    socket.send_fds(s, [b'[' * 100000], fds); s.recv(100); s.close()\n"
+        "    [os.close(fd) for fd in fds]\n"
+    )
+    assert as_user(BOB, shared_python.python, "-c", flood, helper.socket).returncode == 0
+    assert helper_fds() <= before + 2
+    # Idle connections: a user's are capped, and others are still served.
+    idle = (
+        "import socket, sys, time\n"
+        "held = []\n"
+        "for _ in range(40):\n"
+        "    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.connect(sys.argv[1]); held.append(s)\n"
+        "time.sleep(1)\n"
+        "def closed(s):\n"
+        "    try:\n"
+        "        return s.recv(10, socket.MSG_DONTWAIT) == b''\n"
+        "    except BlockingIOError:\n"
+        "        return False\n"
+        "print(sum(map(closed, held)))\n"
+    )
+    import threading
+
+    from .users import as_user as run_as
+
+    result: dict = {}
+    flooding = threading.Thread(
+        target=lambda: result.update(out=run_as(BOB, shared_python.python, "-c", idle, helper.socket))
+    )
+    flooding.start()
+    time.sleep(0.5)
+    assert call(ANN, "hello")["ok"]
+    flooding.join()
+    assert result["out"].returncode == 0, result["out"].stderr
+    assert int(result["out"].stdout) == 40 - 16  # those past --connections-per-user were closed at once
+    assert call(BOB, "hello")["ok"]
+
+
+def test_fork_namespaces_are_capped_per_user_and_survive_a_restart_of_the_helper(users, shared_python, tmp_path):
+    state = tmp_path / "helper-state"
+    helper = RunningHelper("--forks-per-user", "2", state_dir=state)
+    try:
+        call = HelperCaller(helper, shared_python, users)
+        made = [call(BOB, "network_create", outbound="host") for _ in range(2)]
+        assert all(m["ok"] for m in made), made
+        refused(call(BOB, "network_create", outbound="host"), "you have 2 forked kernels' namespaces already")
+        assert call(ANN, "network_create", outbound="host")["ok"]  # another user's own count
+    finally:
+        helper.close(keep_state=True)
+    helper = RunningHelper(state_dir=state)
+    try:
+        call = HelperCaller(helper, shared_python, users)
+        refused(call(ANN, "network_close", name=made[0]["name"]), "not a fork namespace the helper made for you")
+        for m in made:
+            assert call(BOB, "network_close", name=m["name"])["ok"]
+    finally:
+        helper.close()
+        from jupyter_ckpt import forknet
+
+        forknet.remove_stale()
 
 
 # -- JupyterHub ----------------------------------------------------------------------

@@ -117,11 +117,11 @@ class SharedPython:
 class RunningHelper:
     """jupyter-ckpt-helper as root, on a socket and state folder of its own."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, state_dir: Path | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="ckpt-helper-"))
         os.chmod(self.dir, 0o755)
         self.socket = str(self.dir / "helper.sock")
-        self.state = self.dir / "state"
+        self.state = state_dir or self.dir / "state"
         self.log_path = self.dir / "helper.log"
         self.proc = subprocess.Popen(
             [
@@ -148,10 +148,12 @@ class RunningHelper:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def close(self) -> None:
+    def close(self, keep_state: bool = False) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep_state:
+            shutil.rmtree(self.state, ignore_errors=True)
