@@ -173,6 +173,39 @@ def test_an_ordinary_users_server_snapshots_restores_and_forks_its_kernels(user_
         assert path.lstat().st_uid == ann.pw_uid, path
 
 
+POOL_SETUP = (
+    "import multiprocessing as mp, time, tempfile; manager = mp.Manager(); seen = manager.list(); pool = mp.Pool(2)"
+)
+POOL_LOOP = (
+    "total = 0\n"
+    "for i in range(40):\n"
+    "    total += sum(pool.map(abs, range(i)))\n"
+    "    seen.append(i)\n"
+    "    time.sleep(0.1)\n"
+    "done = (total, len(seen))"
+)
+POOL_RESULT = sum(sum(range(i)) for i in range(40)), 40
+
+
+def test_worker_pools_of_an_ordinary_users_kernel_go_on_after_a_restore(user_servers, users):
+    """multiprocessing's Pool and Manager (a server process on a unix socket,
+    in TMPDIR: the kernel's own /dev/shm) through the helper, mid-computation."""
+    server = user_servers.start(ANN)
+    kernel_id = start_kernel(server)
+    client = server.client(kernel_id)
+    client.execute_interactive(POOL_SETUP, timeout=60)
+    assert value(client, "tempfile.gettempdir()") == "'/dev/shm'"
+    client.execute(POOL_LOOP)
+    time.sleep(1.5)
+    snap = take(server, kernel_id, "pool mid-loop")
+    assert value(client, "done") == str(POOL_RESULT)
+    server.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "replace"}, timeout=120)
+    client = server.client(kernel_id)
+    assert value(client, "done") == str(POOL_RESULT)  # the loop went on from where the snapshot caught it
+    fork = server.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "new"}, timeout=120)
+    assert value(server.client(fork["kernel_id"]), "done") == str(POOL_RESULT)
+
+
 def test_auto_backup_of_a_busy_kernel_as_an_ordinary_user(user_servers, users):
     server = user_servers.start(
         ANN,
