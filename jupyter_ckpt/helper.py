@@ -454,6 +454,13 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _namespace(pid: int, kind: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+    except OSError:
+        return None
+
+
 def processes_not_of(pid: int, caller: Caller) -> str:
     """'' if every process of the tree at ``pid`` runs as the caller; else the first that does not."""
     pending, seen = [pid], set()
@@ -470,6 +477,9 @@ def processes_not_of(pid: int, caller: Caller) -> str:
         uids, gids, capabilities = ids
         if any(u != caller.uid for u in uids) or any(g not in caller.groups for g in gids):
             return f"process {p} runs as uid {uids[1]}, gid {gids[1]}"
+        if _namespace(p, "user") != _namespace(os.getpid(), "user"):
+            # Inside one, the user could mount: CRIU would restore those mounts as root.
+            return f"process {p} is in a user namespace of its own"
         if capabilities:
             return f"process {p} holds capabilities {capabilities:#x} (it ran a program with file capabilities)"
         # A process that ran a set-id program and dropped back stays undumpable
@@ -501,10 +511,9 @@ def check_files(images: Path, caller: Caller) -> None:
             for name, mode in wanted:
                 try:
                     os.close(os.open(name, mode | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC))
-                except OSError as e:
-                    if e.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
-                        os.write(write_end, name.encode(errors="replace")[:4000])
-                        break
+                except OSError as e:  # whatever the reason: what the user cannot open, root must not
+                    os.write(write_end, f"{name} ({e.strerror})".encode(errors="replace")[:4000])
+                    break
         finally:
             os._exit(0)
     os.close(write_end)

@@ -25,6 +25,7 @@ so the sockets of multiprocessing's managers and temporary files are there.
 
 from __future__ import annotations
 
+import posixpath
 import quopri
 import stat
 import tarfile
@@ -47,14 +48,20 @@ def unix_socket_path(usk: dict) -> str | None:
 def unsafe_paths(images: Path, uid: int) -> list[str]:
     """One line per object CRIU would make by path on a host mount, or per
     unsafe member of the tree's own tmpfs; empty if there is none."""
-    own = set(own_mounts(images))
+    mounts = own_mounts(images)
+    own = set(mounts)
+    # CRIU binds a socket again by the name given to bind(), following links:
+    # the name itself must lie on the tree's own tmpfs, with no way out of it.
+    own_tmpfs = [m["mountpoint"].rstrip("/") + "/" for m in mounts.values() if m.get("fstype") in (5, "TMPFS")]
     problems: list[str] = []
     entries = load_entries(images, "files.img")
     regs = {e["reg"]["id"]: e["reg"] for e in entries if e.get("type") == "REG" and e.get("reg")}
     for entry in entries:
         usk = entry.get("usk") if entry.get("type") == "UNIXSK" else None
         path = unix_socket_path(usk) if usk else None
-        if path and (usk.get("mnt_id", -1) not in own or not path.startswith("/")):
+        canonical = bool(path) and path.startswith("/") and posixpath.normpath(path) == path and "//" not in path
+        inside = canonical and any(path.startswith(prefix) for prefix in own_tmpfs)
+        if path and (usk.get("mnt_id", -1) not in own or not inside):
             problems.append(
                 f"a unix socket bound at {path}, outside the kernel's own /dev/shm (set TMPDIR=/dev/shm "
                 "for the kernel, where multiprocessing puts its managers' sockets)"
@@ -71,6 +78,8 @@ def unsafe_paths(images: Path, uid: int) -> list[str]:
             )
     for tar in sorted(images.glob(_TAR_PATTERN)):
         problems += _unsafe_members(tar, uid)
+    if any(images.glob("userns-*.img")):
+        problems.append("a user namespace of the kernel's own (its mounts would be restored by root)")
     return problems
 
 

@@ -453,6 +453,8 @@ def test_the_helper_holds_against_swapped_paths_floods_and_privileged_programs(u
     script = (
         "mkdir -p ~/s; python3 -c 'import socket,os,time; s=socket.socket(socket.AF_UNIX); "
         's.bind(os.path.expanduser("~/s/helper.sock")); s.listen(); time.sleep(600)\' & '
+        "ln -s /dev/shm ~/l; python3 -c 'import socket,os,time; s=socket.socket(socket.AF_UNIX); "
+        's.bind(os.path.expanduser("~/l/through-a-link")); s.listen(); time.sleep(600)\' & '
         "ln -s /etc /dev/shm/etc; exec 3<>~/ghost; rm ~/ghost; exec sleep 600"
     )
     pid = call.sleeper(BOB, script)
@@ -463,7 +465,14 @@ def test_the_helper_holds_against_swapped_paths_floods_and_privileged_programs(u
         f"unix socket bound at {home}/s/helper.sock",
         f"{home}/ghost, deleted while open",
         "etc in the kernel's /dev/shm is a link (/etc)",
+        # Bound on the kernel's own tmpfs, but by a name through the user's link:
+        # CRIU binds by name, and the link could point anywhere by then.
+        f"unix socket bound at {home}/l/through-a-link",
     )
+    # A process in a user namespace of its own (where it could mount): not dumped.
+    pid = call.sleeper(BOB, "exec unshare --user --map-root-user sleep 600")
+    refused(call(BOB, "dump", pid=pid, dirs=[str(call.folder(BOB, "userns-dump"))]), "user namespace of its own")
+    os.kill(pid, 9)
 
     # A process that ran a program with file capabilities is not its user's to dump.
     capsleep = helper.dir / "capsleep"
