@@ -373,6 +373,13 @@ def test_the_helper_refuses_what_is_not_the_callers(users, helper, shared_python
     core = next(rooted.glob("core-*.img"))
     edit_image(core, as_root)
     refused(restore(rooted), "core-", "differs from the one the helper dumped")
+    # ... and with the seal's record of that file rewritten to match (without the key).
+    forged = json.loads((rooted / seal.SEAL_FILE).read_text())
+    fd = os.open(core, os.O_RDONLY)
+    forged["files"][core.name] = seal.describe(core.name, fd)
+    os.close(fd)
+    (rooted / seal.SEAL_FILE).write_text(json.dumps(forged))
+    refused(restore(rooted), "does not verify")
     # ... and resealed with the helper's own key (which Bob cannot read): the
     # credentials are still checked.
     seal.seal(rooted, key, bob.pw_uid)
@@ -441,7 +448,8 @@ def test_the_helper_holds_against_swapped_paths_floods_and_privileged_programs(u
 
     # A file the kernel has open, swapped for a symlink to a file Bob may open
     # (so the helper's check as Bob passes): CRIU does not follow it.
-    as_user(BOB, "sh", "-c", "mkdir -p ~/w && echo data > ~/w/data.txt && echo other > ~/other.txt")
+    # (Of the same size: CRIU's size check must not be what stops the restore.)
+    as_user(BOB, "sh", "-c", "mkdir -p ~/w && echo data > ~/w/data.txt && echo othr > ~/other.txt")
     pid = call.sleeper(BOB, "exec 3<~/w/data.txt; exec sleep 600")
     images = call.dump(BOB, pid, "swap-dump")
     os.kill(pid, 9)
