@@ -26,6 +26,7 @@ did not seal with its key.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import grp
 import json
@@ -51,7 +52,7 @@ from typing import Any
 from . import seal as sealing
 from .criu_images import host_files
 from .engine import CriuEngine
-from .errors import CheckpointError, DumpFailed, InvalidRequest
+from .errors import CheckpointError, DumpFailed, InvalidRequest, RestoreFailed
 from .errors import NotPermitted as Refused
 from .forknet import ForkNetwork
 from .helper_client import DEFAULT_SOCKET, receive, send
@@ -190,7 +191,12 @@ class Helper:
                 "ok" if answer["ok"] else answer["error"],
                 time.monotonic() - started,
             )
-            send(conn, answer)
+            then = answer.pop("then", None)  # what a request does after its first answer
+            try:
+                send(conn, answer)
+            finally:
+                if then is not None:
+                    then(conn)
         except Exception as e:  # the caller's problem (a timeout, garbage, a hang-up), not the helper's
             log.info("jupyter-ckpt-helper: uid %d: a connection ended: %s", caller.uid, e)
         finally:
@@ -219,7 +225,14 @@ class Helper:
 
     def op_hello(self, caller: Caller, message: dict, fds: list[int]) -> dict:
         h = self.engine.health()
-        return {"available": h.available, "version": h.version, "path": h.path, "reason": h.reason, "uid": caller.uid}
+        return {
+            "available": h.available,
+            "version": h.version,
+            "path": h.path,
+            "reason": h.reason,
+            "lazy_pages": h.lazy_pages,
+            "uid": caller.uid,
+        }
 
     def op_launch(self, caller: Caller, message: dict, fds: list[int]) -> dict:
         cmd, env, cwd = message.get("cmd"), message.get("env"), message.get("cwd")
@@ -310,8 +323,10 @@ class Helper:
             with self.lock:
                 if network is None or self.networks.get(network.name) != caller.uid:
                     raise Refused(f"{netns} is not a fork namespace the helper made for you")
+        lazy = bool(message.get("lazy")) and self.engine.health().lazy_pages
         started = time.monotonic()
-        with self._work_dir() as work:
+        with contextlib.ExitStack() as keep:
+            work = keep.enter_context(self._work_dir())
             images = work / "images"
             images.mkdir(mode=0o700)
             take_over(source, images, self.key, caller)
@@ -329,17 +344,23 @@ class Helper:
                 work_dir=work,
                 inherit_fds=dict(zip(keys, fds[1:], strict=True)),
                 netns=network.path if network is not None else None,
+                lazy=lazy,
                 listener_moves=moves,
             )
-        # The restored tree is this process's child (CRIU's rst_sibling): reap it.
-        threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
-        log.info(
-            "jupyter-ckpt-helper: uid %d: images checked in %.3f s, restored in %.3f s",
-            caller.uid,
-            checked,
-            result.seconds,
-        )
-        return {"pid": result.pid, "seconds": result.seconds, "check_seconds": checked}
+            # The restored tree is this process's child (CRIU's rst_sibling): reap it.
+            threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
+            log.info(
+                "jupyter-ckpt-helper: uid %d: images checked in %.3f s, restored in %.3f s%s",
+                caller.uid,
+                checked,
+                result.seconds,
+                " (memory follows)" if result.lazy_pages else "",
+            )
+            answer: dict[str, Any] = {"pid": result.pid, "seconds": result.seconds, "check_seconds": checked}
+            if result.lazy_pages is not None:
+                # The images stay until criu lazy-pages has brought all of the memory back.
+                answer.update(lazy=True, then=_memory_back(result.lazy_pages, keep.pop_all()))
+            return answer
 
     def op_network_create(self, caller: Caller, message: dict, fds: list[int]) -> dict:
         outbound = message.get("outbound", "nat")
@@ -675,6 +696,26 @@ def _copy_open(src: int, path: Path, size: int) -> None:
         _copy_fd(src, dst, size)
     finally:
         os.close(dst)
+
+
+def _memory_back(lazy_pages: Any, keep: contextlib.ExitStack) -> Callable[[socket.socket], None]:
+    """After a lazy restore's first answer: wait until criu lazy-pages has
+    brought all of the memory back (also if the caller went away: the kernel
+    needs it), then tell the caller, and remove the images."""
+
+    def then(conn: socket.socket) -> None:
+        with keep:
+            try:
+                lazy_pages.wait()
+                final = {"ok": True, "memory_back": True}
+            except RestoreFailed as e:
+                final = {"ok": False, "error": str(e), "error_type": "RestoreFailed"}
+            try:
+                send(conn, final)
+            except OSError:
+                pass  # the caller is gone
+
+    return then
 
 
 def _reap(pid: int) -> None:

@@ -55,6 +55,17 @@ def receive(sock: socket.socket) -> tuple[dict, list[int]]:
 
 def request(path: str, op: str, fds: Sequence[int] = (), timeout: float | None = None, **args: Any) -> dict:
     """One request to the helper; its answer, or the error it names raised."""
+    sock = open_request(path, op, fds, timeout, **args)
+    try:
+        return answer_of(sock)
+    finally:
+        sock.close()
+
+
+def open_request(
+    path: str, op: str, fds: Sequence[int] = (), timeout: float | None = None, **args: Any
+) -> socket.socket:
+    """Send a request; the connection, for its answers (answer_of)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.settimeout(timeout)
@@ -66,17 +77,45 @@ def request(path: str, op: str, fds: Sequence[int] = (), timeout: float | None =
                 "snapshots need the helper running (jupyter-ckpt-helper, see 'Deploying for many users')"
             ) from None
         send(sock, {"op": op, **args}, fds)
-        answer, extra = receive(sock)
-        for fd in extra:
-            os.close(fd)
-    finally:
+    except BaseException:
         sock.close()
+        raise
+    return sock
+
+
+def answer_of(sock: socket.socket) -> dict:
+    """The next answer on a request's connection, or the error it names raised."""
+    answer, extra = receive(sock)
+    for fd in extra:
+        os.close(fd)
     if answer.get("ok"):
         return answer
     kind = getattr(errors, str(answer.get("error_type")), None)
     if not (isinstance(kind, type) and issubclass(kind, errors.CheckpointError)) or kind is errors.SnapshotIncompatible:
         kind = errors.CheckpointError
     raise kind(str(answer.get("error") or "the helper refused without a reason"))
+
+
+class HelperLazyPages:
+    """The memory of a tree the helper restored lazily, coming back: the
+    helper's ``criu lazy-pages`` reports on the restore's connection when all
+    of it is back (LazyPages' interface; there is no local process)."""
+
+    process = None
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def wait(self) -> None:
+        try:
+            answer_of(self.sock)
+        except (errors.CheckpointError, ConnectionError, OSError) as e:
+            raise errors.RestoreFailed(f"bringing back the kernel's memory failed: {e}") from None
+        finally:
+            self.sock.close()
+
+    def kill(self) -> None:
+        self.sock.close()  # the helper stops its lazy-pages daemon when the connection ends
 
 
 class HelperForkNetwork(ForkNetwork):
@@ -115,7 +154,7 @@ class HelperEngine:
                     answer.get("version"),
                     answer.get("path"),
                     answer.get("reason", ""),
-                    lazy_pages=False,  # lazy restores are root's only (README: limits)
+                    lazy_pages=bool(answer.get("lazy_pages")),
                 )
         return self._health
 
@@ -150,17 +189,26 @@ class HelperEngine:
         keys = list(inherit_fds)
         fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
         try:
-            answer = request(
+            sock = open_request(
                 self.socket_path,
                 "restore",
                 [fd, *(inherit_fds[k] for k in keys)],
                 inherit_keys=keys,
                 netns=netns.name if netns is not None else None,
                 listener_moves={str(port): list(to) for port, to in listener_moves.items()},
+                lazy=lazy,
             )
         finally:
             os.close(fd)
-        return RestoreResult(pid=answer["pid"], seconds=time.monotonic() - started)
+        try:
+            answer = answer_of(sock)
+        except BaseException:
+            sock.close()
+            raise
+        if not answer.get("lazy"):
+            sock.close()
+            return RestoreResult(pid=answer["pid"], seconds=time.monotonic() - started)
+        return RestoreResult(answer["pid"], time.monotonic() - started, HelperLazyPages(sock))  # type: ignore[arg-type]
 
     def remove_network_lock(self, dump_log: Path, pid: int | None = None) -> bool:
         return False  # the helper lifts the lock of a dump that failed under it itself

@@ -238,7 +238,7 @@ class RestoreInPlace(Flow):
                 f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
             ) from None
         prov.adopt(tree.pid, tree.stdio, record.id, current.network)
-        if tree.lazy_pages is not None:
+        if tree.lazy_pages is not None and tree.lazy_pages.process is not None:  # the helper keeps its own
             daemon = tree.lazy_pages.process.pid
             self.journal.update("restore", kernel_id, lazy_pages={"pid": daemon, "started": start_time(daemon)})
         return saved_seconds, tree.seconds, tree.lazy_pages
