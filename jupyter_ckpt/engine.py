@@ -196,13 +196,12 @@ class CriuEngine:
         if chk.returncode != 0:
             detail = (chk.stderr or chk.stdout).strip().splitlines()[-1:] or ["no output"]
             return CriuHealth(False, version, path, f"'criu check' fails: {detail[0]}")
-        if (
-            self.restore_no_symlinks
-            and "--restore-no-symlinks"
-            not in subprocess.run([path, "--help"], capture_output=True, text=True, timeout=10).stdout
-        ):
+        if self.restore_no_symlinks and not _has_restore_patches(path):
             return CriuHealth(
-                False, version, path, f"{path} lacks our --restore-no-symlinks patch (scripts/install-criu.sh adds it)"
+                False,
+                version,
+                path,
+                f"{path} lacks our restore patches 0002 and 0003 (scripts/install-criu.sh adds them)",
             )
         uffd = subprocess.run([path, "check", "--feature", "uffd-noncoop"], capture_output=True, timeout=60)
         return CriuHealth(True, version, path, lazy_pages=uffd.returncode == 0)
@@ -321,6 +320,7 @@ class CriuEngine:
         netns: Path | None = None,
         lazy: bool = False,
         listener_moves: Mapping[int, tuple[str, int]] = {},
+        owner: tuple[int, int, list[int]] | None = None,
     ) -> RestoreResult:
         """Restore the tree dumped in ``images_dir`` as a child of this process.
 
@@ -329,6 +329,8 @@ class CriuEngine:
         ``netns`` is a network namespace file to restore the tree into; without
         it, the tree lands in this process's namespace. The log goes to ``work_dir``.
         ``listener_moves``: TCP listeners to rebind elsewhere (move_listeners).
+        ``owner`` (uid, gid, groups; with restore_no_symlinks): CRIU opens the
+        restored files with these file-system credentials (patches/criu/0003).
         ``lazy`` (where health().lazy_pages): the tree runs before its memory is
         all back; the result's ``lazy_pages`` brings in the rest, and the
         images must stay until its ``wait()`` returns.
@@ -346,6 +348,9 @@ class CriuEngine:
             c.opts.network_lock = pycriu.rpc.NFTABLES
             if self.restore_no_symlinks:
                 c.opts.restore_no_symlinks = True
+                if owner is not None:
+                    c.opts.restore_fs_uid, c.opts.restore_fs_gid = owner[0], owner[1]
+                    c.opts.restore_fs_groups.extend(owner[2])
             close_outside_connections(images_dir)
             if listener_moves:
                 move_listeners(images_dir, listener_moves)
@@ -386,6 +391,15 @@ class CriuEngine:
                 if netns_fd is not None:
                     os.close(netns_fd)
         return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started, lazy_pages=lazy_pages)
+
+
+def _has_restore_patches(path: str) -> bool:
+    """Whether this CRIU (and its pycriu) carry patches/criu/0002 and 0003."""
+    import pycriu
+
+    fields = pycriu.rpc.criu_opts.DESCRIPTOR.fields_by_name
+    help_text = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=10).stdout
+    return "--restore-no-symlinks" in help_text and "restore_fs_uid" in fields
 
 
 def carries_mount_namespace(images_dir: Path) -> bool:

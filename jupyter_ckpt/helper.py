@@ -346,6 +346,9 @@ class Helper:
                 netns=network.path if network is not None else None,
                 lazy=lazy,
                 listener_moves=moves,
+                # CRIU opens the files with the caller's own credentials: no
+                # race between check_files and CRIU's open can be won.
+                owner=(caller.uid, caller.gid, caller.groups),
             )
             # The restored tree is this process's child (CRIU's rst_sibling): reap it.
             threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
@@ -760,7 +763,7 @@ def main(argv: list[str] | None = None) -> None:
     if Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "1":
         # Users could then link root's files into their folders, for a restore to open.
         raise SystemExit("jupyter-ckpt-helper: needs fs.protected_hardlinks = 1 (sysctl)")
-    # CRIU opens restored files without following symlinks (our patch to CRIU).
+    # CRIU opens restored files as the caller, without following symlinks (our patches to CRIU).
     helper = Helper(settings, CriuEngine(args.criu, restore_no_symlinks=True))
     health = helper.engine.health()
     if not health.available:

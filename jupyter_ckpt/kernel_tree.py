@@ -163,6 +163,7 @@ def restore_tree(
     netns: Path | None = None,
     lazy: bool = False,
     listener_moves: dict[int, tuple[str, int]] | None = None,
+    owner: tuple[int, int, list[int]] | None = None,
 ) -> RestoredTree:
     """Restore the tree dumped in ``images`` (blocking), its stdout and stderr
     re-attached to fresh pipes copied to the server's output."""
@@ -171,7 +172,13 @@ def restore_tree(
         inherit = {key: stdio.write_fds[name] for name, key in stdio_keys.items() if name in stdio.write_fds}
         with stdio.inheritable():
             result = engine.restore(
-                images, work_dir=work, inherit_fds=inherit, netns=netns, lazy=lazy, listener_moves=listener_moves or {}
+                images,
+                work_dir=work,
+                inherit_fds=inherit,
+                netns=netns,
+                lazy=lazy,
+                listener_moves=listener_moves or {},
+                **({"owner": owner} if owner is not None else {}),
             )
     finally:
         stdio.close_write_ends()

@@ -66,6 +66,10 @@ def unsafe_paths(images: Path, uid: int) -> list[str]:
                 f"a unix socket bound at {path}, outside the kernel's own /dev/shm (set TMPDIR=/dev/shm "
                 "for the kernel, where multiprocessing puts its managers' sockets)"
             )
+        notify = entry.get("ify") or entry.get("ffy") or {}
+        if entry.get("type") in ("INOTIFY", "FANOTIFY") and (notify.get("wd") or notify.get("mark")):
+            # CRIU adds the watches again as root, by the paths recorded at the dump.
+            problems.append("a file-system watch (inotify or fanotify): stop it before taking a snapshot")
         fifo = entry.get("fifo") if entry.get("type") == "FIFO" else None
         if fifo and regs.get(fifo.get("regf_id"), {}).get("mnt_id") not in own:
             problems.append(f"a named pipe, {regs.get(fifo.get('regf_id'), {}).get('name', '?')}")

@@ -1,9 +1,10 @@
-"""patches/criu/0001: a root criu without CAP_SYS_RESOURCE (container runtimes
+"""Our patches to CRIU (patches/criu/). 0001: a root criu without CAP_SYS_RESOURCE (container runtimes
 drop it; this machine's root lacks it) dumps another user's process, reading its
 rlimits from /proc/<pid>/limits; the images carry the process's own limits."""
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 
@@ -63,3 +64,115 @@ def _from_proc(pid: int, number: int) -> tuple[int, int]:
     soft, hard = row[26:].split()[:2]
     value = lambda s: 2**64 - 1 if s == "unlimited" else int(s)  # noqa: E731
     return value(soft), value(hard)
+
+
+def test_criu_restores_files_with_the_owners_credentials(tmp_path):
+    """patches/criu/0002 and 0003: with restore_no_symlinks and restore_fs_*,
+    CRIU opens the files of a restored tree as their owner, without following
+    symlinks: a file that became root's after the dump (the result of a race a
+    user could win against any check made beforehand) fails the restore; the
+    same images restore when nothing changed; without the options, root opens it."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp())  # a folder the owner can reach (tmp_path's parents are root's only)
+    os.chmod(base, 0o755)
+    try:
+        _restore_as_owner(base, tmp_path)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _restore_as_owner(base, tmp_path) -> None:
+    from jupyter_ckpt.errors import RestoreFailed
+    from jupyter_ckpt.kernel_tree import restore_tree
+
+    folder = base / "owner"
+    folder.mkdir()
+    data = folder / "data.txt"
+    data.write_text("data\n")
+    for path in (folder, data):
+        os.chown(path, NOBODY, NOBODY)
+    # As the helper starts a user's kernel: its own pid and mount namespaces, then the user's ids.
+    pid = _launch_as(NOBODY, ["sh", "-c", f"exec 3<>{data}; exec sleep 600"])
+    strict = CriuEngine(restore_no_symlinks=True)
+    images = tmp_path / "images"
+    images.mkdir()
+    try:
+        _wait_for_fd(pid, 3)
+        strict.dump(pid, images)
+    finally:
+        os.kill(pid, 9)
+    owner = (NOBODY, NOBODY, [])
+
+    os.chown(data, 0, 0)  # no longer the owner's to open for writing
+    work = tmp_path / "work-1"
+    work.mkdir()
+    with pytest.raises(RestoreFailed, match="data.txt"):
+        restore_tree(strict, images, work, {}, owner=owner)
+    work = tmp_path / "work-root"
+    work.mkdir()
+    as_root = restore_tree(CriuEngine(), images, work, {})  # what CRIU does without the options
+    os.kill(as_root.pid, 9)
+    os.waitpid(as_root.pid, 0)
+
+    os.chown(data, NOBODY, NOBODY)  # as it was: it restores as the owner
+    work = tmp_path / "work-2"
+    work.mkdir()
+    tree = restore_tree(strict, images, work, {}, owner=owner)
+    try:
+        with open(f"/proc/{tree.pid}/task/{tree.pid}/children") as f:
+            child = int(f.read().split()[0])
+        assert os.readlink(f"/proc/{child}/fd/3") == str(data)
+    finally:
+        os.kill(tree.pid, 9)
+        os.waitpid(tree.pid, 0)
+
+
+def _launch_as(uid: int, cmd: list[str]) -> int:
+    """jupyter_ckpt.launcher, as the helper runs it; the host pid of the tree's init."""
+    import json
+    import shutil
+    import sys
+
+    out_r, out_w = os.pipe()
+    report_r, report_w = os.pipe()
+    spec = {
+        "uid": uid,
+        "gid": uid,
+        "groups": [],
+        "cmd": cmd,
+        "env": {"PATH": "/usr/bin:/bin"},
+        "cwd": "/",
+        "tini": shutil.which("tini"),
+        "stdout": out_w,
+        "stderr": out_w,
+        "report": report_w,
+    }
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_ckpt.launcher"], stdin=subprocess.PIPE, pass_fds=(out_w, report_w)
+    )
+    launcher.stdin.write(json.dumps(spec).encode())
+    launcher.stdin.close()
+    os.close(report_w)
+    os.close(out_w)
+    with os.fdopen(report_r) as report:
+        return int(report.readline())
+
+
+def _wait_for_fd(pid: int, fd: int) -> None:
+    """Until the init's child (sh, then sleep) holds ``fd``."""
+    import time
+
+    for _ in range(300):
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                child = int(f.read().split()[0])
+            with open(f"/proc/{child}/comm") as f:
+                if f.read().strip() == "sleep" and os.path.exists(f"/proc/{child}/fd/{fd}"):
+                    return
+        except (OSError, IndexError, ValueError):
+            pass
+        time.sleep(0.01)
+    raise TimeoutError("the sleeper did not start")

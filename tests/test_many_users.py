@@ -57,9 +57,12 @@ class UserServers:
         self.users, self.helper, self.python, self.tmp_path = users, helper, shared_python, tmp_path
         self.servers: list[Server] = []
 
-    def start(self, user: str, *extra: str, name: str = "server", app: str = "jupyter_server") -> Server:
-        home = Path(self.users[user].pw_dir) / f"{name}-{uuid.uuid4().hex[:8]}"
-        home.mkdir()
+    def start(
+        self, user: str, *extra: str, name: str = "server", app: str = "jupyter_server", base: Path | None = None
+    ) -> Server:
+        """A server of ``user``'s, in a folder of its own (or ``base``: a server started again)."""
+        home = base or Path(self.users[user].pw_dir) / f"{name}-{uuid.uuid4().hex[:8]}"
+        home.mkdir(exist_ok=True)
         server = Server(
             home,
             f"--CheckpointApp.helper_socket={self.helper.socket}",
@@ -208,6 +211,23 @@ def test_worker_pools_of_an_ordinary_users_kernel_go_on_after_a_restore(user_ser
     assert value(client, "done") == str(POOL_RESULT)  # the loop went on from where the snapshot caught it
     fork = server.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "new"}, timeout=120)
     assert value(server.client(fork["kernel_id"]), "done") == str(POOL_RESULT)
+
+
+def test_a_kernel_that_outlives_its_users_server_is_saved_and_comes_back(user_servers, users):
+    """The server crashes; its kernel (the helper's child, not the server's)
+    runs on; the next start saves it through the helper and resumes it."""
+    from .test_crash import previous_run, resumed
+
+    a = user_servers.start(ANN)
+    kernel_id = start_kernel(a)
+    client = a.client(kernel_id)
+    assert value(client, "x = 'computed before the crash'; x") == "'computed before the crash'"
+    client.stop_channels()
+    a.crash()
+    b = user_servers.start(ANN, "--CheckpointApp.resume_kernels=True", base=a.base)
+    report = previous_run(b)
+    assert [(r["kernel_id"], r["lost"]) for r in report] == [(kernel_id, False)], report
+    assert value(resumed(b, kernel_id), "x") == "'computed before the crash'"
 
 
 def test_auto_backup_of_a_busy_kernel_as_an_ordinary_user(user_servers, users):
