@@ -487,6 +487,8 @@ def test_the_helper_holds_against_swapped_paths_floods_and_privileged_programs(u
         's.bind(os.path.expanduser("~/s/helper.sock")); s.listen(); time.sleep(600)\' & '
         "ln -s /dev/shm ~/l; python3 -c 'import socket,os,time; s=socket.socket(socket.AF_UNIX); "
         's.bind(os.path.expanduser("~/l/through-a-link")); s.listen(); time.sleep(600)\' & '
+        "python3 -c 'import ctypes,os,time; libc=ctypes.CDLL(None); fd=libc.inotify_init(); "
+        'libc.inotify_add_watch(fd, os.path.expanduser("~").encode(), 0xfff); time.sleep(600)\' & '
         "ln -s /etc /dev/shm/etc; exec 3<>~/ghost; rm ~/ghost; exec sleep 600"
     )
     pid = call.sleeper(BOB, script)
@@ -500,6 +502,8 @@ def test_the_helper_holds_against_swapped_paths_floods_and_privileged_programs(u
         # Bound on the kernel's own tmpfs, but by a name through the user's link:
         # CRIU binds by name, and the link could point anywhere by then.
         f"unix socket bound at {home}/l/through-a-link",
+        # A watch is added again by path, as root: it would report on any folder.
+        "a file-system watch (inotify or fanotify)",
     )
     # A process in a user namespace of its own (where it could mount): not dumped.
     pid = call.sleeper(BOB, "exec unshare --user --map-root-user sleep 600")
