@@ -27,19 +27,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import grp
 import json
 import logging
 import os
-import pwd
 import resource
 import secrets
 import shutil
 import signal
 import socket
-import stat
-import struct
 import subprocess
 import sys
 import threading
@@ -50,37 +46,18 @@ from pathlib import Path
 from typing import Any
 
 from . import seal as sealing
-from .criu_images import host_files
 from .engine import CriuEngine
 from .errors import CheckpointError, DumpFailed, InvalidRequest, RestoreFailed
 from .errors import NotPermitted as Refused
 from .forknet import ForkNetwork
+from .helper_callers import Caller, cgroup_of, check_files, processes_not_of, require_same_namespaces
 from .helper_client import DEFAULT_SOCKET, receive, send
+from .helper_images import hand_over, require_own_directory, take_over
 from .path_checks import unsafe_paths
 
 log = logging.getLogger("jupyter_ckpt.helper")
 DEFAULT_STATE_DIR = "/var/lib/jupyter-ckpt"
-MAX_SEAL_BYTES = 1 << 20
 REQUEST_TIMEOUT = 30.0  # seconds for a connection to send its request
-OPEN_IMAGE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-@dataclass
-class Caller:
-    pid: int
-    uid: int
-    gid: int  # the user's primary group
-    groups: list[int]  # every group the user is in
-
-    @classmethod
-    def of(cls, sock: socket.socket) -> Caller:
-        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        try:
-            entry = pwd.getpwuid(uid)
-            primary, groups = entry.pw_gid, os.getgrouplist(entry.pw_name, entry.pw_gid)
-        except KeyError:  # a uid without a passwd entry (containers): its own group only
-            primary, groups = gid, [gid]
-        return cls(pid, uid, primary, sorted(set(groups)))
 
 
 @dataclass
@@ -290,7 +267,7 @@ class Helper:
         if not isinstance(pid, int) or pid <= 1 or len(fds) != 1:
             raise InvalidRequest("dump needs a process id and the images directory, open")
         target = fds[0]
-        _require_own_directory(target, caller)
+        require_own_directory(target, caller)
         wrong = processes_not_of(pid, caller)
         if wrong:
             raise Refused(f"the process tree of {pid} is not yours alone: {wrong}")
@@ -315,7 +292,7 @@ class Helper:
         if not (fds and isinstance(keys, list) and len(keys) == len(fds) - 1 and all(isinstance(k, str) for k in keys)):
             raise InvalidRequest("restore needs the images directory, open, and one fd per inherited key")
         source = fds[0]
-        _require_own_directory(source, caller)
+        require_own_directory(source, caller)
         moves = self._listener_moves(message.get("listener_moves") or {})
         netns = message.get("netns")
         network = ForkNetwork.from_name(str(netns)) if netns is not None else None
@@ -450,255 +427,12 @@ class Helper:
 # -- checks on processes and files ---------------------------------------------------
 
 
-def _ids(pid: int) -> tuple[list[int], list[int], int] | None:
-    """A process's uids, gids, and its capabilities (permitted, effective and ambient, or'ed)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        capabilities = 0
-        for name in ("CapPrm", "CapEff", "CapAmb"):
-            capabilities |= int(fields[name], 16)
-        return [int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()], capabilities
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                found += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return found
-
-
-def _namespace(pid: int, kind: str) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
-    except OSError:
-        return None
-
-
-def processes_not_of(pid: int, caller: Caller) -> str:
-    """'' if every process of the tree at ``pid`` runs as the caller; else the first that does not."""
-    pending, seen = [pid], set()
-    while pending:
-        p = pending.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        ids = _ids(p)
-        if ids is None:
-            if p == pid:
-                return f"no process {pid}"
-            continue  # exited meanwhile
-        uids, gids, capabilities = ids
-        if any(u != caller.uid for u in uids) or any(g not in caller.groups for g in gids):
-            return f"process {p} runs as uid {uids[1]}, gid {gids[1]}"
-        if _namespace(p, "user") != _namespace(os.getpid(), "user"):
-            # Inside one, the user could mount: CRIU would restore those mounts as root.
-            return f"process {p} is in a user namespace of its own"
-        if capabilities:
-            return f"process {p} holds capabilities {capabilities:#x} (it ran a program with file capabilities)"
-        # A process that ran a set-id program and dropped back stays undumpable
-        # (its memory may hold what the caller may not read): the kernel gives
-        # its /proc folder to root.
-        try:
-            if os.stat(f"/proc/{p}").st_uid != caller.uid:
-                return f"process {p} is not dumpable by you (it ran a privileged program)"
-        except OSError:
-            continue
-        pending += _children(p)
-    return ""
-
-
-def check_files(images: Path, caller: Caller) -> None:
-    """Every file of this machine that the images open, the caller may open the
-    same way: CRIU opens them as root. Tried in a child process that has taken
-    the caller's credentials (ImagesRefused names the first refused). CRIU then
-    opens the same paths without following symlinks (path_checks.py says why)."""
-    wanted = [(name, reg.get("flags", 0) & os.O_ACCMODE) for name, reg, _role in host_files(images)]
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # only system calls from here: other threads' locks may be held
-        try:
-            os.close(read_end)
-            os.setgroups(caller.groups)
-            os.setresgid(caller.gid, caller.gid, caller.gid)
-            os.setresuid(caller.uid, caller.uid, caller.uid)
-            for name, mode in wanted:
-                try:
-                    os.close(os.open(name, mode | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC))
-                except OSError as e:  # whatever the reason: what the user cannot open, root must not
-                    os.write(write_end, f"{name} ({e.strerror})".encode(errors="replace")[:4000])
-                    break
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        refused = f.read().decode(errors="replace")
-    os.waitpid(child, 0)
-    if refused:
-        raise sealing.ImagesRefused(f"the snapshot opens {refused}, which you may not open")
-
-
 def close_all(fds: Any) -> None:
     for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
-
-
-def cgroup_of(pid: int) -> str:
-    """A process's cgroup v2 path ('' where there is none to join: cgroup v1,
-    or the root cgroup)."""
-    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-        return ""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            for line in f:
-                if line.startswith("0::/") and ".." not in line:
-                    return line[3:].strip().rstrip("/")
-    except OSError:
-        pass
-    return ""
-
-
-SHARED_NAMESPACES = ("pid", "mnt", "net")
-
-
-def require_same_namespaces(caller: Caller) -> None:
-    """The helper serves servers that see the machine as it does: the same
-    processes (pids are named across the socket), files (kernels are started
-    and restored on its mounts) and network (kernels listen for the server)."""
-    for ns in SHARED_NAMESPACES:
-        try:
-            theirs, ours = os.stat(f"/proc/{caller.pid}/ns/{ns}").st_ino, os.stat(f"/proc/self/ns/{ns}").st_ino
-        except OSError:
-            raise Refused("the helper cannot see your process (is it in another pid namespace?)") from None
-        if theirs != ours:
-            raise Refused(
-                f"your server runs in another {ns} namespace than the helper (a container?): run the helper in the "
-                "same container or host as the Jupyter servers it serves (README: Deploying for many users)"
-            )
-
-
-def _require_own_directory(fd: int, caller: Caller) -> None:
-    st = os.fstat(fd)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != caller.uid:
-        raise Refused("the images directory must be a directory of yours")
-
-
-def hand_over(images: Path, target: int, caller: Caller) -> None:
-    """Move the sealed images into the caller's directory ``target`` (an open
-    fd), owned by the caller. Names are created, never followed or reused."""
-    for entry in os.scandir(images):
-        os.chown(entry.path, caller.uid, caller.gid, follow_symlinks=False)
-        os.chmod(entry.path, 0o600, follow_symlinks=False)
-        try:
-            os.link(entry.path, entry.name, dst_dir_fd=target, follow_symlinks=False)
-        except OSError as e:
-            if e.errno != errno.EXDEV:  # another filesystem: copy instead
-                raise
-            _copy_new(entry.path, target, entry.name)
-
-
-def _copy_new(source: str, target_dir: int, name: str) -> None:
-    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        dst = os.open(name, flags, 0o600, dir_fd=target_dir)
-        try:
-            st = os.fstat(src)
-            os.fchown(dst, st.st_uid, st.st_gid)
-            _copy_fd(src, dst, st.st_size)
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
-
-
-def _copy_fd(src: int, dst: int, size: int) -> None:
-    copied = 0
-    while copied < size:
-        n = os.copy_file_range(src, dst, size - copied)
-        if n == 0:
-            break
-        copied += n
-
-
-def take_over(source: int, images: Path, key: bytes, caller: Caller) -> None:
-    """Copy the sealed images from the caller's directory ``source`` (an open
-    fd) into ``images`` (root's), and check the copies against the seal."""
-    fd = _open_caller_file(source, sealing.SEAL_FILE, caller)
-    try:
-        text = os.read(fd, MAX_SEAL_BYTES)
-        if len(text) >= MAX_SEAL_BYTES:
-            raise sealing.ImagesRefused("the snapshot's seal is too large")
-    finally:
-        os.close(fd)
-    files = sealing.read_seal(text, key, caller.uid)
-    for name, sealed in files.items():
-        src = _open_caller_file(source, name, caller)
-        try:
-            size = os.fstat(src).st_size
-            if sealing.UNSEALED_CONTENT.fullmatch(name):
-                try:  # the same inode, where the caller cannot swap it: no copy of the memory
-                    link_open_file(src, images, name)
-                except OSError:
-                    _copy_open(src, images / name, size)
-            else:
-                _copy_open(src, images / name, size)
-        finally:
-            os.close(src)
-        copy = os.open(images / name, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            sealing.check_file(name, copy, sealed)
-        finally:
-            os.close(copy)
-
-
-def link_open_file(fd: int, directory: Path, name: str) -> None:
-    """A new name in ``directory`` for the open file ``fd`` (same filesystem).
-    linkat() with AT_SYMLINK_FOLLOW through /proc/self/fd; os.link() uses
-    link(), which would link the /proc entry itself, unless a dir fd is given."""
-    dir_fd = os.open(directory, os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
-    finally:
-        os.close(dir_fd)
-
-
-def _open_caller_file(directory: int, name: str, caller: Caller) -> int:
-    try:
-        fd = os.open(name, OPEN_IMAGE, dir_fd=directory)
-    except FileNotFoundError:
-        raise sealing.ImagesRefused(f"image {name} is missing") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise sealing.ImagesRefused(f"image {name} is a symbolic link: the helper does not follow it") from None
-        raise sealing.ImagesRefused(f"image {name} cannot be opened ({e.strerror})") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != caller.uid:
-        os.close(fd)
-        raise sealing.ImagesRefused(f"image {name} is not a regular file of yours")
-    return fd
-
-
-def _copy_open(src: int, path: Path, size: int) -> None:
-    dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.lseek(src, 0, os.SEEK_SET)
-        _copy_fd(src, dst, size)
-    finally:
-        os.close(dst)
 
 
 def _memory_back(lazy_pages: Any, keep: contextlib.ExitStack) -> Callable[[socket.socket], None]:

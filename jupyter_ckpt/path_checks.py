@@ -7,7 +7,7 @@ CRIU's use of it, so a check of the path is not enough. Instead:
 
 - regular files and folders of the host that the tree has open (libraries, its
   working directory, the user's data files) must open for the user the same
-  way (helper.check_files), and CRIU then opens them without following any
+  way (helper_callers.check_files), and CRIU then opens them without following any
   symlink (``restore_no_symlinks``, our patch to CRIU): a path swapped after
   the check fails the restore. Without symlinks a swap can only bring in a
   file the user owns or a hard link the user was allowed to make
