@@ -291,6 +291,9 @@ class CriuEngine:
                     explained = refusals.explain(log_text, pid)
                     if explained:
                         reason = f"{explained} (CRIU: {reason})"
+                if _nearly_full(images_dir):
+                    # CRIU's own log is on that disk too: its words may be cut short.
+                    reason = f"no space left on the disk of {images_dir} ({reason})"
                 raise DumpFailed(reason) from None
         allow_resized_files(images_dir, self.resizable_files)
         total = time.monotonic() - started
@@ -391,6 +394,15 @@ class CriuEngine:
                 if netns_fd is not None:
                     os.close(netns_fd)
         return RestoreResult(pid=resp.pid, seconds=time.monotonic() - started, lazy_pages=lazy_pages)
+
+
+def _nearly_full(path: Path, margin: int = 4 << 20) -> bool:
+    """Whether the filesystem of ``path`` has less than ``margin`` bytes free."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin
 
 
 def _has_restore_patches(path: str) -> bool:
