@@ -16,7 +16,13 @@ connect to. It knows each caller by the kernel's word (``SO_PEERCRED``), and:
 - restores only images whose seal verifies for the caller, copied first where
   the caller cannot change them, whose credentials are the caller's, into the
   caller's own fork namespaces, with listeners moved only to unprivileged ports;
+  CRIU opens the restored files as the caller, and what it would create by path
+  as root on the host's mounts is refused (path_checks.py);
 - makes and removes fork network namespaces, each for the user who asked.
+
+Its modules: this one (the socket and the requests), helper_callers.py (who
+calls, and what of theirs it may act on), helper_images.py (images between the
+caller's folders and the helper's).
 
 What it never does: act on a path the caller names (directories come as open
 file descriptors), run anything of the caller's as root, or restore images it
