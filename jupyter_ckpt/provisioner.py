@@ -44,6 +44,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Bool, List, Type, Unicode
 
 from .credentials import KernelCredentials
+from .errors import CheckpointError
 from .forknet import ForkNetwork
 from .kernel_tree import KernelStdio, KernelTree, RestoredProcess, RestoredTree
 
@@ -233,6 +234,14 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
                 stdio.write_fds["stderr"],
                 self.private_shm,
             )
+        except CheckpointError as e:
+            # No helper (not running, not installed): the kernel still starts, the stock way.
+            reason = f"the kernel was started without the helper, so it cannot be snapshotted: {e}"
+            if self.require_isolation:
+                raise RuntimeError(reason) from None
+            self.log.warning("jupyter_ckpt: %s", reason)
+            self.not_checkpointable_reason = reason
+            return await super().launch_kernel(cmd, **kwargs)
         finally:
             stdio.close_write_ends()
         self.process = RestoredProcess(pid)

@@ -230,6 +230,23 @@ def test_a_kernel_that_outlives_its_users_server_is_saved_and_comes_back(user_se
     assert value(resumed(b, kernel_id), "x") == "'computed before the crash'"
 
 
+def test_without_the_helper_kernels_start_and_snapshots_say_why_not(user_servers, users, tmp_path):
+    """A server that is not root, with no helper running: Jupyter works as ever,
+    and every place that would snapshot says what is missing."""
+    import urllib.error
+
+    server = user_servers.start(ANN, f"--CheckpointApp.helper_socket={tmp_path}/no-helper.sock")
+    status = server.call("GET", "/api/ckpt/status")
+    assert not status["criu"]["available"]
+    assert "helper is not reachable" in status["criu"]["reason"]
+    kernel_id = start_kernel(server)
+    assert value(server.client(kernel_id), "40 + 2") == "42"
+    with pytest.raises(urllib.error.HTTPError) as refused_snapshot:
+        server.call("POST", f"/api/ckpt/kernels/{kernel_id}/snapshots", {})
+    assert refused_snapshot.value.code == 503
+    assert "helper is not reachable" in refused_snapshot.value.read().decode()
+
+
 def test_auto_backup_of_a_busy_kernel_as_an_ordinary_user(user_servers, users):
     server = user_servers.start(
         ANN,
