@@ -20,7 +20,7 @@ import pytest
 
 from .servers import Server, take, value
 from .test_ui import page  # noqa: F401 (the browser fixture)
-from .users import USER_PREFIX, RunningHelper, SharedPython, as_user, create_user, remove_user
+from .users import USER_PREFIX, RunningHelper, SharedPython, as_user, create_user, end_processes_of, remove_user
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -84,7 +84,7 @@ class UserServers:
             server.kill()
         # The kernels too: the helper started them, they are not the servers' children.
         for user in {s.user for s in self.servers}:
-            subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
+            end_processes_of(user)
 
 
 @pytest.fixture

@@ -34,12 +34,42 @@ def create_user(name: str) -> pwd.struct_passwd:
     return pwd.getpwnam(name)
 
 
-def remove_user(name: str) -> None:
-    subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+def processes_of(uid: int) -> list[int]:
+    """The pids of every process running as ``uid``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def end_processes_of(name: str) -> None:
+    """End every process of a user the test made, by pid: the test started all
+    of them (servers, and the kernels the helper started for them, which are
+    not the servers' children), and no one else runs as that user."""
+    assert name.startswith(USER_PREFIX) or name.startswith("ckpt-bench-"), name
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return
     for _ in range(50):
-        if subprocess.run(["pgrep", "-u", name], capture_output=True).returncode != 0:
-            break
+        pids = processes_of(uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         time.sleep(0.1)
+
+
+def remove_user(name: str) -> None:
+    end_processes_of(name)
     subprocess.run(["userdel", "--remove", "--force", name], capture_output=True)
 
 
