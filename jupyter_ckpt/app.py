@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .manager import CheckpointManager
 from .private_files import write_private_atomic
 from .scheduler import AutoBackup, Schedule
 from .store import DEFAULT_IMAGE_CACHE_BYTES, SnapshotStore
+from .wake_on_use import waking_on_use
 
 PROVISIONER_NAME = "ckpt-provisioner"
 KERNEL_ACTIONS_SCHEMA = "https://events.jupyter.org/jupyter_server/kernel_actions/v1"
@@ -145,6 +147,14 @@ class CheckpointApp(ExtensionApp):
         help="At start, restore the kernels that were running when the server last stopped "
         "(also after a crash) from their latest snapshots, with their notebook sessions.",
     )
+    hibernate_idle_after = Float(
+        0.0,
+        config=True,
+        help="Seconds a kernel may stay idle before it hibernates: snapshotted, its processes stopped and "
+        "their memory freed, still listed; it wakes (restored under its id) when a client uses it. 0: never. "
+        "With it set, jupyter_server's own idle culling (MappingKernelManager.cull_idle_timeout) hibernates "
+        "the kernels it would shut down.",
+    )
     use_provisioner_by_default = Bool(
         True,
         config=True,
@@ -200,6 +210,8 @@ class CheckpointApp(ExtensionApp):
             fork_outbound=self.fork_outbound,
             lazy_restore=self.lazy_restore,
             max_import_bytes=self.max_import_bytes,
+            # jupyter-collaboration's documents, where it is installed (notebooks.py)
+            live_documents=lambda: self.serverapp.web_app.settings.get("jupyter_server_ydoc"),
             log=self.log,
             emit=lambda data: self.serverapp.event_logger.emit(schema_id=SNAPSHOT_EVENTS_SCHEMA, data=data),
         )
@@ -226,9 +238,34 @@ class CheckpointApp(ExtensionApp):
         provisioner_config.credentials_class = self.kernel_credentials_class
         provisioner_config.helper_socket = self.helper_socket if self.uses_helper else ""
         self._publish_url()
+        self._wake_on_use()
         if self.use_provisioner_by_default:
             factory = KernelProvisionerFactory.instance(parent=self.serverapp)
             factory.default_provisioner_name = PROVISIONER_NAME
+
+    def _wake_on_use(self) -> None:
+        """Hibernated kernels wake when a client uses them (wake_on_use.py);
+        with idle hibernation on, the server's culler hibernates them."""
+        # self.settings (the web app's, copied) are written back to the web app after this.
+        connection_class = self.settings.get("kernel_websocket_connection_class")
+        if connection_class is not None:
+            self.settings["kernel_websocket_connection_class"] = waking_on_use(connection_class)
+        kernel_manager = self.serverapp.kernel_manager
+        if self.hibernate_idle_after > 0 and hasattr(kernel_manager, "cull_kernel_if_idle"):
+            kernel_manager.cull_kernel_if_idle = self.manager.hibernation.culler(kernel_manager.cull_kernel_if_idle)
+        self._idle_task: asyncio.Task | None = None
+
+    def _start_idle_hibernation(self) -> None:
+        if self.hibernate_idle_after > 0 and self._idle_task is None:
+            self._idle_task = asyncio.ensure_future(self._hibernate_idle())
+
+    async def _hibernate_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.auto_backup_tick, self.hibernate_idle_after))
+            try:
+                await self.manager.hibernation.hibernate_idle(self.hibernate_idle_after)
+            except Exception:  # one bad round must not end idle hibernation for good
+                self.log.exception("jupyter_ckpt: hibernating idle kernels failed")
 
     def _publish_url(self) -> None:
         """Write this server's URL where kernels (restored ones too) look for it."""
@@ -248,7 +285,11 @@ class CheckpointApp(ExtensionApp):
         # Kernels a server that died left running are saved and stopped, and
         # their fork namespaces removed (only this server's: see recovery.py).
         previous = await self.manager.mend_previous_run()
+        listed = await self.manager.hibernation.list_again()
+        if listed:
+            self.log.info("jupyter_ckpt: %d hibernated kernels listed again; they wake when used", len(listed))
         self.auto_backup_loop.start()
+        self._start_idle_hibernation()
         if previous and self.resume_kernels:
             restored = await self.manager.resume(previous)
             self.log.info("jupyter_ckpt: resumed %d of %d kernels of the previous run", len(restored), len(previous))
@@ -256,6 +297,7 @@ class CheckpointApp(ExtensionApp):
     async def _on_kernel_action(self, logger: object, schema_id: str, data: dict) -> None:
         # Also started here: embedders (and pytest-jupyter) may skip the hook above.
         self.auto_backup_loop.start()
+        self._start_idle_hibernation()
         if data.get("status") == "success" and data.get("kernel_id"):
             await self.manager.kernel_action(data["kernel_id"], data.get("action", ""))
             if data.get("action") == "shutdown":
@@ -268,6 +310,10 @@ class CheckpointApp(ExtensionApp):
         loop = getattr(self, "auto_backup_loop", None)
         if loop is not None:
             await loop.stop()
+        idle = getattr(self, "_idle_task", None)
+        if idle is not None:
+            idle.cancel()
+            await asyncio.gather(idle, return_exceptions=True)
         manager = getattr(self, "manager", None)
         if manager is not None:
             await manager.stop()

@@ -98,12 +98,15 @@ class Fork(Flow):
         elif network is not None:
             await asyncio.to_thread(network.close)
         if copy:
-            await self.kernels.delete_notebook(copy)
+            await self.kernels.notebooks.delete(copy)
 
     async def _notebook(self, record: SnapshotRecord, path: str | None, copy_notebook: bool) -> str | None:
-        """The notebook a fork is attached to: ``path``, or a new copy of the snapshot's."""
+        """The notebook a fork is attached to: ``path``, or a new copy of the
+        snapshot's notebook as it was then (as it is now for a snapshot stored
+        without its notebook)."""
         if not copy_notebook:
             return path or None
         if not record.path:
             raise InvalidRequest(f"snapshot {record.id} belongs to no notebook, so there is none to copy")
-        return await self.kernels.copy_notebook(record.path)
+        document = await asyncio.to_thread(self.store.notebook, record.id) if record.notebook else None
+        return await self.kernels.notebooks.copy(record.path, document)

@@ -32,6 +32,16 @@ from pathlib import Path
 from .errors import RestoreFailed
 
 NETWORK = ipaddress.IPv4Network("10.213.0.0/16")
+
+
+def in_fork_network(connection: dict) -> bool:
+    """Does a kernel with these connection details live in a fork's namespace?"""
+    try:
+        return ipaddress.IPv4Address(connection.get("ip", "127.0.0.1")) in NETWORK
+    except ValueError:
+        return False
+
+
 NETNS_DIR = Path("/run/netns")
 NAME_PREFIX = "ckpt-fork-"
 # The two ends of each fork's veth pair (names have at most 15 characters).

@@ -115,6 +115,26 @@ class KernelHandler(CheckpointHandler):
         self.write_json(self.manager.kernel_info(kernel_id))
 
 
+class HibernateHandler(CheckpointHandler):
+    """POST: snapshot the kernel and stop its processes (it stays listed)."""
+
+    @web.authenticated
+    @authorized
+    @translate_errors
+    async def post(self, kernel_id: str) -> None:
+        self.write_json(await self.manager.hibernate(kernel_id))
+
+
+class WakeHandler(CheckpointHandler):
+    """POST: restore a hibernated kernel now."""
+
+    @web.authenticated
+    @authorized
+    @translate_errors
+    async def post(self, kernel_id: str) -> None:
+        self.write_json((await self.manager.wake(kernel_id)).to_json())
+
+
 class KernelSnapshotsHandler(CheckpointHandler):
     @web.authenticated
     @authorized
@@ -130,7 +150,9 @@ class KernelSnapshotsHandler(CheckpointHandler):
         """Starts a snapshot: 202, the snapshot (status pending) and its Location.
         Its progress shows in GET of that location and in the event stream."""
         body = self.body()
-        record = await self.manager.start_snapshot(kernel_id, label=body.get("label", ""))
+        record = await self.manager.start_snapshot(
+            kernel_id, label=body.get("label", ""), notebook=body.get("notebook")
+        )
         self.set_header("Location", url_path_join(self.base_url, "api/ckpt/snapshots", record.id))
         self.write_json(snapshot_model(record), status=202)
 
@@ -158,6 +180,18 @@ class SnapshotHandler(CheckpointHandler):
         await self.manager.delete(snapshot_id)
         self.set_status(204)
         self.finish()
+
+
+class SnapshotNotebookHandler(CheckpointHandler):
+    """GET: the notebook document stored with the snapshot (nbformat JSON)."""
+
+    @web.authenticated
+    @authorized
+    @translate_errors
+    async def get(self, snapshot_id: str) -> None:
+        document = await self.manager.notebook(snapshot_id)
+        self.set_header("Content-Type", "application/x-ipynb+json")
+        self.finish(document)
 
 
 class BundleHandler(CheckpointHandler):
@@ -241,6 +275,7 @@ class RestoreHandler(CheckpointHandler):
             mode=body.get("mode", "replace"),
             path=body.get("path"),
             copy_notebook=bool(body.get("copy", False)),
+            notebook=body.get("notebook", False),
         )
         if outcome.mode == "new":
             self.set_header("Location", url_path_join(self.base_url, "api/kernels", outcome.kernel_id))
@@ -335,10 +370,13 @@ default_handlers = [
     (rf"/api/ckpt/snapshots/{_snapshot_id}", SnapshotHandler),
     (rf"/api/ckpt/snapshots/{_snapshot_id}/restore", RestoreHandler),
     (rf"/api/ckpt/snapshots/{_snapshot_id}/bundle", BundleHandler),
+    (rf"/api/ckpt/snapshots/{_snapshot_id}/notebook", SnapshotNotebookHandler),
     (r"/api/ckpt/bundles", BundleUploadHandler),
     (rf"/api/ckpt/kernels/{_kernel_id}", KernelHandler),
     (rf"/api/ckpt/kernels/{_kernel_id}/snapshots", KernelSnapshotsHandler),
     (rf"/api/ckpt/kernels/{_kernel_id}/schedule", ScheduleHandler),
+    (rf"/api/ckpt/kernels/{_kernel_id}/hibernate", HibernateHandler),
+    (rf"/api/ckpt/kernels/{_kernel_id}/wake", WakeHandler),
     (rf"/api/ckpt/self/{_kernel_id}", KernelSelfInfoHandler),
     (rf"/api/ckpt/self/{_kernel_id}/snapshots", KernelSelfSnapshotsHandler),
     (rf"/api/ckpt/self/{_kernel_id}/snapshots/{_snapshot_id}", KernelSelfSnapshotHandler),

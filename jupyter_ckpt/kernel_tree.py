@@ -40,10 +40,10 @@ def _copy_until_eof(src: int, dst: int) -> None:
 class KernelStdio:
     """Pipes for a kernel's stdout and stderr, copied to the server's own streams."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipes: bool = True) -> None:
         self.write_fds: dict[str, int] = {}
         self.keys: dict[str, str] = {}  # stream -> CRIU's name of the pipe
-        for name, target_fd in (("stdout", 1), ("stderr", 2)):
+        for name, target_fd in (("stdout", 1), ("stderr", 2)) if pipes else ():
             r, w = os.pipe()
             self.write_fds[name] = w
             self.keys[name] = f"pipe:[{os.fstat(w).st_ino}]"
@@ -126,6 +126,26 @@ class RestoredProcess:
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
+
+
+class ProcessOnDisk:
+    """The subset of ``subprocess.Popen`` for a hibernated kernel listed again
+    after a server restart: no process runs; it is restored when used."""
+
+    stdin = stdout = stderr = None
+    pid = 0  # never signalled: every method below does nothing
+    returncode = -signal.SIGKILL
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        pass
+
+    kill = terminate = lambda self: None
 
 
 def _is_child(pid: int) -> bool:

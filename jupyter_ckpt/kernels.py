@@ -7,19 +7,27 @@ kernel from a plan, and the snapshot's connection details against a kernel's.
 
 from __future__ import annotations
 
-import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from .errors import InvalidRequest, KernelNotCheckpointable, KernelNotFound, NotSupported
+from .errors import KernelNotCheckpointable, KernelNotFound
+from .notebooks import NotebookDocuments
 from .provisioner import PLAN_ARGUMENT, ZMQ_PORTS, CheckpointableProvisioner, LaunchPlan
 
 
 class ServerKernels:
-    def __init__(self, kernel_manager: Any, session_manager: Any, contents_manager: Any, log: logging.Logger):
+    def __init__(
+        self,
+        kernel_manager: Any,
+        session_manager: Any,
+        contents_manager: Any,
+        log: logging.Logger,
+        live_documents: Callable[[], Any] | None = None,
+    ):
         self.kernel_manager = kernel_manager
         self.session_manager = session_manager
-        self.contents_manager = contents_manager
+        self.notebooks = NotebookDocuments(contents_manager, live_documents, log)
         self.log = log
 
     def ids(self) -> list[str]:
@@ -91,19 +99,6 @@ class ServerKernels:
         name = path.rsplit("/", 1)[-1]
         await self.session_manager.create_session(path=path, name=name, type="notebook", kernel_id=kernel_id)
 
-    async def copy_notebook(self, path: str) -> str:
-        """A new copy of notebook ``path`` beside it; returns the copy's path."""
-        if self.contents_manager is None:
-            raise NotSupported("this server has no contents manager to copy the notebook with")
-        try:
-            model = await _maybe_await(self.contents_manager.copy(path, folder_of(path)))
-        except Exception as e:
-            raise InvalidRequest(f"cannot copy notebook {path}: {e}") from None
-        return model["path"]
-
-    async def delete_notebook(self, path: str) -> None:
-        await _maybe_await(self.contents_manager.delete(path))
-
 
 def connection_info(km: Any) -> dict[str, Any]:
     """A kernel's ports, address and key, as kept in a snapshot's record."""
@@ -126,7 +121,3 @@ def listener_moves(snapshot: dict[str, Any], here: dict[str, Any]) -> dict[int, 
 def folder_of(path: str | None) -> str:
     """The folder of a notebook's API path ('' for the root)."""
     return path.rsplit("/", 1)[0] if path and "/" in path else ""
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value

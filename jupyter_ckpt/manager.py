@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Iterator
@@ -27,7 +26,8 @@ from .errors import CheckpointError, InvalidRequest, KernelNotCheckpointable, Sn
 from .events import SnapshotEvents
 from .flow import FlowParts
 from .fork import Fork
-from .forknet import NETWORK as FORK_NETWORK
+from .forknet import in_fork_network
+from .hibernation import Hibernation, tree_memory_bytes
 from .kernels import ServerKernels, connection_info
 from .provisioner import ZMQ_PORTS, CheckpointableProvisioner
 from .records import SnapshotRecord
@@ -52,13 +52,14 @@ class CheckpointManager:
         fork_outbound: str = "nat",
         lazy_restore: bool = True,
         max_import_bytes: int = bundle.DEFAULT_MAX_IMPORT_BYTES,
+        live_documents: Callable[[], Any] | None = None,
     ):
         self.engine = engine
         self.max_import_bytes = max_import_bytes
         self.store = store
         self.lazy_restore = lazy_restore
         self.log = log or logging.getLogger(__name__)
-        self.kernels = ServerKernels(kernel_manager, session_manager, contents_manager, self.log)
+        self.kernels = ServerKernels(kernel_manager, session_manager, contents_manager, self.log, live_documents)
         self.activity = ActivityTracker(kernel_manager, self.log)
         self.claims = KernelClaims()
         self.events = SnapshotEvents(emit, self.log)
@@ -72,6 +73,10 @@ class CheckpointManager:
         self.snapshots = SnapshotFlow(parts, self.activity)
         self.in_place = RestoreInPlace(parts, lazy_restore=lazy_restore)
         self.forks = Fork(parts, outbound=fork_outbound)
+        hibernated = RunningKernels(store.state / "hibernated-kernels.json")
+        self.hibernation = Hibernation(parts, self.snapshots, self.in_place, hibernated, fork_outbound)
+        self.hibernation.after_wake = self.track
+        self.stopping = False  # the server is stopping: its shutdowns keep hibernated kernels listed
 
     # -- the server and its kernels ---------------------------------------------------
 
@@ -103,12 +108,17 @@ class CheckpointManager:
             checkpointable, reason = True, ""
         except KernelNotCheckpointable as e:
             checkpointable, reason = False, str(e)
+        hibernated = self.hibernation.snapshot_of(kernel_id)
+        _, prov = self.kernels.require(kernel_id) if checkpointable else (None, None)
         return {
             "id": kernel_id,
             "checkpointable": checkpointable,
             "reason": reason,
             "busy": self.is_busy(kernel_id),
             "restored_from": self.restored_from(kernel_id),
+            "hibernated": hibernated is not None,
+            "hibernated_snapshot": hibernated,
+            "memory_bytes": tree_memory_bytes(prov.tree.init_pid) if prov and prov.tree and not hibernated else 0,
         }
 
     def activity_of(self, kernel_id: str) -> KernelActivity:
@@ -129,6 +139,8 @@ class CheckpointManager:
             await self.track(kernel_id)
         elif action == "shutdown":
             self.running_kernels.mark(kernel_id, None)
+        if action in ("shutdown", "restart") and not self.stopping:
+            self.hibernation.forget(kernel_id)
         if action == "start":
             try:
                 self.activity.watch(kernel_id)
@@ -146,6 +158,9 @@ class CheckpointManager:
         except CheckpointError:
             return
         assert prov.tree is not None
+        if prov.hibernated:  # no process: hibernation.py keeps it listed
+            await asyncio.to_thread(self.running_kernels.mark, kernel_id, None)
+            return
         pid = prov.tree.init_pid
         info = {
             "pid": pid,
@@ -161,12 +176,20 @@ class CheckpointManager:
 
     # -- snapshots --------------------------------------------------------------------
 
-    async def start_snapshot(self, kernel_id: str, label: str | None = "", trigger: str = "manual") -> SnapshotRecord:
-        return await self.snapshots.start(kernel_id, label, trigger)
+    async def start_snapshot(
+        self, kernel_id: str, label: str | None = "", trigger: str = "manual", notebook: Any = None
+    ) -> SnapshotRecord:
+        return await self.snapshots.start(kernel_id, label, trigger, notebook)
 
-    async def snapshot(self, kernel_id: str, label: str | None = "", trigger: str = "manual") -> SnapshotRecord:
+    async def snapshot(
+        self, kernel_id: str, label: str | None = "", trigger: str = "manual", notebook: Any = None
+    ) -> SnapshotRecord:
         """Take a snapshot and return once it is stored (or raise DumpFailed)."""
-        return await self.snapshots.wait(await self.snapshots.start(kernel_id, label, trigger))
+        return await self.snapshots.wait(await self.snapshots.start(kernel_id, label, trigger, notebook))
+
+    async def notebook(self, snapshot_id: str) -> bytes:
+        """The notebook document stored with a snapshot (nbformat JSON)."""
+        return await asyncio.to_thread(self.store.notebook, snapshot_id)
 
     async def get(self, snapshot_id: str) -> SnapshotRecord:
         return await self.snapshots.get(snapshot_id)
@@ -256,11 +279,14 @@ class CheckpointManager:
         mode: str = "replace",
         path: str | None = None,
         copy_notebook: bool = False,
+        notebook: bool = False,
     ) -> RestoreOutcome:
         """Restore a snapshot.
 
         ``replace``: the kernel's processes are replaced, its id stays. A failed
-        restore brings the kernel back as it was just before.
+        restore brings the kernel back as it was just before. With ``notebook``,
+        the snapshot's notebook document replaces the kernel's notebook file
+        too (its current content kept as the file's checkpoint).
 
         ``new``: the snapshot becomes a new kernel (a fork) beside the running
         one, attached to the notebook ``path``, or to a copy of the snapshot's
@@ -281,9 +307,35 @@ class CheckpointManager:
             raise InvalidRequest("a restore as a new kernel gets a new kernel id: do not give one")
         if mode == "replace" and (path or copy_notebook):
             raise InvalidRequest("'path' and 'copy' go with mode 'new'")
+        if not isinstance(notebook, bool) or (notebook and mode != "replace"):
+            raise InvalidRequest(
+                "'notebook' is true or false, and goes with mode 'replace' (a fork copies it with 'copy')"
+            )
+        if notebook and not record.notebook:
+            raise InvalidRequest(f"snapshot {snapshot_id} holds no notebook to restore")
         outcome = await self._restore(record, kernel_id, mode, path, copy_notebook)
         await self.track(outcome.kernel_id)  # its processes are new
+        if notebook:
+            await self._put_notebook_back(record, outcome)
         return outcome
+
+    async def _put_notebook_back(self, record: SnapshotRecord, outcome: RestoreOutcome) -> None:
+        """After the kernel: the kernel's notebook (where it is now) becomes the snapshot's."""
+        target = await self.kernels.notebook_path(outcome.kernel_id) or record.path
+        if not target:
+            raise InvalidRequest(f"kernel {outcome.kernel_id} is restored, but has no notebook to put the document in")
+        await self.kernels.notebooks.put_back(target, await self.notebook(record.id))
+        outcome.path, outcome.notebook = target, True
+        self.events.publish(
+            {
+                "action": "notebook_restored",
+                "snapshot_id": record.id,
+                "kernel_id": outcome.kernel_id,
+                "path": target,
+                "message": f"{target} is back as it was in snapshot {record.id}; its previous content is "
+                "the file's checkpoint (File > Revert Notebook to Checkpoint)",
+            }
+        )
 
     async def _restore(
         self, record: SnapshotRecord, kernel_id: str | None, mode: str, path: str | None, copy_notebook: bool
@@ -291,8 +343,10 @@ class CheckpointManager:
         if mode == "new":
             return await self.forks.fork(record, path=path, copy_notebook=copy_notebook)
         kernel_id = kernel_id or record.kernel_id
+        if self.hibernation.snapshot_of(kernel_id) is not None:  # on disk: nothing to save first
+            return await self.hibernation.restore_into(kernel_id, record)
         gone = kernel_id == record.kernel_id and kernel_id not in self.kernels.ids()
-        if gone and (_is_fork(record) or ports_in_use(record.connection)):
+        if gone and (in_fork_network(record.connection) or ports_in_use(record.connection)):
             # A fork's namespace went with it; or another server's kernel (the
             # original, on this machine) holds the snapshot's ports: bring it
             # back in a network namespace of its own, under its own id.
@@ -358,8 +412,20 @@ class CheckpointManager:
                 self.log.warning("jupyter_ckpt: cannot resume kernel %s from %s: %s", kernel_id, latest[0].id, e)
         return restored
 
+    # -- hibernation ------------------------------------------------------------------
+
+    async def hibernate(self, kernel_id: str) -> dict[str, Any]:
+        return await self.hibernation.hibernate(kernel_id)
+
+    async def wake(self, kernel_id: str) -> RestoreOutcome:
+        return await self.hibernation.wake(kernel_id)
+
+    def is_hibernated(self, kernel_id: str) -> bool:
+        return self.hibernation.snapshot_of(kernel_id) is not None
+
     async def stop(self) -> None:
         """Stop background snapshots (they are recorded failed) and release resources."""
+        self.stopping = True
         await self.claims.memory_loads_done()  # a kernel's memory is never left half back
         await self.snapshots.stop()
         if self._gc_task is not None:
@@ -388,11 +454,3 @@ def ports_in_use(connection: dict[str, Any]) -> bool:
             except OSError:
                 return True
     return False
-
-
-def _is_fork(record: SnapshotRecord) -> bool:
-    """Was the snapshot taken of a kernel living in a fork's namespace?"""
-    try:
-        return ipaddress.IPv4Address(record.connection.get("ip", "127.0.0.1")) in FORK_NETWORK
-    except ValueError:
-        return False

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +47,7 @@ from traitlets import Bool, List, Type, Unicode
 from .credentials import KernelCredentials
 from .errors import CheckpointError
 from .forknet import ForkNetwork
-from .kernel_tree import KernelStdio, KernelTree, RestoredProcess, RestoredTree
+from .kernel_tree import KernelStdio, KernelTree, ProcessOnDisk, RestoredProcess, RestoredTree
 
 PLAN_ARGUMENT = "ckpt_plan"  # the start_kernel keyword that carries a LaunchPlan
 ZMQ_PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
@@ -68,6 +69,7 @@ class LaunchPlan:
     network: ForkNetwork | None = None
     restore: Callable[[], RestoredTree] | None = None
     used: bool = False
+    hibernated: bool = False  # launch nothing: the kernel is on disk until it is woken (hibernation.py)
 
 
 class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
@@ -131,7 +133,8 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
             # restored process replaces this one right after it starts.
             # (A fork listens elsewhere, at its namespace's address: launch_kernel
             # says so. jupyter_client only accepts local addresses here.)
-            km.transport, km.ip = info["transport"], "127.0.0.1" if self._plan.restore else info["ip"]
+            in_network = self._plan.restore or self._plan.network
+            km.transport, km.ip = info["transport"], "127.0.0.1" if in_network else info["ip"]
             for name in ZMQ_PORTS:
                 setattr(km, name, info[name])
             km.session.signature_scheme = info.get("signature_scheme", km.session.signature_scheme)
@@ -185,6 +188,8 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         plan, self._plan = self._plan, None
         if plan is not None and plan.restore is not None:
             return await self._launch_fork(plan, kwargs)
+        if plan is not None and plan.hibernated:
+            return self._list_hibernated(plan, kwargs)
         if self.helper_socket:
             return await self._launch_through_helper(cmd, kwargs)
         prefix, reason = self._isolation_commands()
@@ -259,6 +264,19 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         key = plan.connection["key"]
         return {**self.connection_info, **plan.connection, "ip": plan.network.kernel_address, "key": key.encode()}
 
+    def _list_hibernated(self, plan: LaunchPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A hibernated kernel after a server restart: listed, with the
+        snapshot's ports and key, but nothing runs until it is woken."""
+        self.process = ProcessOnDisk()
+        self.pid = self.pgid = 0
+        self.cwd = kwargs.get("cwd") or os.getcwd()
+        self.tree = KernelTree(init_pid=0, stdio=KernelStdio(pipes=False), restored_from=None, network=plan.network)
+        self.hibernated = plan.snapshot_id
+        info = {**self.connection_info, **plan.connection, "key": plan.connection["key"].encode()}
+        if plan.network is not None:
+            info["ip"] = plan.network.kernel_address
+        return info
+
     async def _namespace_init(self, unshare_pid: int) -> int:
         """unshare forks the namespace's pid 1 (tini); that child is what CRIU dumps."""
         children = f"/proc/{unshare_pid}/task/{unshare_pid}/children"
@@ -278,11 +296,13 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
     # -- process control ----------------------------------------------------------
 
     async def poll(self) -> int | None:
-        if self._swapping:
-            return None  # being replaced by a restore: not dead, whatever the old pid says
+        if self._swapping or self.hibernated:
+            return None  # being replaced by a restore, or on disk: not dead, whatever the old pid says
         return await super().poll()
 
     async def send_signal(self, signum: int) -> None:
+        if self.hibernated:
+            return  # nothing runs: an interrupt has nothing to stop
         if self.tree is None:
             return await super().send_signal(signum)
         if self.process is None:
@@ -300,7 +320,43 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
             info["init_pid"] = self.tree.init_pid
         return info
 
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        self.hibernated = None  # shut down or restarted without waking: its processes are gone already
+        await super().shutdown_requested(restart=restart)
+
+    async def kill(self, restart: bool = False) -> None:
+        if self.hibernated:
+            self.hibernated = None
+            return
+        await super().kill(restart=restart)
+
+    async def terminate(self, restart: bool = False) -> None:
+        if self.hibernated:
+            self.hibernated = None
+            return
+        await super().terminate(restart=restart)
+
     # -- restore support (used by the checkpoint manager) -------------------------
+
+    # The snapshot a hibernated kernel wakes from; its processes are gone and
+    # the server sees it alive (hibernation.py).
+    hibernated: str | None = None
+
+    def hibernate(self, snapshot_id: str) -> None:
+        """Stop the kernel's processes (blocking), which ``snapshot_id`` holds."""
+        assert self.tree is not None and not self.hibernated
+        self.hibernated = snapshot_id  # first: the restarter must never see it dead
+        os.kill(self.tree.init_pid, signal.SIGKILL)  # pid 1 of its namespace: every process in it ends
+        self.reap_old()
+
+    def stop_processes(self) -> None:
+        """Before a restore replaces them (blocking): none to stop if hibernated."""
+        if not self.hibernated and self.tree is not None:
+            try:
+                os.kill(self.tree.init_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.reap_old()
 
     @property
     def checkpointable(self) -> bool:
@@ -326,6 +382,7 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         self.process = RestoredProcess(pid)
         self.pid = self.pgid = pid
         self.tree = KernelTree(init_pid=pid, stdio=stdio, restored_from=snapshot_id, network=network)
+        self.hibernated = None
 
     @property
     def network(self) -> ForkNetwork | None:

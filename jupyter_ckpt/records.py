@@ -18,7 +18,10 @@ SNAPSHOT_ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 KERNEL_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 STATUSES = ("pending", "dumping", "storing", "complete", "failed")
-TRIGGERS = ("manual", "magic", "auto")
+TRIGGERS = ("manual", "magic", "auto", "hibernate")
+# Where a snapshot's notebook came from: the browser's document (unsaved edits
+# included), the live shared document (jupyter-collaboration), the saved file.
+NOTEBOOK_SOURCES = ("browser", "live", "saved")
 INTERNAL_FIELDS = ("stdio_keys", "connection")
 
 
@@ -48,7 +51,7 @@ class SnapshotRecord:
     kernel_name: str = ""
     path: str | None = None  # notebook path, when the server knows it
     label: str = ""
-    trigger: str = "manual"  # manual, magic or auto
+    trigger: str = "manual"  # manual, magic, auto or hibernate
     parent_id: str | None = None
     created: str = field(default_factory=_now_iso)
     status: str = "pending"
@@ -69,6 +72,9 @@ class SnapshotRecord:
     # that signed it, and whether this store verified that signature (else it
     # was imported trusting its origin). See private_files.key_fingerprint.
     imported: dict[str, Any] | None = None
+    # The notebook document stored with the snapshot: where it came from (one
+    # of NOTEBOOK_SOURCES), None when the snapshot has none.
+    notebook: str | None = None
 
     @property
     def restorable(self) -> bool:
@@ -106,6 +112,8 @@ class SnapshotRecord:
                 continue
             if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
                 raise ValueError(f"the record's {name} is {value!r}")
+        if data.get("notebook") not in (None, *NOTEBOOK_SOURCES):
+            raise ValueError(f"the record's notebook is {data.get('notebook')!r}")
         if data.get("trigger", "manual") not in TRIGGERS or data.get("status", "pending") not in STATUSES:
             raise ValueError("the record's trigger or status is not one this package uses")
         for name in ("stdio_keys", "connection"):
@@ -136,6 +144,7 @@ _FIELD_KINDS: tuple[tuple[str, tuple[type, ...], bool], ...] = (
     ("stdio_keys", (dict,), False),
     ("connection", (dict,), False),
     ("imported", (dict,), True),
+    ("notebook", (str,), True),
 )
 
 

@@ -132,6 +132,9 @@ class RunningKernels:
             kernels[kernel_id] = info
         write_private_atomic(self.path, json.dumps(kernels).encode())
 
+    def listed(self) -> dict[str, dict[str, Any]]:
+        return self._read()
+
     def take(self) -> dict[str, dict[str, Any]]:
         """The kernels of the previous run, and forget them."""
         kernels = self._read()

@@ -43,6 +43,7 @@ class RestoreOutcome:
     path: str | None = None  # the notebook the kernel is attached to (mode new)
     prepare_seconds: float = 0.0  # reading and verifying the images, checking the files they need
     lazy: bool = False  # the kernel answered before all of its memory was back (it follows in the background)
+    notebook: bool = False  # the snapshot's notebook document was put back too (at ``path``)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,7 +80,12 @@ class RestoreInPlace(Flow):
                 raise RestoreFailed(f"cannot start kernel {record.kernel_id} again to restore into: {e}") from None
         self.log.info("jupyter_ckpt: kernel %s started again for %s", record.kernel_id, record.path or "no notebook")
 
-    async def restore(self, record: SnapshotRecord, kernel_id: str, started_again: bool) -> RestoreOutcome:
+    async def restore(
+        self, record: SnapshotRecord, kernel_id: str, started_again: bool, clients: dict[int, int] | None = None
+    ) -> RestoreOutcome:
+        """``started_again``: the kernel has no state to keep (started just to
+        be restored into, or hibernated). ``clients``: the server's connections
+        to wait for afterwards, when not the ones it has now (hibernated)."""
         km, prov = self.kernels.require(kernel_id)
         lazy_pages: LazyPages | None = None
         # What the kernel's state before the restore is, as a snapshot, should
@@ -106,7 +112,8 @@ class RestoreInPlace(Flow):
                 # The snapshot's listeners go where this kernel listens (a
                 # fork's namespace address, or another kernel's ports).
                 moves = listener_moves(record.connection, connection_info(km))
-                clients = client_connections(km.ip, kernel_ports(km))
+                if clients is None:
+                    clients = client_connections(km.ip, kernel_ports(km))
                 self.claims.reconnecting(kernel_id)
                 try:
                     with prov.swapping():
@@ -216,9 +223,7 @@ class RestoreInPlace(Flow):
             previous_state=str(rollback) if before is not None else None,
             record=before.to_json() if before is not None else None,
         )
-        # SIGKILL to pid 1 of the kernel's namespace ends every process in it.
-        os.kill(current.init_pid, signal.SIGKILL)
-        prov.reap_old()
+        prov.stop_processes()
         netns = current.network.path if current.network else None
         lazy = self.lazy_restore and self.engine.health().lazy_pages
         try:

@@ -129,6 +129,8 @@ class AutoBackup:
             state = self._state.setdefault(kernel_id, _KernelState(now))
             if not schedule.enabled or now - state.last_time < schedule.interval_seconds:
                 continue
+            if self.manager.is_hibernated(kernel_id):
+                continue  # on disk: its hibernation snapshot holds it
             activity = self.manager.activity_of(kernel_id)
             idle = activity.execution_state == "idle"
             if state.was_idle and idle and activity.executions_seen == state.executions_seen:

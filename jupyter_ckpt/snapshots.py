@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from .activity import ActivityTracker
 from .claims import Claim
 from .errors import CheckpointError, DumpFailed, InvalidRequest, KernelNotFound, OperationInProgress
 from .flow import Flow, FlowParts
 from .kernels import connection_info
+from .notebooks import document_bytes
 from .records import TRIGGERS, SnapshotRecord, new_snapshot_id, validate_label
 
 
@@ -22,18 +24,26 @@ class SnapshotFlow(Flow):
         self.running: dict[str, SnapshotRecord] = {}  # snapshots being taken, by id
         self.tasks: dict[str, asyncio.Task] = {}  # their background tasks
 
-    async def start(self, kernel_id: str, label: str | None = "", trigger: str = "manual") -> SnapshotRecord:
+    async def start(
+        self, kernel_id: str, label: str | None = "", trigger: str = "manual", notebook: Any = None
+    ) -> SnapshotRecord:
         """Begin a snapshot and return its record (status ``pending``) at once.
 
         What can be refused up front is (unknown kernel, CRIU missing, another
         operation running); the dump and the storing run in a background task,
-        visible through the record's status and the events."""
+        visible through the record's status and the events. ``notebook``: the
+        document as the browser shows it; without it, the server's (notebooks.py)."""
         label = validate_label(label)
+        document = ("browser", await asyncio.to_thread(document_bytes, notebook)) if notebook is not None else None
         if trigger not in TRIGGERS:
             raise InvalidRequest(f"trigger must be one of {', '.join(TRIGGERS)}")
         self.engine.require()
         await asyncio.to_thread(self.store.require_room)
         km, prov = self.kernels.require(kernel_id)
+        if prov.hibernated and trigger != "hibernate":
+            raise OperationInProgress(
+                f"kernel {kernel_id} is hibernated: snapshot {prov.hibernated} holds it (wake it to take another)"
+            )
         if await prov.poll() is not None:
             raise KernelNotFound(f"kernel {kernel_id} is not running (it exited)")
         self.activity.watch(kernel_id)
@@ -55,7 +65,7 @@ class SnapshotFlow(Flow):
             )
             images = await asyncio.to_thread(self.store.create, record)
             self.running[record.id] = record
-            task = asyncio.ensure_future(self._take(record, prov.tree.init_pid, images, claim.hand_over()))
+            task = asyncio.ensure_future(self._take(record, prov.tree.init_pid, images, claim.hand_over(), document))
         self.tasks[record.id] = task
         task.add_done_callback(lambda _: self.tasks.pop(record.id, None))
         return record
@@ -68,11 +78,15 @@ class SnapshotFlow(Flow):
             raise DumpFailed(f"snapshot failed, the kernel keeps running: {record.error}")
         return record
 
-    async def _take(self, record: SnapshotRecord, pid: int, images: Path, claim: Claim) -> None:
+    async def _take(
+        self, record: SnapshotRecord, pid: int, images: Path, claim: Claim, document: tuple[str, bytes] | None
+    ) -> None:
         kernel_id = record.kernel_id
         started = time.monotonic()
         with claim:
             try:
+                if document is None and record.path:
+                    document = await self.kernels.notebooks.current(record.path)
                 record.status = "dumping"
                 await asyncio.to_thread(self.store.save, record)
                 self.events.snapshot("started", record)
@@ -84,6 +98,9 @@ class SnapshotFlow(Flow):
                 # happen while it does, not while it is frozen.
                 record.memory_bytes = result.memory_bytes
                 record.freeze_seconds = round(result.freeze_seconds, 4)
+                if document is not None:
+                    await asyncio.to_thread(self.store.stage_notebook, record, document[1])
+                    record.notebook = document[0]
                 record.status = "storing"
                 await asyncio.to_thread(self.store.save, record)
                 self.events.snapshot("storing", record)

@@ -6,7 +6,8 @@ kernel's memory, secrets included)::
     <root>/manifests/<id>.manifest   committed snapshots, signed (manifest.py)
     <root>/packs/                    their deduplicated chunks (chunks.py)
     <state>/records/<id>.json        snapshots being dumped or stored, or failed
-    <state>/staging/<id>/            CRIU's images before they are stored
+    <state>/staging/<id>/            CRIU's images before they are stored, and
+                                     the snapshot's notebook (NOTEBOOK_FILE)
     <state>/images/<kernel>/<id>/    the same images after, for each kernel's
                                      latest snapshot (a restore from them skips
                                      the store's chunks; see image_cache_bytes)
@@ -43,6 +44,9 @@ from .records import SNAPSHOT_ID, SnapshotRecord, check_snapshot_id
 
 # Images of the latest snapshots kept next to the store, for quick restores.
 DEFAULT_IMAGE_CACHE_BYTES = 8 << 30
+# The notebook document a snapshot belongs to, stored beside its images (and so
+# deduplicated, signed and carried by bundles like them); never given to CRIU.
+NOTEBOOK_FILE = "notebook.ipynb"
 
 
 class SharedExclusive:
@@ -164,6 +168,20 @@ class SnapshotStore:
             self._write_manifest(record, files)
         else:
             write_private_atomic(self._record_path(record.id), json.dumps(record.to_json(), indent=1).encode())
+
+    def stage_notebook(self, record: SnapshotRecord, document: bytes) -> None:
+        """Add the notebook document to a snapshot being taken (stored by commit)."""
+        write_private_atomic(self.staging_dir(record.id) / NOTEBOOK_FILE, document)
+
+    def notebook(self, snapshot_id: str) -> bytes:
+        """The notebook document stored with a complete snapshot, verified;
+        SnapshotNotFound (with the reason) when it has none."""
+        record, files = self.read_manifest(snapshot_id)
+        stored = next((f for f in files if f.name == NOTEBOOK_FILE), None)
+        if stored is None:
+            why = "it was taken of a kernel with no notebook" if not record.path else "it was taken without one"
+            raise SnapshotNotFound(f"snapshot {snapshot_id} holds no notebook: {why}")
+        return b"".join(bytes(chunk) for chunk in self.read_chunks(stored))
 
     def commit(self, record: SnapshotRecord, started: float | None = None) -> SnapshotRecord:
         """Chunk, compress and store the staged images, then write the manifest.
@@ -342,6 +360,7 @@ class SnapshotStore:
         linked from the local copy kept at commit when it still matches the
         manifest's digests, else assembled from the store's chunks."""
         record, files = self.read_manifest(snapshot_id)
+        files = [f for f in files if f.name != NOTEBOOK_FILE]
         if not self.kept_images.link(record, files, dest):
             with self.gate.shared():
                 self.chunks.materialize(files, dest)

@@ -145,6 +145,15 @@ class Server:
         client.wait_for_ready(timeout=60)
         return client
 
+    def stop(self, timeout: float = 60) -> None:
+        """As a user stops it (POST /api/shutdown): extensions stop, then kernels are shut down."""
+        if self.proc.poll() is None:
+            try:
+                self.call("POST", "/api/shutdown", timeout=timeout)
+            except OSError:
+                pass  # it closed the connection while going
+        self.proc.wait(timeout=timeout)
+
     def crash(self) -> None:
         """As a crash of the server alone would (SIGKILL): its kernels run on."""
         if self.proc.poll() is None:

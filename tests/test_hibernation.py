@@ -1,0 +1,193 @@
+"""Hibernation against a real server, real kernels and real CRIU: a kernel put
+to disk frees its memory and stays listed; a cell, a websocket or a POST wakes
+it with its state; interrupt, restart and shutdown of a hibernated kernel; idle
+kernels and the server's culler; a server restart in between."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from .client import KernelSocket, api, snapshot
+from .servers import Server, descendants, value
+
+pytestmark = pytest.mark.criu
+
+MiB = 2**20
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kernel_pids(jp_serverapp, kernel_id: str) -> list[int]:
+    init = jp_serverapp.kernel_manager.get_kernel(kernel_id).provisioner.tree.init_pid
+    return [init, *descendants(init)]
+
+
+async def info(jp_fetch, kernel_id: str) -> dict:
+    status, out = await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id)
+    assert status == 200, out
+    return out
+
+
+async def hibernate(jp_fetch, kernel_id: str) -> dict:
+    status, out = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "hibernate")
+    assert status == 200, out
+    return out
+
+
+async def open_notebook(jp_fetch, jp_ws_fetch, path: str) -> tuple[str, KernelSocket]:
+    body = {"path": path, "name": path, "type": "notebook", "kernel": {"name": "python3"}}
+    status, session = await api(jp_fetch, "POST", "api", "sessions", body=body)
+    assert status == 201, session
+    kernel_id = session["kernel"]["id"]
+    sock = KernelSocket(await jp_ws_fetch("api", "kernels", kernel_id, "channels"))
+    await sock.wait_ready()
+    return kernel_id, sock
+
+
+async def test_a_hibernated_kernel_frees_its_memory_and_a_cell_wakes_it(jp_fetch, jp_ws_fetch, jp_serverapp, events):
+    kernel_id, sock = await open_notebook(jp_fetch, jp_ws_fetch, "big.ipynb")
+    await sock.execute("import numpy as np, threading\na = np.full(512 * 2**20 // 8, 3.0)\nx = 41")
+    pids = kernel_pids(jp_serverapp, kernel_id)
+    before = await info(jp_fetch, kernel_id)
+    assert before["hibernated"] is False and before["memory_bytes"] > 512 * MiB
+
+    out = await hibernate(jp_fetch, kernel_id)
+    assert out["memory_freed_bytes"] > 512 * MiB and out["snapshot_id"]
+    assert not any(alive(pid) for pid in pids)  # every process of the tree is gone
+    after = await info(jp_fetch, kernel_id)
+    assert after["hibernated"] is True and after["hibernated_snapshot"] == out["snapshot_id"]
+    assert after["memory_bytes"] == 0
+    # Still the server's kernel, with its session.
+    status, kernels = await api(jp_fetch, "GET", "api", "kernels")
+    assert [k["id"] for k in kernels] == [kernel_id]
+    status, sessions = await api(jp_fetch, "GET", "api", "sessions")
+    assert [(s["path"], s["kernel"]["id"]) for s in sessions] == [("big.ipynb", kernel_id)]
+    status, snap = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", out["snapshot_id"])
+    assert snap["trigger"] == "hibernate" and snap["status"] == "complete"
+    # A snapshot of a hibernated kernel is refused: its hibernation snapshot holds it.
+    status, refused = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
+    assert status == 409 and "hibernated" in refused["message"]
+    status, refused = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "hibernate")
+    assert status == 409 and "hibernated already" in refused["message"]
+
+    # The same websocket: the cell wakes it and runs with the state it had.
+    run = await sock.execute("x + 1, float(a[::4096].sum())", timeout=120)
+    assert run.result == f"(42, {512 * 2**20 // 8 // 4096 * 3.0})"
+    assert [e["action"] for e in events.events if e["action"] in ("hibernated", "waking", "woken")] == [
+        "hibernated",
+        "waking",
+        "woken",
+    ]
+    woken = await info(jp_fetch, kernel_id)
+    assert woken["hibernated"] is False and woken["memory_bytes"] > 0
+    status, refused = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "wake")
+    assert status == 409 and "not hibernated" in refused["message"]
+
+
+async def test_wake_interrupt_restart_and_shutdown_of_a_hibernated_kernel(
+    jp_fetch, jp_ws_fetch, jp_serverapp, store_root
+):
+    kernel_id, sock = await open_notebook(jp_fetch, jp_ws_fetch, "small.ipynb")
+    await sock.execute("y = 'kept'")
+    listed = store_root / "state" / "hibernated-kernels.json"
+
+    await hibernate(jp_fetch, kernel_id)
+    assert kernel_id in json.loads(listed.read_text())
+    # Interrupt: nothing runs, nothing to stop; it stays on disk.
+    status, _ = await api(jp_fetch, "POST", "api", "kernels", kernel_id, "interrupt")
+    assert status == 204 and (await info(jp_fetch, kernel_id))["hibernated"] is True
+    # Wake on request.
+    status, out = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "wake")
+    assert status == 200 and out["kernel_id"] == kernel_id, out
+    assert await sock.value("y") == "'kept'"
+    assert kernel_id not in json.loads(listed.read_text())
+
+    # Restart: a fresh kernel, not the hibernated one.
+    await hibernate(jp_fetch, kernel_id)
+    status, _ = await api(jp_fetch, "POST", "api", "kernels", kernel_id, "restart")
+    assert status == 200
+    await sock.wait_ready()
+    run = await sock.finish(await sock.send_execute("y"))
+    assert run.status == "error" and "NameError" in run.error
+    assert (await info(jp_fetch, kernel_id))["hibernated"] is False
+    assert kernel_id not in json.loads(listed.read_text())
+
+    # Shutdown: removed without being woken.
+    await sock.execute("z = 1")
+    out = await hibernate(jp_fetch, kernel_id)
+    status, _ = await api(jp_fetch, "DELETE", "api", "kernels", kernel_id)
+    assert status == 204
+    status, kernels = await api(jp_fetch, "GET", "api", "kernels")
+    assert kernels == []
+    assert kernel_id not in json.loads(listed.read_text())
+    status, snap = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", out["snapshot_id"])
+    assert status == 200 and snap["status"] == "complete"  # the snapshot stays, restorable
+    status, refused = await api(jp_fetch, "POST", "api", "ckpt", "kernels", "no-such-kernel", "wake")
+    assert status == 404
+
+
+async def test_a_restore_into_a_hibernated_kernel(jp_fetch, jp_ws_fetch):
+    kernel_id, sock = await open_notebook(jp_fetch, jp_ws_fetch, "r.ipynb")
+    await sock.execute("v = 'first'")
+    first = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("v = 'second'")
+    await hibernate(jp_fetch, kernel_id)
+    status, out = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", first["id"], "restore", body={"mode": "replace"}
+    )
+    assert status == 200, out
+    assert await sock.value("v") == "'first'"
+    assert (await info(jp_fetch, kernel_id))["hibernated"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_hibernated_kernels_survive_a_server_restart_and_idle_ones_hibernate(tmp_path):
+    # The server's culler would shut idle kernels down after 3 s; with
+    # hibernate_idle_after set, it hibernates them instead (and so does our own
+    # idle check, at 3600 s here, so the culler is what acts).
+    culling = [
+        "--CheckpointApp.hibernate_idle_after=3600",
+        "--MappingKernelManager.cull_idle_timeout=3",
+        "--MappingKernelManager.cull_interval=1",
+    ]
+    a = Server(tmp_path, *culling)
+    try:
+        body = {"path": "long.ipynb", "name": "long.ipynb", "type": "notebook", "kernel": {"name": "python3"}}
+        kernel_id = a.call("POST", "/api/sessions", body)["kernel"]["id"]
+        client = a.client(kernel_id)
+        value(client, "import threading; w = 'state of the first run'")
+        client.stop_channels()
+        for _ in range(300):
+            if a.call("GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"]:
+                break
+            asyncio.run(asyncio.sleep(0.1))
+        else:
+            raise AssertionError("the culler did not hibernate the idle kernel")
+        assert [k["id"] for k in a.call("GET", "/api/kernels")] == [kernel_id]  # not culled
+        a.stop()
+        b = Server(tmp_path)
+        try:
+            assert [k["id"] for k in b.call("GET", "/api/kernels")] == [kernel_id]
+            assert [(s["path"], s["kernel"]["id"]) for s in b.call("GET", "/api/sessions")] == [
+                ("long.ipynb", kernel_id)
+            ]
+            assert b.call("GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"] is True
+            b.call("POST", f"/api/ckpt/kernels/{kernel_id}/wake")
+            client = b.client(kernel_id)
+            assert value(client, "w") == "'state of the first run'"
+            client.stop_channels()
+        finally:
+            b.kill()
+    finally:
+        a.kill()
