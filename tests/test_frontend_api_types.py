@@ -48,9 +48,11 @@ MODELS: dict[str, tuple[str, str]] = {
     "IRestoreOptions": ("request", _RESTORE),
     "IImport": ("response", "/components/schemas/Snapshot/properties/imported"),
     "IPreviousRunKernel": ("response", "/components/schemas/Status/properties/previous_run/items"),
+    "IHibernation": ("response", "/components/schemas/Hibernation"),
 }
-# Interfaces of api.ts that are deliberately not API models (none today).
-NOT_MODELS: set[str] = set()
+# Interfaces of api.ts that are deliberately not API models: nbformat's
+# notebook document, described by nbformat's own schema, not openapi.yaml.
+NOT_MODELS: set[str] = {"INotebookDocument"}
 
 
 # --------------------------------------------------------------------------

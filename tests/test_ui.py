@@ -236,3 +236,72 @@ def test_failure_reason_rename_and_delete_in_the_panel(lab, page, tmp_path):
     assert [s["status"] for s in call(lab, "GET", "/api/ckpt/snapshots")] == ["failed"]
     peer.close()
     outside.close()
+
+
+def test_notebook_with_the_snapshot_and_hibernation_in_jupyterlab(lab, page):
+    open_notebook(page, lab, "lab/tree/story.ipynb")
+    run_cell(page, "x = 'v1'; print('x is', x)")
+    last_output(page, "x is v1")
+    click_snapshot(page)  # the document as shown goes with it, unsaved as it is
+    run_cell(page, "x = 'v2'; print('x is', x)")
+    last_output(page, "x is v2")
+
+    # The panel says how the snapshot's notebook differs from the open one, and shows it.
+    page.locator(".lm-TabBar-tab[data-id='jupyter-ckpt-panel']").click()
+    row = page.locator(".jp-ckpt-row.jp-ckpt-status-complete").first
+    row.locator(".jp-ckpt-notebook-changes", has_text="cells since").wait_for()
+    row.locator("[data-action='open-notebook']").click()
+    view = page.locator(".jp-ckpt-notebook-view")
+    view.wait_for()
+    assert "x = 'v1'" in view.inner_text() and "x = 'v2'" not in view.inner_text()
+    assert "x is v1" in view.inner_text()  # with its outputs
+    page.locator(".lm-TabBar-tab.lm-mod-current .lm-TabBar-tabCloseIcon").last.click()
+
+    # Restore kernel and notebook: the open notebook shows the snapshot's without a reload.
+    row.locator(".jp-ToolbarButtonComponent[aria-label='Restore']").click()
+    dialog = page.locator(".jp-Dialog")
+    dialog.locator(".jp-ckpt-save-first input").uncheck()
+    dialog.locator(".jp-ckpt-with-notebook input").check()
+    dialog.locator("button.jp-mod-warn").click()
+    page.locator(".jp-toast-message", has_text="Kernel and notebook restored").wait_for()
+    cells = page.locator(".jp-NotebookPanel:visible .jp-Cell .cm-content", has_text="x = 'v2'")
+    for _ in range(100):
+        if cells.count() == 0:
+            break
+        time.sleep(0.1)
+    assert cells.count() == 0
+    run_cell(page, "print('x is now', x)")
+    last_output(page, "x is now v1")
+
+    # Hibernate from the command palette: the toolbar says so.
+    page.keyboard.press("Control+Shift+c")
+    page.keyboard.type("Hibernate Kernel")
+    page.keyboard.press("Enter")
+    page.locator(".jp-toast-message", has_text="Kernel hibernated").wait_for()
+    page.locator(SNAPSHOT_BUTTON, has_text="Hibernated").wait_for()
+    [session] = call(lab, "GET", "/api/sessions")
+    kernel_id = session["kernel"]["id"]
+    assert call(lab, "GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"] is True
+
+    # A cell run wakes it: the toolbar says "Waking…", then is back to its usual state.
+    page.locator(SNAPSHOT_BUTTON).evaluate(
+        """node => {
+            window.ckptLabels = [];
+            new MutationObserver(() => window.ckptLabels.push(node.textContent)).observe(
+                node, {subtree: true, childList: true, characterData: true});
+        }"""
+    )
+    run_cell(page, "print('x after waking:', x)")
+    last_output(page, "x after waking: v1")
+    page.locator(SNAPSHOT_BUTTON, has_text="Snapshot").wait_for()
+    assert "Waking…" in page.evaluate("window.ckptLabels")
+
+    # Hibernated again (the panel's button), then woken by opening the notebook.
+    page.locator(".jp-ckpt-hibernation .jp-ToolbarButtonComponent", has_text="Hibernate").click()
+    page.locator(SNAPSHOT_BUTTON, has_text="Hibernated").wait_for()
+    page.reload()
+    page.locator(SNAPSHOT_BUTTON, has_text="Snapshot").wait_for()
+    wait_for_kernel(lab, "story.ipynb")
+    assert call(lab, "GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"] is False
+    run_cell(page, "print('x after opening:', x)")
+    last_output(page, "x after opening: v1")

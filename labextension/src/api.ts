@@ -15,7 +15,7 @@ export interface ISnapshot {
   kernel_name: string;
   path: string | null;
   label: string;
-  trigger: 'manual' | 'magic' | 'auto';
+  trigger: 'manual' | 'magic' | 'auto' | 'hibernate';
   parent_id: string | null;
   created: string;
   status: SnapshotStatus;
@@ -29,6 +29,8 @@ export interface ISnapshot {
   criu_version: string | null;
   /** Set when the snapshot came in a bundle. */
   imported: IImport | null;
+  /** Where the notebook stored with it came from; null: none stored. */
+  notebook: 'browser' | 'live' | 'saved' | null;
 }
 
 export interface IImport {
@@ -65,6 +67,22 @@ export interface IKernelState {
   reason: string;
   busy: boolean;
   restored_from: string | null;
+  /** Its processes are on disk (the snapshot hibernated_snapshot); it wakes when used. */
+  hibernated: boolean;
+  hibernated_snapshot: string | null;
+  /** Resident memory of its processes (0 while hibernated). */
+  memory_bytes: number;
+}
+
+export interface IHibernation {
+  kernel_id: string;
+  /** The snapshot it wakes from. */
+  snapshot_id: string;
+  /** Resident memory its processes held. */
+  memory_freed_bytes: number;
+  freeze_seconds: number;
+  /** Until its processes were gone. */
+  total_seconds: number;
 }
 
 export interface ISchedule {
@@ -78,6 +96,8 @@ export interface IRestoreOptions {
   kernel_id?: string;
   path?: string;
   copy?: boolean;
+  /** replace: also put the snapshot's notebook back (the current one becomes the file's checkpoint). */
+  notebook?: boolean;
 }
 
 export interface IRestoreOutcome {
@@ -92,6 +112,21 @@ export interface IRestoreOutcome {
   prepare_seconds: number;
   /** The kernel answered before all of its memory was back (CRIU's lazy pages). */
   lazy: boolean;
+  /** replace: the snapshot's notebook was put back too, at path. */
+  notebook: boolean;
+}
+
+/** A notebook document (nbformat 4), as the server stores it with a snapshot. */
+export interface INotebookDocument {
+  cells: {
+    id?: string;
+    cell_type: string;
+    source: string | string[];
+    outputs?: unknown[];
+  }[];
+  metadata?: Record<string, unknown>;
+  nbformat: number;
+  nbformat_minor: number;
 }
 
 /** A refusal or failure, with the server's own reason. */
@@ -133,11 +168,33 @@ export class CheckpointClient {
     return this.request(`snapshots/${enc(snapshotId)}`);
   }
 
-  /** Start a snapshot; it answers at once (status "pending"), progress comes as events. */
-  snapshot(kernelId: string, label = ''): Promise<ISnapshot> {
+  /**
+   * Start a snapshot; it answers at once (status "pending"), progress comes as
+   * events. ``notebook``: the document as shown here, stored with it.
+   */
+  snapshot(
+    kernelId: string,
+    label = '',
+    notebook?: unknown
+  ): Promise<ISnapshot> {
     return this.request(`kernels/${enc(kernelId)}/snapshots`, 'POST', {
-      label
+      label,
+      ...(notebook ? { notebook } : {})
     });
+  }
+
+  /** The notebook document stored with a snapshot. */
+  notebook(snapshotId: string): Promise<INotebookDocument> {
+    return this.request(`snapshots/${enc(snapshotId)}/notebook`);
+  }
+
+  /** Put the kernel to disk: its processes stop, it stays listed, it wakes when used. */
+  hibernate(kernelId: string): Promise<IHibernation> {
+    return this.request(`kernels/${enc(kernelId)}/hibernate`, 'POST');
+  }
+
+  wake(kernelId: string): Promise<IRestoreOutcome> {
+    return this.request(`kernels/${enc(kernelId)}/wake`, 'POST');
   }
 
   relabel(snapshotId: string, label: string): Promise<ISnapshot> {

@@ -15,15 +15,18 @@ import {
   ICommandPalette,
   IToolbarWidgetRegistry,
   InputDialog,
+  MainAreaWidget,
   Notification,
   showDialog
 } from '@jupyterlab/apputils';
+import { Widget } from '@lumino/widgets';
 import { IDocumentManager } from '@jupyterlab/docmanager';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 
 import {
   CheckpointClient,
   CheckpointError,
+  INotebookDocument,
   ISnapshot,
   formatBytes,
   formatSeconds
@@ -31,6 +34,7 @@ import {
 import { snapshotIcon } from './icons';
 import {
   ISnapshotEvent,
+  KernelHibernation,
   KernelOrigins,
   ProgressTracker,
   SnapshotsModel,
@@ -48,11 +52,104 @@ const PLUGIN_ID = 'jupyter-ckpt:plugin';
 
 export const CommandIDs = {
   snapshot: 'jupyter-ckpt:snapshot',
-  openPanel: 'jupyter-ckpt:open-panel'
+  openPanel: 'jupyter-ckpt:open-panel',
+  hibernate: 'jupyter-ckpt:hibernate',
+  wake: 'jupyter-ckpt:wake'
 };
 
 function kernelOf(panel: NotebookPanel | null | undefined): string | null {
   return panel?.sessionContext.session?.kernel?.id ?? null;
+}
+
+/** The notebook as this browser shows it, unsaved edits included. */
+function documentOf(
+  panel: NotebookPanel | null | undefined
+): INotebookDocument | null {
+  const json = panel?.content.model?.toJSON();
+  return json ? (json as unknown as INotebookDocument) : null;
+}
+
+/** The restore dialog's body: its two choices. */
+class RestoreChoices extends Widget {
+  constructor(text: string, canSaveFirst: boolean, hasNotebook: boolean) {
+    super();
+    this.addClass('jp-ckpt-restore-choices');
+    const p = document.createElement('p');
+    p.textContent = text;
+    this.node.appendChild(p);
+    this.saveFirst = this.choice(
+      'Snapshot the current state first',
+      canSaveFirst,
+      'jp-ckpt-save-first'
+    );
+    this.withNotebook = this.choice(
+      hasNotebook
+        ? 'Also restore the notebook (the current one is kept as its checkpoint: File > Revert)'
+        : 'Also restore the notebook (none was stored with this snapshot)',
+      hasNotebook,
+      'jp-ckpt-with-notebook',
+      false
+    );
+  }
+
+  getValue(): { saveFirst: boolean; notebook: boolean } {
+    return {
+      saveFirst: !!this.saveFirst?.checked,
+      notebook: !!this.withNotebook?.checked
+    };
+  }
+
+  private choice(
+    label: string,
+    enabled: boolean,
+    className: string,
+    checked = true
+  ): HTMLInputElement | null {
+    const row = document.createElement('label');
+    row.className = className;
+    const box = document.createElement('input');
+    box.type = 'checkbox';
+    box.checked = enabled && checked;
+    box.disabled = !enabled;
+    row.append(box, ` ${label}`);
+    this.node.appendChild(row);
+    return box;
+  }
+
+  private saveFirst: HTMLInputElement | null;
+  private withNotebook: HTMLInputElement | null;
+}
+
+/** A read-only view of a notebook document: its cells and their text outputs. */
+function notebookView(doc: INotebookDocument, title: string): Widget {
+  const content = new Widget();
+  content.addClass('jp-ckpt-notebook-view');
+  for (const cell of doc.cells) {
+    const block = document.createElement('div');
+    block.className = `jp-ckpt-view-cell jp-ckpt-view-${cell.cell_type}`;
+    const source = document.createElement('pre');
+    source.textContent = Array.isArray(cell.source)
+      ? cell.source.join('')
+      : cell.source;
+    block.appendChild(source);
+    for (const output of (cell.outputs ?? []) as any[]) {
+      const text =
+        output.text ??
+        output.data?.['text/plain'] ??
+        (output.ename ? `${output.ename}: ${output.evalue}` : '');
+      if (text) {
+        const out = document.createElement('pre');
+        out.className = 'jp-ckpt-view-output';
+        out.textContent = Array.isArray(text) ? text.join('') : String(text);
+        block.appendChild(out);
+      }
+    }
+    content.node.appendChild(block);
+  }
+  const widget = new MainAreaWidget({ content });
+  widget.title.label = title;
+  widget.title.closable = true;
+  return widget;
 }
 
 function reason(error: unknown): string {
@@ -106,6 +203,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const model = new SnapshotsModel(client);
     const progress = new ProgressTracker();
     const origins = new KernelOrigins(client);
+    const hibernation = new KernelHibernation(client);
 
     app.serviceManager.events.stream.connect((_, emission) => {
       if (!isSnapshotEvent(emission)) {
@@ -115,6 +213,15 @@ const plugin: JupyterFrontEndPlugin<void> = {
       progress.handleEvent(event);
       model.handleEvent(event);
       origins.handleEvent(event);
+      hibernation.handleEvent(event);
+      if (event.action === 'notebook_restored' && event.path) {
+        // The file was replaced on the server: every open view of it shows it now.
+        tracker.forEach(nb => {
+          if (nb.context.path === event.path) {
+            void nb.context.revert();
+          }
+        });
+      }
     });
 
     /** Snapshot a notebook's kernel, with progress on its button and a notification. */
@@ -132,7 +239,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
       let started: ISnapshot;
       try {
-        started = await client.snapshot(kernelId, label);
+        started = await client.snapshot(kernelId, label, documentOf(panel));
       } catch (error) {
         Notification.error(`Snapshot not taken: ${reason(error)}`, {
           autoClose: false
@@ -173,21 +280,22 @@ const plugin: JupyterFrontEndPlugin<void> = {
           panel && panel.context.path === s.path ? kernelOf(panel) : null;
         const result = await showDialog({
           title: 'Restore this snapshot?',
-          body:
+          body: new RestoreChoices(
             `The kernel of ${s.path ?? 'its notebook'} goes back to ${snapshotName(s)}: ` +
-            'its variables, running cells and threads become what they were then.',
-          checkbox: current
-            ? { label: 'Snapshot the current state first', checked: true }
-            : null,
+              'its variables, running cells and threads become what they were then.',
+            !!current,
+            !!s.notebook
+          ),
           buttons: [
             Dialog.cancelButton(),
             Dialog.warnButton({ label: 'Restore' })
           ]
         });
-        if (!result.button.accept) {
+        if (!result.button.accept || !result.value) {
           return;
         }
-        if (result.isChecked && current) {
+        const choices = result.value;
+        if (choices.saveFirst && current) {
           const saved = await snapshotNotebook(
             panel,
             `before restoring ${snapshotName(s, false)}`
@@ -197,15 +305,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
           }
         }
         await notifying(
-          client.restore(
-            s.id,
-            current
-              ? { mode: 'replace', kernel_id: current }
-              : { mode: 'replace' }
-          ),
+          client.restore(s.id, {
+            mode: 'replace',
+            ...(current ? { kernel_id: current } : {}),
+            ...(choices.notebook ? { notebook: true } : {})
+          }),
           `Restoring ${snapshotName(s)}…`,
           out =>
-            `Kernel restored from the snapshot in ${formatSeconds(out.total_seconds)}.`,
+            `Kernel ${out.notebook ? 'and notebook ' : ''}restored from the snapshot in ${formatSeconds(out.total_seconds)}.`,
           'Restore failed'
         );
         await model.refresh();
@@ -318,6 +425,30 @@ const plugin: JupyterFrontEndPlugin<void> = {
         input.click();
       },
 
+      async openNotebook(s) {
+        try {
+          const doc = await client.notebook(s.id);
+          const name = (s.path ?? 'notebook').split('/').pop();
+          const view = notebookView(
+            doc,
+            `${name} at ${snapshotName(s, false)} (read-only)`
+          );
+          app.shell.add(view, 'main', { mode: 'split-right' });
+        } catch (error) {
+          Notification.error(`Notebook not opened: ${reason(error)}`, {
+            autoClose: 5000
+          });
+        }
+      },
+
+      hibernate() {
+        void hibernateKernel(model.kernelId);
+      },
+
+      wake() {
+        void wakeKernel(model.kernelId);
+      },
+
       async setSchedule(enabled, intervalSeconds) {
         if (!model.kernelId) {
           return;
@@ -334,18 +465,63 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
     };
 
+    async function hibernateKernel(kernelId: string | null): Promise<void> {
+      if (!kernelId) {
+        return;
+      }
+      await notifying(
+        client.hibernate(kernelId),
+        'Putting the kernel to disk…',
+        out =>
+          `Kernel hibernated: ${formatBytes(out.memory_freed_bytes)} of memory freed. It wakes when you run a cell.`,
+        'Not hibernated'
+      );
+      await model.refresh();
+    }
+
+    async function wakeKernel(kernelId: string | null): Promise<void> {
+      if (!kernelId) {
+        return;
+      }
+      await notifying(
+        client.wake(kernelId),
+        'Waking the kernel…',
+        out => `Kernel running again (${formatSeconds(out.total_seconds)}).`,
+        'Not woken'
+      );
+      await model.refresh();
+    }
+
     const panel = new SnapshotsPanel(model, actions);
     app.shell.add(panel, 'right', { rank: 650 });
 
     // The panel follows the current notebook and its kernel.
+    // and the document it shows (for how each snapshot's notebook differs).
+    let documentTimer = 0;
+    const showDocument = () => {
+      window.clearTimeout(documentTimer);
+      documentTimer = window.setTimeout(
+        () => model.setCurrentDocument(documentOf(tracker.currentWidget)),
+        500
+      );
+    };
     const follow = () => {
       const current = tracker.currentWidget;
       void model.setContext(current?.context.path ?? null, kernelOf(current));
+      showDocument();
     };
     tracker.currentChanged.connect(follow);
     tracker.widgetAdded.connect((_, nb) => {
       nb.sessionContext.kernelChanged.connect(follow);
       nb.context.pathChanged.connect(follow);
+      nb.context.ready.then(() => {
+        follow();
+        nb.content.model?.contentChanged.connect(() => {
+          if (tracker.currentWidget === nb) {
+            showDocument();
+          }
+        });
+      });
     });
     follow();
 
@@ -355,10 +531,19 @@ const plugin: JupyterFrontEndPlugin<void> = {
       nb => {
         const button = new SnapshotButton(
           progress,
+          hibernation,
           () => kernelOf(nb),
           () => void snapshotNotebook(nb)
         );
-        nb.sessionContext.kernelChanged.connect(() => button.update());
+        const load = () => {
+          const kernelId = kernelOf(nb);
+          if (kernelId) {
+            void hibernation.load(kernelId);
+          }
+          button.update();
+        };
+        nb.sessionContext.kernelChanged.connect(load);
+        void nb.sessionContext.ready.then(load);
         return button;
       }
     );
@@ -392,6 +577,23 @@ const plugin: JupyterFrontEndPlugin<void> = {
       isEnabled: () => !!kernelOf(tracker.currentWidget),
       execute: () => snapshotNotebook(tracker.currentWidget)
     });
+    app.commands.addCommand(CommandIDs.hibernate, {
+      label: 'Hibernate Kernel',
+      caption:
+        "Put the current notebook's kernel to disk and free its memory; it wakes when you run a cell",
+      isEnabled: () => {
+        const kernelId = kernelOf(tracker.currentWidget);
+        return !!kernelId && !hibernation.state(kernelId);
+      },
+      execute: () => hibernateKernel(kernelOf(tracker.currentWidget))
+    });
+    app.commands.addCommand(CommandIDs.wake, {
+      label: 'Wake Kernel',
+      caption: "Restore the current notebook's hibernated kernel now",
+      isEnabled: () =>
+        hibernation.state(kernelOf(tracker.currentWidget)) === 'hibernated',
+      execute: () => wakeKernel(kernelOf(tracker.currentWidget))
+    });
     app.commands.addCommand(CommandIDs.openPanel, {
       label: 'Show Snapshots',
       execute: () => app.shell.activateById(panel.id)
@@ -399,6 +601,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     if (palette) {
       palette.addItem({ command: CommandIDs.snapshot, category: 'Snapshots' });
       palette.addItem({ command: CommandIDs.openPanel, category: 'Snapshots' });
+      palette.addItem({ command: CommandIDs.hibernate, category: 'Snapshots' });
+      palette.addItem({ command: CommandIDs.wake, category: 'Snapshots' });
     }
   }
 };

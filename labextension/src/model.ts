@@ -7,6 +7,7 @@ import { ISignal, Signal } from '@lumino/signaling';
 import {
   CheckpointClient,
   IKernelState,
+  INotebookDocument,
   ISchedule,
   IServerStatus,
   ISnapshot
@@ -26,6 +27,8 @@ export interface ISnapshotEvent {
   stored_bytes?: number;
   freeze_seconds?: number;
   message?: string;
+  /** notebook_restored: the notebook written. */
+  path?: string;
 }
 
 export function isSnapshotEvent(event: {
@@ -37,8 +40,61 @@ export function isSnapshotEvent(event: {
 /** The calls the panel model makes (the client, or a test's stand-in). */
 export type IModelClient = Pick<
   CheckpointClient,
-  'list' | 'status' | 'kernel' | 'schedule'
+  'list' | 'status' | 'kernel' | 'schedule' | 'notebook'
 >;
+
+/** How a snapshot's notebook differs from the open one, in cells. */
+export interface INotebookChanges {
+  /** Cells of the open notebook the snapshot's lacks. */
+  added: number;
+  /** Cells of the snapshot's notebook the open one lacks. */
+  removed: number;
+  /** Cells in both whose type or source differ. */
+  changed: number;
+}
+
+function sourceOf(cell: INotebookDocument['cells'][number]): string {
+  return Array.isArray(cell.source) ? cell.source.join('') : cell.source;
+}
+
+/**
+ * Compare a snapshot's notebook with the open one. Cells are matched by
+ * their id (nbformat 4.5), else by position.
+ */
+export function notebookChanges(
+  then: INotebookDocument,
+  now: INotebookDocument
+): INotebookChanges {
+  const key = (c: INotebookDocument['cells'][number], i: number) =>
+    c.id ? `id:${c.id}` : `at:${i}`;
+  const before = new Map(then.cells.map((c, i) => [key(c, i), c]));
+  const after = new Map(now.cells.map((c, i) => [key(c, i), c]));
+  let added = 0;
+  let changed = 0;
+  for (const [k, cell] of after) {
+    const old = before.get(k);
+    if (!old) {
+      added++;
+    } else if (
+      old.cell_type !== cell.cell_type ||
+      sourceOf(old) !== sourceOf(cell)
+    ) {
+      changed++;
+    }
+  }
+  const removed = [...before.keys()].filter(k => !after.has(k)).length;
+  return { added, removed, changed };
+}
+
+/** "2 cells added, 1 changed", or "same cells". */
+export function describeChanges(c: INotebookChanges): string {
+  const parts = [
+    c.added ? `${c.added} added` : '',
+    c.removed ? `${c.removed} removed` : '',
+    c.changed ? `${c.changed} changed` : ''
+  ].filter(Boolean);
+  return parts.length ? `cells since: ${parts.join(', ')}` : 'same cells';
+}
 
 /**
  * The snapshots the panel shows: those of the current notebook (or all of
@@ -60,6 +116,29 @@ export class SnapshotsModel {
   schedule: ISchedule | null = null;
   server: IServerStatus | null = null;
   error = '';
+  /** The open notebook's document as shown (unsaved edits included). */
+  currentDocument: INotebookDocument | null = null;
+  /** Grows with each change of currentDocument. */
+  documentVersion = 0;
+
+  setCurrentDocument(document: INotebookDocument | null): void {
+    this.currentDocument = document;
+    this.documentVersion++;
+    this._changed.emit();
+  }
+
+  /** A snapshot's notebook (fetched once: snapshots do not change). */
+  notebookOf(snapshot: ISnapshot): Promise<INotebookDocument | null> {
+    if (!snapshot.notebook || snapshot.status !== 'complete') {
+      return Promise.resolve(null);
+    }
+    let found = this._notebooks.get(snapshot.id);
+    if (!found) {
+      found = this.client.notebook(snapshot.id).catch(() => null);
+      this._notebooks.set(snapshot.id, found);
+    }
+    return found;
+  }
 
   /** The notebook (and its kernel) the panel is about. */
   async setContext(
@@ -128,7 +207,11 @@ export class SnapshotsModel {
         'deleted',
         'pruned',
         'restored',
-        'schedule_changed'
+        'schedule_changed',
+        'hibernated',
+        'woken',
+        'wake_failed',
+        'notebook_restored'
       ].includes(event.action)
     ) {
       void this.refresh();
@@ -154,6 +237,61 @@ export class SnapshotsModel {
   }
 
   private _changed = new Signal<this, void>(this);
+  private _notebooks = new Map<string, Promise<INotebookDocument | null>>();
+}
+
+export type HibernationState = 'hibernating' | 'hibernated' | 'waking';
+
+/** Which kernels are on disk, going there or waking (for the toolbar and the panel). */
+export class KernelHibernation {
+  constructor(private readonly client: Pick<CheckpointClient, 'kernel'>) {}
+
+  get changed(): ISignal<this, string> {
+    return this._changed;
+  }
+
+  state(kernelId: string | null): HibernationState | null {
+    return kernelId ? (this._states.get(kernelId) ?? null) : null;
+  }
+
+  /** Ask the server about a kernel seen for the first time. */
+  async load(kernelId: string): Promise<void> {
+    try {
+      const state = await this.client.kernel(kernelId);
+      this.set(kernelId, state.hibernated ? 'hibernated' : null);
+    } catch {
+      // not a kernel the server can snapshot: never hibernated
+    }
+  }
+
+  handleEvent(event: ISnapshotEvent): void {
+    if (!event.kernel_id) {
+      return;
+    }
+    const next: Record<string, HibernationState | null> = {
+      hibernating: 'hibernating',
+      hibernated: 'hibernated',
+      hibernate_failed: null,
+      waking: 'waking',
+      woken: null,
+      wake_failed: 'hibernated'
+    };
+    if (event.action in next) {
+      this.set(event.kernel_id, next[event.action]);
+    }
+  }
+
+  private set(kernelId: string, state: HibernationState | null): void {
+    if (state) {
+      this._states.set(kernelId, state);
+    } else {
+      this._states.delete(kernelId);
+    }
+    this._changed.emit(kernelId);
+  }
+
+  private _states = new Map<string, HibernationState>();
+  private _changed = new Signal<this, string>(this);
 }
 
 export interface IRunning {

@@ -11,15 +11,22 @@ import {
   historyIcon,
   refreshIcon,
   undoIcon,
-  copyIcon
+  copyIcon,
+  notebookIcon,
+  stopIcon,
+  runIcon
 } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
 import { ISnapshot, formatBytes, formatSeconds } from './api';
 import {
+  INotebookChanges,
+  KernelHibernation,
   KernelOrigins,
   ProgressTracker,
   SnapshotsModel,
+  describeChanges,
+  notebookChanges,
   snapshotName
 } from './model';
 import { snapshotIcon } from './icons';
@@ -33,13 +40,52 @@ export interface IPanelActions {
   download(snapshot: ISnapshot): void;
   upload(): void;
   setSchedule(enabled: boolean, intervalSeconds: number): void;
+  /** Show the notebook stored with the snapshot, read-only. */
+  openNotebook(snapshot: ISnapshot): void;
+  hibernate(): void;
+  wake(): void;
 }
 
 const TRIGGER_TITLE: Record<string, string> = {
   manual: 'taken with the Snapshot button or the API',
   magic: 'taken with %checkpoint in the notebook',
-  auto: 'taken by auto-backup'
+  auto: 'taken by auto-backup',
+  hibernate: 'taken when the kernel hibernated'
 };
+
+/** How the snapshot's notebook differs from the open one (fetched once). */
+function NotebookChanges(props: {
+  snapshot: ISnapshot;
+  model: SnapshotsModel;
+}): JSX.Element | null {
+  const { snapshot, model } = props;
+  const [changes, setChanges] = React.useState<INotebookChanges | null>(null);
+  const current = model.currentDocument;
+  React.useEffect(() => {
+    let live = true;
+    void model.notebookOf(snapshot).then(then => {
+      if (live && then && current) {
+        setChanges(notebookChanges(then, current));
+      }
+    });
+    return () => {
+      live = false;
+    };
+  }, [snapshot.id, model.documentVersion]);
+  if (!snapshot.notebook) {
+    return (
+      <div className="jp-ckpt-notebook-changes">no notebook stored with it</div>
+    );
+  }
+  return changes ? (
+    <div
+      className="jp-ckpt-notebook-changes"
+      title="How the open notebook differs from the one stored with this snapshot"
+    >
+      {describeChanges(changes)}
+    </div>
+  ) : null;
+}
 
 function SnapshotRow(props: {
   snapshot: ISnapshot;
@@ -83,6 +129,9 @@ function SnapshotRow(props: {
       {s.status === 'failed' && s.error ? (
         <div className="jp-ckpt-error">{s.error}</div>
       ) : null}
+      {s.status === 'complete' ? (
+        <NotebookChanges snapshot={s} model={model} />
+      ) : null}
       {isOrigin ? (
         <div className="jp-ckpt-origin-note">
           the running kernel was restored from this snapshot
@@ -104,6 +153,13 @@ function SnapshotRow(props: {
           }
           enabled={done && !forkReason}
           onClick={() => actions.fork(s)}
+        />
+        <ToolbarButtonComponent
+          icon={notebookIcon}
+          tooltip="Open the notebook stored with this snapshot (read-only)"
+          enabled={done && !!s.notebook}
+          onClick={() => actions.openNotebook(s)}
+          dataset={{ action: 'open-notebook' }}
         />
         <ToolbarButtonComponent
           icon={editIcon}
@@ -172,6 +228,39 @@ function ScheduleControls(props: {
   );
 }
 
+function HibernationControls(props: {
+  model: SnapshotsModel;
+  actions: IPanelActions;
+}): JSX.Element | null {
+  const { model, actions } = props;
+  const kernel = model.kernel;
+  if (!kernel?.checkpointable) {
+    return null;
+  }
+  return kernel.hibernated ? (
+    <div className="jp-ckpt-hibernation">
+      <span>
+        Hibernated: the kernel is on disk and wakes when you run a cell.
+      </span>
+      <ToolbarButtonComponent
+        icon={runIcon}
+        label="Wake"
+        tooltip="Restore the kernel now"
+        onClick={() => actions.wake()}
+      />
+    </div>
+  ) : (
+    <div className="jp-ckpt-hibernation">
+      <ToolbarButtonComponent
+        icon={stopIcon}
+        label="Hibernate"
+        tooltip={`Put the kernel to disk and free its memory (${formatBytes(kernel.memory_bytes)}); it wakes when used`}
+        onClick={() => actions.hibernate()}
+      />
+    </div>
+  );
+}
+
 export class SnapshotsPanel extends ReactWidget {
   constructor(
     readonly model: SnapshotsModel,
@@ -230,6 +319,7 @@ export class SnapshotsPanel extends ReactWidget {
                   </div>
                 ) : null}
                 <ScheduleControls model={m} actions={this.actions} />
+                <HibernationControls model={m} actions={this.actions} />
                 {m.server && !m.server.criu.available ? (
                   <div className="jp-ckpt-error">
                     Snapshots are disabled: {m.server.criu.reason}
@@ -267,13 +357,17 @@ export class SnapshotsPanel extends ReactWidget {
 const STATUS_WORD: Record<string, string> = {
   pending: 'Starting…',
   dumping: 'Freezing…',
-  storing: 'Storing…'
+  storing: 'Storing…',
+  hibernating: 'Hibernating…',
+  hibernated: 'Hibernated',
+  waking: 'Waking…'
 };
 
 /** The notebook toolbar's Snapshot button: shows progress while one runs. */
 export class SnapshotButton extends ReactWidget {
   constructor(
     private readonly progress: ProgressTracker,
+    private readonly hibernation: KernelHibernation,
     private readonly kernelId: () => string | null,
     private readonly onClick: () => void
   ) {
@@ -283,32 +377,39 @@ export class SnapshotButton extends ReactWidget {
 
   protected render(): JSX.Element {
     return (
-      <UseSignal signal={this.progress.changed}>
-        {() => {
-          const kernelId = this.kernelId();
-          const running = kernelId
-            ? this.progress.running(kernelId)
-            : undefined;
-          return (
-            <ToolbarButtonComponent
-              icon={snapshotIcon}
-              label={
-                running
-                  ? (STATUS_WORD[running.status] ?? 'Snapshot…')
-                  : 'Snapshot'
-              }
-              tooltip={
-                running
-                  ? `Snapshot ${running.snapshotId}: ${running.status}`
-                  : 'Snapshot the kernel (all of its memory, also mid-cell)'
-              }
-              enabled={!running && !!kernelId}
-              onClick={this.onClick}
-              dataset={{ command: 'jupyter-ckpt:snapshot' }}
-            />
-          );
-        }}
+      <UseSignal signal={this.hibernation.changed}>
+        {() => (
+          <UseSignal signal={this.progress.changed}>
+            {() => this.renderButton()}
+          </UseSignal>
+        )}
       </UseSignal>
+    );
+  }
+
+  private renderButton(): JSX.Element {
+    const kernelId = this.kernelId();
+    const running = kernelId ? this.progress.running(kernelId) : undefined;
+    const hibernation = this.hibernation.state(kernelId);
+    const state = hibernation ?? running?.status;
+    return (
+      <ToolbarButtonComponent
+        icon={snapshotIcon}
+        label={state ? (STATUS_WORD[state] ?? 'Snapshot…') : 'Snapshot'}
+        tooltip={
+          hibernation === 'hibernated'
+            ? 'The kernel is on disk; it wakes when you run a cell'
+            : running
+              ? `Snapshot ${running.snapshotId}: ${running.status}`
+              : 'Snapshot the kernel (all of its memory, also mid-cell)'
+        }
+        enabled={!state && !!kernelId}
+        onClick={this.onClick}
+        dataset={{
+          command: 'jupyter-ckpt:snapshot',
+          ...(hibernation ? { hibernation } : {})
+        }}
+      />
     );
   }
 }

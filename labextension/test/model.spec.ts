@@ -4,8 +4,11 @@
  */
 import { ISnapshot } from '../src/api';
 import {
+  KernelHibernation,
   KernelOrigins,
   ProgressTracker,
+  describeChanges,
+  notebookChanges,
   SNAPSHOT_SCHEMA,
   SnapshotsModel,
   isSnapshotEvent,
@@ -31,6 +34,7 @@ function snap(id: string, extra: Partial<ISnapshot> = {}): ISnapshot {
     execution_count: 1,
     criu_version: '4.2.1',
     imported: null,
+    notebook: 'saved',
     ...extra
   };
 }
@@ -62,7 +66,19 @@ function fakeClient(
         checkpointable: true,
         reason: '',
         busy: false,
-        restored_from: restoredFrom
+        restored_from: restoredFrom,
+        hibernated: id === 'k-asleep',
+        hibernated_snapshot: id === 'k-asleep' ? '01A' : null,
+        memory_bytes: id === 'k-asleep' ? 0 : 1000
+      };
+    },
+    notebookCalls: [] as string[],
+    async notebook(id: string) {
+      this.notebookCalls.push(id);
+      return {
+        cells: [{ id: 'c1', cell_type: 'code', source: 'x = 1' }],
+        nbformat: 4,
+        nbformat_minor: 5
       };
     },
     async schedule() {
@@ -283,5 +299,72 @@ describe('events and names', () => {
       kernel_id: 'k-1'
     });
     expect(origins.get('k-1')?.label).toBe('v1 (deleted)');
+  });
+
+  it("fetches a snapshot's notebook once, and none for a snapshot without one", async () => {
+    const client = fakeClient([snap('01A'), snap('01B', { notebook: null })]);
+    const model = new SnapshotsModel(client);
+    await model.setContext('a.ipynb', 'k-1');
+    const [b, a] = model.snapshots;
+    expect(await model.notebookOf(b)).toBeNull();
+    expect((await model.notebookOf(a))?.cells).toHaveLength(1);
+    await model.notebookOf(a);
+    expect(client.notebookCalls).toEqual(['01A']);
+  });
+});
+
+describe('notebookChanges', () => {
+  const cell = (id: string | undefined, source: string | string[]) => ({
+    ...(id ? { id } : {}),
+    cell_type: 'code',
+    source
+  });
+  const doc = (...cells: ReturnType<typeof cell>[]) => ({
+    cells,
+    nbformat: 4,
+    nbformat_minor: 5
+  });
+
+  it('counts cells added, removed and changed, matched by id', () => {
+    const then = doc(cell('a', 'x = 1'), cell('b', 'y = 2'), cell('c', 'z'));
+    const now = doc(
+      cell('a', ['x = ', '1']),
+      cell('c', 'z = 3'),
+      cell('d', 'new'),
+      cell('e', 'new too')
+    );
+    const changes = notebookChanges(then, now);
+    expect(changes).toEqual({ added: 2, removed: 1, changed: 1 });
+    expect(describeChanges(changes)).toBe(
+      'cells since: 2 added, 1 removed, 1 changed'
+    );
+    expect(describeChanges(notebookChanges(then, then))).toBe('same cells');
+  });
+
+  it('matches cells without ids by position', () => {
+    const changes = notebookChanges(
+      doc(cell(undefined, 'a'), cell(undefined, 'b')),
+      doc(cell(undefined, 'a'), cell(undefined, 'B'), cell(undefined, 'c'))
+    );
+    expect(changes).toEqual({ added: 1, removed: 0, changed: 1 });
+  });
+});
+
+describe('KernelHibernation', () => {
+  it('follows hibernation and waking from the events, and asks the server once', async () => {
+    const hibernation = new KernelHibernation(fakeClient([]));
+    await hibernation.load('k-asleep');
+    expect(hibernation.state('k-asleep')).toBe('hibernated');
+    await hibernation.load('k-1');
+    expect(hibernation.state('k-1')).toBeNull();
+    const seen: (string | null)[] = [];
+    hibernation.changed.connect((_, id) => seen.push(hibernation.state(id)));
+    for (const action of ['hibernating', 'hibernated', 'waking', 'woken']) {
+      hibernation.handleEvent({ action, kernel_id: 'k-1' });
+    }
+    expect(seen).toEqual(['hibernating', 'hibernated', 'waking', null]);
+    hibernation.handleEvent({ action: 'wake_failed', kernel_id: 'k-1' });
+    expect(hibernation.state('k-1')).toBe('hibernated');
+    expect(hibernation.state(null)).toBeNull();
   });
 });
