@@ -60,6 +60,12 @@ $(STAMPS)/hub-proxy: tests/hub/package.json tests/hub/package-lock.json $(STAMPS
 	@$(call quietly,cd tests/hub && npm ci --no-audit --no-fund)
 	@mkdir -p $(STAMPS) && touch $@
 
+# jupyter-collaboration's server extension, beside the venv (not enabled in it),
+# for the test of the live shared document.
+$(STAMPS)/collaboration: tests/collaboration/requirements.txt $(STAMPS)/venv
+	@$(call quietly,$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/collaboration -r tests/collaboration/requirements.txt)
+	@mkdir -p $(STAMPS) && touch $@
+
 # The privileged helper for servers that are not root (README: Deploying for
 # many users), in the foreground, on its default socket.
 helper: setup
@@ -73,7 +79,7 @@ lint: $(STAMPS)/venv $(STAMPS)/labextension
 
 # The whole suite. scripts/check-skips.py fails the run when a test that CI
 # can run was skipped.
-test: setup lint $(STAMPS)/hub-proxy
+test: setup lint $(STAMPS)/hub-proxy $(STAMPS)/collaboration
 	cd labextension && jlpm test --silent
 	$(PY) -m pytest -p no:cacheprovider -q -rs --junitxml=test-artifacts/junit.xml
 	$(PY) scripts/check-skips.py test-artifacts/junit.xml

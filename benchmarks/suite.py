@@ -44,6 +44,7 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import hibernation as hibernation_bench  # noqa: E402  (benchmarks/hibernation.py)
 import kishu_bench  # noqa: E402  (benchmarks/kishu_bench.py)
 import state_coverage  # noqa: E402  (benchmarks/state_coverage.py)
 
@@ -478,6 +479,8 @@ async def run_suite(args: argparse.Namespace, work: Path) -> dict:
     name, runs = ("numpy 0.25 GiB", 2) if args.quick else ("numpy 1 GiB", 5)
     print(f"repeated: {name} ...", flush=True)
     repeated = await measure_repeated(bench, name, runs)
+    print("hibernation ...", flush=True)
+    hibernation = hibernation_bench.measure(work / "hibernation", *((0.25, 2) if args.quick else (1.0, 5)))
     kishu = None
     if not args.no_kishu and not args.quick:
         kishu = kishu_bench.measure(work / "kishu", WORKLOADS["numpy 1 GiB"])
@@ -488,6 +491,7 @@ async def run_suite(args: argparse.Namespace, work: Path) -> dict:
         "limits": limits,
         "rows": rows,
         "repeated": repeated,
+        "hibernation": hibernation,
         "kishu": kishu,
         "coverage": cover,
     }
@@ -556,6 +560,8 @@ def report(result: dict) -> str:
             f"(checking its kept images {rep['restore_prepare_s']:.2f} s, saving the replaced state "
             f"{rep['restore_save_previous_s']:.2f} s, CRIU {rep['restore_criu_s']:.2f} s)",
         ]
+    if result.get("hibernation"):
+        lines += ["", hibernation_bench.report(result["hibernation"])]
     k = result.get("kishu")
     if k:
         lines += [

@@ -35,10 +35,9 @@ class ServerKernels:
 
     def require(self, kernel_id: str) -> tuple[Any, CheckpointableProvisioner]:
         """The kernel's manager and provisioner, if CRIU can handle it."""
-        try:
-            km = self.kernel_manager.get_kernel(kernel_id)
-        except (KeyError, AttributeError):
-            raise KernelNotFound(f"no running kernel with id {kernel_id!r}") from None
+        if kernel_id not in self.ids():  # jupyter_server's get_kernel raises its own HTTP 404
+            raise KernelNotFound(f"no running kernel with id {kernel_id!r}")
+        km = self.kernel_manager.get_kernel(kernel_id)
         prov = km.provisioner
         if not isinstance(prov, CheckpointableProvisioner):
             raise KernelNotCheckpointable(

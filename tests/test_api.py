@@ -87,7 +87,17 @@ async def test_bundle_download_then_upload_and_restore(jp_fetch, start_kernel):
     assert json.loads(resp.body)["id"] == snap["id"]
 
     status, kernel = await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id)
-    assert kernel == {"id": kernel_id, "checkpointable": True, "reason": "", "busy": False, "restored_from": None}
+    memory = kernel.pop("memory_bytes")
+    assert kernel == {
+        "id": kernel_id,
+        "checkpointable": True,
+        "reason": "",
+        "busy": False,
+        "restored_from": None,
+        "hibernated": False,
+        "hibernated_snapshot": None,
+    }
+    assert memory > 20 * 2**20  # a Python kernel's processes
     await sock.execute("x = 'changed'")
     await restore(jp_fetch, snap["id"])
     assert await sock.value("x") == "'from the bundle'"
