@@ -99,8 +99,6 @@ class Hibernation(Flow):
         self._hibernating.add(kernel_id)
         self.events.publish({"action": "hibernating", "kernel_id": kernel_id})
         try:
-            assert prov.tree is not None
-            memory = tree_memory_bytes(prov.tree.init_pid)
             record = await self.snapshots.wait(
                 await self.snapshots.start(kernel_id, HIBERNATION_LABEL, trigger="hibernate")
             )
@@ -108,6 +106,9 @@ class Hibernation(Flow):
                 if self.claims.lineage.get(kernel_id) != record.id:
                     raise OperationInProgress(f"kernel {kernel_id} was restored meanwhile; it was not hibernated")
                 self._clients[kernel_id] = client_connections(km.ip, kernel_ports(km))
+                assert prov.tree is not None
+                # Measured now: after a lazy restore, its memory is all back only by the snapshot's end.
+                memory = await asyncio.to_thread(tree_memory_bytes, prov.tree.init_pid)
                 await asyncio.to_thread(prov.hibernate, record.id)
                 entry = {"snapshot_id": record.id, "kernel_name": km.kernel_name, "path": record.path}
                 await asyncio.to_thread(self.listed.mark, kernel_id, entry)
