@@ -109,9 +109,16 @@ class Hibernation(Flow):
                 assert prov.tree is not None
                 # Measured now: after a lazy restore, its memory is all back only by the snapshot's end.
                 memory = await asyncio.to_thread(tree_memory_bytes, prov.tree.init_pid)
-                await asyncio.to_thread(prov.hibernate, record.id)
+                # Listed before its processes stop: a server that dies in between still finds it.
                 entry = {"snapshot_id": record.id, "kernel_name": km.kernel_name, "path": record.path}
                 await asyncio.to_thread(self.listed.mark, kernel_id, entry)
+                try:
+                    await asyncio.to_thread(prov.hibernate, record.id)
+                except BaseException:
+                    await asyncio.to_thread(self.listed.mark, kernel_id, None)
+                    raise
+            if self.after_wake is not None:
+                await self.after_wake(kernel_id)  # no process to find after a crash now
         except BaseException as e:
             self._hibernating.discard(kernel_id)
             if isinstance(e, Exception):

@@ -100,6 +100,15 @@ def ids_of(pid: int) -> list[int]:
     return [int(x) for x in fields["Uid"].split()]
 
 
+def running(pid: int) -> bool:
+    """Does the process exist and not as a zombie (exited, its parent yet to reap it)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def kernel_pids(kernel_id: str) -> list[int]:
     """The host pids of a kernel's processes (its command line names its connection file)."""
     from .servers import cmdline
@@ -159,6 +168,16 @@ def test_an_ordinary_users_server_snapshots_restores_and_forks_its_kernels(user_
     assert value(client, "cp.label") == "'from the magic'"
     labels = {s["label"] for s in server.call("GET", "/api/ckpt/snapshots")}
     assert {"mid-loop", "from the magic"} <= labels
+
+    # Hibernation, through the helper: the user's processes go, a wake brings them back as the user.
+    gone = restored  # the kernel's own (kernel_pids also finds the fork's: same command lines)
+    out = server.call("POST", f"/api/ckpt/kernels/{kernel_id}/hibernate", timeout=120)
+    assert out["memory_freed_bytes"] > 0
+    assert not [pid for pid in gone if running(pid)]  # gone, or exited and not yet reaped by the helper
+    server.call("POST", f"/api/ckpt/kernels/{kernel_id}/wake", timeout=120)
+    assert value(client, "cp.label, os.getuid()") == f"('from the magic', {ann.pw_uid})"
+    for pid in kernel_pids(kernel_id):
+        assert set(ids_of(pid)) == {ann.pw_uid}, pid
 
     # The CLI, as the user, on the user's store.
     store = server.base / "store"
