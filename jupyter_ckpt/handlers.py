@@ -82,6 +82,13 @@ class CheckpointHandler(APIHandler):
             raise web.HTTPError(400, "the request body must be a JSON object")
         return data
 
+    async def require_contents(self, action: str) -> None:
+        """Notebooks kept with snapshots are contents too: reading one needs
+        ``contents`` read, writing one back needs ``contents`` write."""
+        allowed = await ensure_async(self.authorizer.is_authorized(self, self.current_user, action, "contents"))
+        if not allowed:
+            raise web.HTTPError(403, f"not authorized to {action} notebooks")
+
     def write_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.finish(json.dumps(data))
@@ -112,7 +119,7 @@ class KernelHandler(CheckpointHandler):
     @authorized
     @translate_errors
     async def get(self, kernel_id: str) -> None:
-        self.write_json(self.manager.kernel_info(kernel_id))
+        self.write_json(await self.manager.kernel_info(kernel_id))
 
 
 class HibernateHandler(CheckpointHandler):
@@ -189,6 +196,7 @@ class SnapshotNotebookHandler(CheckpointHandler):
     @authorized
     @translate_errors
     async def get(self, snapshot_id: str) -> None:
+        await self.require_contents("read")
         document = await self.manager.notebook(snapshot_id)
         self.set_header("Content-Type", "application/x-ipynb+json")
         self.finish(document)
@@ -269,6 +277,8 @@ class RestoreHandler(CheckpointHandler):
     @translate_errors
     async def post(self, snapshot_id: str) -> None:
         body = self.body()
+        if body.get("notebook") or body.get("copy"):
+            await self.require_contents("write")
         outcome = await self.manager.restore(
             snapshot_id,
             kernel_id=body.get("kernel_id"),

@@ -65,6 +65,14 @@ class Hibernation(Flow):
             return None
         return prov.hibernated
 
+    def sleeper_on(self, snapshot_id: str) -> str | None:
+        """The hibernated kernel that wakes from ``snapshot_id`` (this server's,
+        or listed in the store's state by one that stopped), if any (blocking)."""
+        for kernel_id, entry in self.listed.listed().items():
+            if entry.get("snapshot_id") == snapshot_id:
+                return kernel_id
+        return None
+
     def holds_messages(self, kernel_id: str) -> bool:
         return (
             kernel_id in self._hibernating
@@ -81,9 +89,8 @@ class Hibernation(Flow):
 
     def wake_soon(self, kernel_id: str) -> asyncio.Task:
         task = self._waking.get(kernel_id)
-        if task is None:
+        if task is None or task.done():
             task = self._waking[kernel_id] = asyncio.ensure_future(self._wake(kernel_id))
-            task.add_done_callback(lambda _: self._waking.pop(kernel_id, None))
         return task
 
     # -- to disk ------------------------------------------------------------------------
@@ -96,7 +103,13 @@ class Hibernation(Flow):
         if kernel_id in self._hibernating or kernel_id in self._waking:
             raise OperationInProgress(f"kernel {kernel_id} is being hibernated or woken")
         started = time.monotonic()
-        self._hibernating.add(kernel_id)
+        self._hibernating.add(kernel_id)  # from now on, clients' messages wait for it to wake
+        try:
+            await self._until_idle(km, kernel_id)
+        except BaseException:
+            self._hibernating.discard(kernel_id)
+            self._send_held(kernel_id)
+            raise
         self.events.publish({"action": "hibernating", "kernel_id": kernel_id})
         try:
             record = await self.snapshots.wait(
@@ -113,9 +126,11 @@ class Hibernation(Flow):
                 entry = {"snapshot_id": record.id, "kernel_name": km.kernel_name, "path": record.path}
                 await asyncio.to_thread(self.listed.mark, kernel_id, entry)
                 try:
-                    await asyncio.to_thread(prov.hibernate, record.id)
-                except BaseException:
-                    await asyncio.to_thread(self.listed.mark, kernel_id, None)
+                    # Shielded: a server stopping meanwhile must not leave it half done.
+                    await asyncio.shield(asyncio.to_thread(prov.hibernate, record.id))
+                except Exception:
+                    if not prov.hibernated:
+                        await asyncio.to_thread(self.listed.mark, kernel_id, None)
                     raise
             if self.after_wake is not None:
                 await self.after_wake(kernel_id)  # no process to find after a crash now
@@ -155,43 +170,75 @@ class Hibernation(Flow):
             self.wake_soon(kernel_id)  # a client sent it something meanwhile
         return outcome
 
+    async def _until_idle(self, km: Any, kernel_id: str, patience: float = 2.0) -> None:
+        """OperationInProgress if the kernel runs a cell: a snapshot would catch
+        it mid-cell, and what the cell did after it would be done again on
+        waking. (Its idle status may reach the server a moment after the cell
+        ended: wait that long.)"""
+        deadline = time.monotonic() + patience
+        while getattr(km, "execution_state", "") == "busy":
+            if time.monotonic() > deadline:
+                raise OperationInProgress(
+                    f"kernel {kernel_id} is running a cell: hibernate it once the cell has ended "
+                    "(or take a snapshot: that works mid-cell)"
+                )
+            await asyncio.sleep(0.05)
+
     async def _drop_older_hibernations(self, kernel_id: str, keep: str) -> None:
         """Each hibernation supersedes the kernel's previous one (unless a user
-        relabelled it: then it is theirs to keep)."""
-        for record in await asyncio.to_thread(self.store.list, kernel_id):
-            if record.trigger == "hibernate" and record.id != keep and record.label == HIBERNATION_LABEL:
-                try:
+        relabelled it: then it is theirs to keep), unless a kernel wakes from it."""
+        try:
+            for record in await asyncio.to_thread(self.store.list, kernel_id):
+                if record.trigger != "hibernate" or record.id == keep or record.label != HIBERNATION_LABEL:
+                    continue
+                if await asyncio.to_thread(self.sleeper_on, record.id) is None:
                     await asyncio.to_thread(self.store.delete, record.id)
-                except CheckpointError:
-                    pass  # deleted meanwhile
+        except Exception:  # the hibernation itself succeeded: old snapshots wait for the next one
+            self.log.warning("jupyter_ckpt: older hibernation snapshots of %s not removed", kernel_id, exc_info=True)
 
     # -- back -------------------------------------------------------------------------
 
     async def wake(self, kernel_id: str) -> RestoreOutcome:
         """Restore a hibernated kernel now (once, however many ask)."""
-        if self.snapshot_of(kernel_id) is None and kernel_id not in self._waking:
+        running = self._waking.get(kernel_id)
+        if self.snapshot_of(kernel_id) is None and (running is None or running.done()):
             self.kernels.require(kernel_id)  # 404 for an unknown kernel
             raise KernelNotHibernated(f"kernel {kernel_id} is not hibernated")
         outcome = await asyncio.shield(self.wake_soon(kernel_id))
+        if isinstance(outcome, CheckpointError):
+            raise outcome
         if outcome is None:
-            raise RestoreFailed(f"kernel {kernel_id} could not be woken (see the server's log); it stays on disk")
+            raise KernelNotHibernated(f"kernel {kernel_id} is not hibernated (it was woken, restarted or shut down)")
         return outcome
 
-    async def _wake(self, kernel_id: str) -> RestoreOutcome | None:
+    async def _wake(self, kernel_id: str) -> RestoreOutcome | CheckpointError | None:
+        """The outcome, the reason it failed, or None when there was nothing to wake."""
+        try:
+            return await self._wake_once(kernel_id)
+        finally:
+            if self._waking.get(kernel_id) is asyncio.current_task():
+                self._waking.pop(kernel_id, None)
+
+    async def _wake_once(self, kernel_id: str) -> RestoreOutcome | CheckpointError | None:
         try:
             _, prov = self.kernels.require(kernel_id)
             snapshot_id = prov.hibernated
             if snapshot_id is None:
+                self._send_held(kernel_id)  # it runs (woken meanwhile): nothing to wait for
                 return None
             self.events.publish({"action": "waking", "kernel_id": kernel_id, "snapshot_id": snapshot_id})
             record = await asyncio.to_thread(self.store.get, snapshot_id)
             outcome = await self.restore_into(kernel_id, record)
+        except OperationInProgress as e:
+            # Another restore into it runs: it sends what is held when it ends.
+            self.log.info("jupyter_ckpt: kernel %s is woken by another operation: %s", kernel_id, e)
+            return e
         except Exception as e:
             message = f"waking kernel {kernel_id} failed, it stays on disk: {e}"
             self.log.error("jupyter_ckpt: %s", message)
             self.events.publish({"action": "wake_failed", "kernel_id": kernel_id, "message": message})
             self._drop_held(kernel_id)
-            return None
+            return e if isinstance(e, CheckpointError) else RestoreFailed(message)
         self.events.publish(
             {
                 "action": "woken",
@@ -206,7 +253,7 @@ class Hibernation(Flow):
         """Restore ``record`` into the hibernated kernel (its own snapshot, or
         another one asked for by a restore)."""
         clients = self._clients.get(kernel_id) or {}
-        outcome = await self.in_place.restore(record, kernel_id, True, clients=clients)
+        outcome = await self.in_place.restore(record, kernel_id, False, clients=clients, hibernated=True)
         self._clients.pop(kernel_id, None)
         await asyncio.to_thread(self.listed.mark, kernel_id, None)
         if self.after_wake is not None:
@@ -298,10 +345,12 @@ class Hibernation(Flow):
 
         async def cull_kernel_if_idle(kernel_id: str) -> None:
             km = mapping.get_kernel(kernel_id)
-            if self.snapshot_of(kernel_id) is not None or kernel_id in self._waking:
+            if self.snapshot_of(kernel_id) is not None:
                 return  # on disk: nothing to free
+            if self.claims.is_held(kernel_id) or kernel_id in self._hibernating or kernel_id in self._waking:
+                return  # a snapshot, restore, hibernation or wake runs: look again at the next round
             if not self._may_hibernate(kernel_id) or getattr(km, "execution_state", None) == "dead":
-                await ensure_async(original(kernel_id))
+                await ensure_async(original(kernel_id))  # cannot be snapshotted (or dead): culled as before
                 return
             timeout = km.kernel_spec.metadata.get("cull_idle_timeout", mapping.cull_idle_timeout)
             connected = mapping._kernel_connections.get(kernel_id, 0)
@@ -309,6 +358,8 @@ class Hibernation(Flow):
                 self.log.info("jupyter_ckpt: hibernating idle kernel %s instead of culling it", kernel_id)
                 try:
                     await self.hibernate(kernel_id)
+                except OperationInProgress as e:
+                    self.log.info("jupyter_ckpt: idle kernel %s not hibernated now: %s", kernel_id, e)
                 except CheckpointError as e:
                     self.log.warning("jupyter_ckpt: idle kernel %s not hibernated (%s); culling it", kernel_id, e)
                     await ensure_async(original(kernel_id))

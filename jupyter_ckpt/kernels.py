@@ -80,9 +80,13 @@ class ServerKernels:
         if self.session_manager is None:
             return None
         try:
-            for session in await self.session_manager.list_sessions():
-                if session.get("kernel", {}).get("id") == kernel_id:
-                    return session.get("path")
+            sessions = [
+                s for s in await self.session_manager.list_sessions() if s.get("kernel", {}).get("id") == kernel_id
+            ]
+            # A console opened for the notebook shares its kernel: the notebook's session first.
+            sessions.sort(key=lambda s: s.get("type") != "notebook")
+            if sessions:
+                return sessions[0].get("path")
         except Exception:  # a broken session database must not block a snapshot
             self.log.debug("jupyter_ckpt: cannot list sessions", exc_info=True)
         return None

@@ -22,7 +22,13 @@ from . import bundle
 from .activity import ActivityTracker, KernelActivity
 from .claims import KernelClaims
 from .engine import CriuEngine
-from .errors import CheckpointError, InvalidRequest, KernelNotCheckpointable, SnapshotNotRestorable
+from .errors import (
+    CheckpointError,
+    InvalidRequest,
+    KernelNotCheckpointable,
+    OperationInProgress,
+    SnapshotNotRestorable,
+)
 from .events import SnapshotEvents
 from .flow import FlowParts
 from .fork import Fork
@@ -100,7 +106,7 @@ class CheckpointManager:
     def require_kernel(self, kernel_id: str) -> tuple[Any, CheckpointableProvisioner]:
         return self.kernels.require(kernel_id)
 
-    def kernel_info(self, kernel_id: str) -> dict[str, Any]:
+    async def kernel_info(self, kernel_id: str) -> dict[str, Any]:
         """Can the kernel be snapshotted (and why not), is an operation on it
         running, which snapshot it was restored from."""
         try:
@@ -110,6 +116,7 @@ class CheckpointManager:
             checkpointable, reason = False, str(e)
         hibernated = self.hibernation.snapshot_of(kernel_id)
         _, prov = self.kernels.require(kernel_id) if checkpointable else (None, None)
+        pid = prov.tree.init_pid if prov and prov.tree and not hibernated else 0
         return {
             "id": kernel_id,
             "checkpointable": checkpointable,
@@ -118,7 +125,7 @@ class CheckpointManager:
             "restored_from": self.restored_from(kernel_id),
             "hibernated": hibernated is not None,
             "hibernated_snapshot": hibernated,
-            "memory_bytes": tree_memory_bytes(prov.tree.init_pid) if prov and prov.tree and not hibernated else 0,
+            "memory_bytes": await asyncio.to_thread(tree_memory_bytes, pid) if pid > 0 else 0,
         }
 
     def activity_of(self, kernel_id: str) -> KernelActivity:
@@ -201,6 +208,11 @@ class CheckpointManager:
         return await self.snapshots.relabel(snapshot_id, label)
 
     async def delete(self, snapshot_id: str) -> None:
+        sleeper = await asyncio.to_thread(self.hibernation.sleeper_on, snapshot_id)
+        if sleeper is not None:
+            raise OperationInProgress(
+                f"snapshot {snapshot_id} holds hibernated kernel {sleeper}: wake it (or shut it down) first"
+            )
         await self.snapshots.delete(snapshot_id)
         self.collect_garbage_soon()
 
@@ -313,18 +325,23 @@ class CheckpointManager:
             )
         if notebook and not record.notebook:
             raise InvalidRequest(f"snapshot {snapshot_id} holds no notebook to restore")
+        # The document is read (and verified) before the kernel is touched.
+        document = await self.notebook(snapshot_id) if notebook else None
         outcome = await self._restore(record, kernel_id, mode, path, copy_notebook)
         await self.track(outcome.kernel_id)  # its processes are new
-        if notebook:
-            await self._put_notebook_back(record, outcome)
+        if document is not None:
+            await self._put_notebook_back(record, outcome, document)
         return outcome
 
-    async def _put_notebook_back(self, record: SnapshotRecord, outcome: RestoreOutcome) -> None:
+    async def _put_notebook_back(self, record: SnapshotRecord, outcome: RestoreOutcome, document: bytes) -> None:
         """After the kernel: the kernel's notebook (where it is now) becomes the snapshot's."""
         target = await self.kernels.notebook_path(outcome.kernel_id) or record.path
-        if not target:
-            raise InvalidRequest(f"kernel {outcome.kernel_id} is restored, but has no notebook to put the document in")
-        await self.kernels.notebooks.put_back(target, await self.notebook(record.id))
+        try:
+            if not target:
+                raise InvalidRequest("it has no notebook to put the document in")
+            await self.kernels.notebooks.put_back(target, document)
+        except CheckpointError as e:
+            raise InvalidRequest(f"kernel {outcome.kernel_id} was restored, but not its notebook: {e}") from None
         outcome.path, outcome.notebook = target, True
         self.events.publish(
             {

@@ -19,9 +19,7 @@ from typing import Any
 import nbformat
 
 from .errors import InvalidRequest, NotSupported
-
-# A notebook sent with a snapshot request is held in memory: bound it.
-MAX_NOTEBOOK_BYTES = 64 << 20
+from .store import MAX_NOTEBOOK_BYTES
 
 
 def document_bytes(document: Any) -> bytes:
@@ -33,14 +31,24 @@ def document_bytes(document: Any) -> bytes:
         node = nbformat.from_dict(document)
         if node.get("nbformat") != 4:
             raise ValueError("only nbformat 4 notebooks are stored")
+        for cell in node.cells:
+            cell.get("metadata", {}).pop("trusted", None)  # trust is this server's to give, not the document's
         nbformat.validate(node)
         data = nbformat.writes(node, version=4).encode()
-    except (ValueError, TypeError, KeyError, AttributeError, nbformat.ValidationError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, nbformat.ValidationError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InvalidRequest(f"notebook is not a valid notebook document: {message}") from None
     if len(data) > MAX_NOTEBOOK_BYTES:
         raise InvalidRequest(f"notebook is larger than {MAX_NOTEBOOK_BYTES >> 20} MiB")
     return data
+
+
+def document_node(document: bytes) -> Any:
+    """A stored document, as the contents manager saves it (never marked trusted)."""
+    node = nbformat.reads(document.decode(), as_version=4)
+    for cell in node.cells:
+        cell.get("metadata", {}).pop("trusted", None)
+    return node
 
 
 class NotebookDocuments:
@@ -91,7 +99,7 @@ class NotebookDocuments:
         try:
             if await _maybe_await(cm.file_exists(path)):
                 await _maybe_await(cm.create_checkpoint(path))
-            content = nbformat.reads(document.decode(), as_version=4)
+            content = document_node(document)
             await _maybe_await(cm.save({"type": "notebook", "format": "json", "content": content}, path))
         except InvalidRequest:
             raise
@@ -109,7 +117,7 @@ class NotebookDocuments:
             else:  # the notebook was deleted since: a copy under its name
                 model = await _maybe_await(cm.new(path=await _free_name(cm, path)))
             if document is not None:
-                content = nbformat.reads(document.decode(), as_version=4)
+                content = document_node(document)
                 await _maybe_await(cm.save({"type": "notebook", "format": "json", "content": content}, model["path"]))
         except Exception as e:
             raise InvalidRequest(f"cannot copy notebook {path}: {e}") from None
@@ -125,9 +133,10 @@ class NotebookDocuments:
 
 
 async def _free_name(cm: Any, path: str) -> str:
-    stem, dot, ext = path.rpartition(".")
+    folder, slash, name = path.rpartition("/")
+    stem, dot, ext = name.rpartition(".") if "." in name else (name, "", "")
     for n in range(1, 1000):
-        candidate = f"{stem}-Copy{n}{dot}{ext}"
+        candidate = f"{folder}{slash}{stem}-Copy{n}{dot}{ext}"
         if not await _maybe_await(cm.file_exists(candidate)):
             return candidate
     raise InvalidRequest(f"no free name for a copy of {path}")

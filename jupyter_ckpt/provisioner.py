@@ -305,8 +305,8 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
             return  # nothing runs: an interrupt has nothing to stop
         if self.tree is None:
             return await super().send_signal(signum)
-        if self.process is None:
-            return
+        if self.process is None or self.tree.init_pid <= 0:
+            return  # no process (on disk): never a signal to a process group
         # tini (-g) forwards to the kernel's process group; SIGKILL to a
         # namespace's pid 1 ends every process in it.
         try:
@@ -346,17 +346,24 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         """Stop the kernel's processes (blocking), which ``snapshot_id`` holds."""
         assert self.tree is not None and not self.hibernated
         self.hibernated = snapshot_id  # first: the restarter must never see it dead
-        os.kill(self.tree.init_pid, signal.SIGKILL)  # pid 1 of its namespace: every process in it ends
+        self.kill_tree()
         self.reap_old()
+        self.tree.init_pid = 0  # gone: its pid may be another process's from now on
 
     def stop_processes(self) -> None:
         """Before a restore replaces them (blocking): none to stop if hibernated."""
-        if not self.hibernated and self.tree is not None:
+        if not self.hibernated:
+            self.kill_tree()
+        self.reap_old()
+
+    def kill_tree(self) -> None:
+        # SIGKILL to pid 1 of the kernel's namespace ends every process in it.
+        # Never 0 or less: those name process groups, the server's own among them.
+        if self.tree is not None and self.tree.init_pid > 0:
             try:
                 os.kill(self.tree.init_pid, signal.SIGKILL)
             except ProcessLookupError:
-                pass
-        self.reap_old()
+                pass  # gone already (it died after its snapshot): what hibernation wants
 
     @property
     def checkpointable(self) -> bool:

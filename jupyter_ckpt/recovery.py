@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,7 @@ class RunningKernels:
 
     def __init__(self, path: Path):
         self.path = path
+        self._lock = threading.Lock()  # marks come from several worker threads
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
@@ -125,20 +127,22 @@ class RunningKernels:
 
     def mark(self, kernel_id: str, info: dict[str, Any] | None) -> None:
         """Remember a running kernel (``info``), or forget one (None)."""
-        kernels = self._read()
-        if info is None:
-            kernels.pop(kernel_id, None)
-        else:
-            kernels[kernel_id] = info
-        write_private_atomic(self.path, json.dumps(kernels).encode())
+        with self._lock:
+            kernels = self._read()
+            if info is None:
+                kernels.pop(kernel_id, None)
+            else:
+                kernels[kernel_id] = info
+            write_private_atomic(self.path, json.dumps(kernels).encode())
 
     def listed(self) -> dict[str, dict[str, Any]]:
         return self._read()
 
     def take(self) -> dict[str, dict[str, Any]]:
         """The kernels of the previous run, and forget them."""
-        kernels = self._read()
-        write_private_atomic(self.path, b"{}")
+        with self._lock:
+            kernels = self._read()
+            write_private_atomic(self.path, b"{}")
         return kernels
 
 

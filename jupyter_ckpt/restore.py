@@ -6,10 +6,7 @@ restart) is started again under its id and restored into."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,11 +78,19 @@ class RestoreInPlace(Flow):
         self.log.info("jupyter_ckpt: kernel %s started again for %s", record.kernel_id, record.path or "no notebook")
 
     async def restore(
-        self, record: SnapshotRecord, kernel_id: str, started_again: bool, clients: dict[int, int] | None = None
+        self,
+        record: SnapshotRecord,
+        kernel_id: str,
+        started_again: bool,
+        clients: dict[int, int] | None = None,
+        hibernated: bool = False,
     ) -> RestoreOutcome:
         """``started_again``: the kernel has no state to keep (started just to
-        be restored into, or hibernated). ``clients``: the server's connections
-        to wait for afterwards, when not the ones it has now (hibernated)."""
+        be restored into). ``hibernated``: neither (its processes are on disk);
+        its session stays as it is, and a shutdown or restart meanwhile wins.
+        ``clients``: the server's connections to wait for afterwards, when not
+        the ones it has now (a hibernated kernel's, when it went to disk)."""
+        started_again = started_again or hibernated
         km, prov = self.kernels.require(kernel_id)
         lazy_pages: LazyPages | None = None
         # What the kernel's state before the restore is, as a snapshot, should
@@ -118,7 +123,13 @@ class RestoreInPlace(Flow):
                 try:
                     with prov.swapping():
                         saved_seconds, seconds, lazy_pages = await asyncio.to_thread(
-                            self._replace_processes, prov, record, work, None if started_again else before, moves
+                            self._replace_processes,
+                            prov,
+                            record,
+                            work,
+                            None if started_again else before,
+                            moves,
+                            hibernated,
                         )
                 except KernelPutBack as e:
                     await self._wait_until_answering(km, kernel_id, clients)
@@ -130,7 +141,8 @@ class RestoreInPlace(Flow):
                         self.events.snapshot("restore_failed", record, message=str(e))
                     raise
                 self.claims.lineage[kernel_id] = record.id
-                await self._wait_until_answering(km, kernel_id, clients)
+                # Clients of a hibernated kernel may have gone meanwhile: wait less for them.
+                await self._wait_until_answering(km, kernel_id, clients, 2.0 if hibernated else 10.0)
             finally:
                 if lazy_pages is None:
                     self.journal.end("restore", kernel_id)
@@ -149,14 +161,18 @@ class RestoreInPlace(Flow):
             prepare_seconds=round(prepared, 4),
             lazy=lazy_pages is not None,
         )
-        if started_again and record.path:
+        if started_again and not hibernated and record.path:
             await self.kernels.attach_session(record.path, kernel_id)  # only now: clients see the restored kernel only
         self.log.info("jupyter_ckpt: kernel %s restored from %s in %.3f s", kernel_id, record.id, outcome.total_seconds)
         self.events.snapshot("restored", record.as_kernel(kernel_id))
         return outcome
 
-    async def _wait_until_answering(self, km: Any, kernel_id: str, before: dict[int, int]) -> None:
-        await wait_until_answering(km, before, self.log, reconnected=lambda: self.claims.reconnected(kernel_id))
+    async def _wait_until_answering(
+        self, km: Any, kernel_id: str, before: dict[int, int], timeout: float = 10.0
+    ) -> None:
+        await wait_until_answering(
+            km, before, self.log, reconnected=lambda: self.claims.reconnected(kernel_id), timeout=timeout
+        )
 
     async def _memory_back(
         self,
@@ -178,9 +194,7 @@ class RestoreInPlace(Flow):
             )
         except RestoreFailed as e:
             # Memory that never came back must not be read: stop the kernel.
-            if prov.tree is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(prov.tree.init_pid, signal.SIGKILL)
+            prov.kill_tree()
             message = f"{e}. The kernel was stopped; restart it, or restore a snapshot again."
             self.log.error("jupyter_ckpt: kernel %s: %s", kernel_id, message)
             self.events.snapshot("restore_failed", record.as_kernel(kernel_id), message=message)
@@ -195,6 +209,7 @@ class RestoreInPlace(Flow):
         work: Path,
         before: SnapshotRecord | None,
         moves: dict[int, tuple[str, int]],
+        hibernated: bool = False,
     ) -> tuple[float, float, LazyPages | None]:
         """Blocking: runs in a worker thread while the provisioner reports 'alive'.
         ``work`` holds the snapshot's verified images in ``images/``; CRIU's logs
@@ -216,6 +231,8 @@ class RestoreInPlace(Flow):
                     f"nothing was changed: the kernel's current state could not be saved first ({e})"
                 ) from None
         saved_seconds = time.monotonic() - started
+        if hibernated and not prov.hibernated:
+            raise RestoreFailed("the kernel was shut down or restarted while it was being woken")
         self.journal.begin(
             "restore",
             kernel_id,

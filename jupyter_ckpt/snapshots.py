@@ -34,7 +34,7 @@ class SnapshotFlow(Flow):
         visible through the record's status and the events. ``notebook``: the
         document as the browser shows it; without it, the server's (notebooks.py)."""
         label = validate_label(label)
-        document = ("browser", await asyncio.to_thread(document_bytes, notebook)) if notebook is not None else None
+        document = await self._browser_document(kernel_id, notebook)
         if trigger not in TRIGGERS:
             raise InvalidRequest(f"trigger must be one of {', '.join(TRIGGERS)}")
         self.engine.require()
@@ -69,6 +69,20 @@ class SnapshotFlow(Flow):
         self.tasks[record.id] = task
         task.add_done_callback(lambda _: self.tasks.pop(record.id, None))
         return record
+
+    async def _browser_document(self, kernel_id: str, notebook: Any) -> tuple[str, bytes] | None:
+        """The document sent with the request. Not a notebook at all: refused.
+        One nbformat does not accept, or too large: the snapshot is taken all
+        the same, with the server's copy of the notebook (logged)."""
+        if notebook is None:
+            return None
+        if not isinstance(notebook, dict) or not isinstance(notebook.get("cells"), list):
+            raise InvalidRequest("notebook must be a notebook document (nbformat 4 JSON, with its cells)")
+        try:
+            return "browser", await asyncio.to_thread(document_bytes, notebook)
+        except InvalidRequest as e:
+            self.log.warning("jupyter_ckpt: snapshot of %s: %s; keeping the server's copy instead", kernel_id, e)
+            return None
 
     async def wait(self, record: SnapshotRecord) -> SnapshotRecord:
         """Until the snapshot is stored; DumpFailed if it failed."""

@@ -47,6 +47,7 @@ DEFAULT_IMAGE_CACHE_BYTES = 8 << 30
 # The notebook document a snapshot belongs to, stored beside its images (and so
 # deduplicated, signed and carried by bundles like them); never given to CRIU.
 NOTEBOOK_FILE = "notebook.ipynb"
+MAX_NOTEBOOK_BYTES = 64 << 20  # held in memory when read: bounded
 
 
 class SharedExclusive:
@@ -181,6 +182,8 @@ class SnapshotStore:
         if stored is None:
             why = "it was taken of a kernel with no notebook" if not record.path else "it was taken without one"
             raise SnapshotNotFound(f"snapshot {snapshot_id} holds no notebook: {why}")
+        if stored.size > MAX_NOTEBOOK_BYTES:  # an imported bundle may claim anything
+            raise SnapshotNotRestorable(f"the notebook of snapshot {snapshot_id} is larger than notebooks are kept")
         return b"".join(bytes(chunk) for chunk in self.read_chunks(stored))
 
     def commit(self, record: SnapshotRecord, started: float | None = None) -> SnapshotRecord:

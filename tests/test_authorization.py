@@ -45,10 +45,31 @@ async def test_reading_needs_read_and_changing_needs_write(jp_fetch, store):
         ("DELETE", "api", "ckpt", "snapshots", snap.id),
         ("POST", "api", "ckpt", "snapshots", snap.id, "restore"),
         ("PUT", "api", "ckpt", "kernels", UNKNOWN_KERNEL, "schedule"),
+        ("POST", "api", "ckpt", "kernels", UNKNOWN_KERNEL, "hibernate"),
+        ("POST", "api", "ckpt", "kernels", UNKNOWN_KERNEL, "wake"),
     ):
         status, _ = await api(jp_fetch, method, *parts, body={"label": "x"} if method == "PATCH" else None)
         assert status == 403, (method, parts)
     assert store.get(snap.id).label == "" and store.get(snap.id).restorable
+
+
+class KernelsOnly(Authorizer):
+    """May read and change kernels, but not contents (notebooks)."""
+
+    async def is_authorized(self, handler, user, action, resource):
+        return resource == "kernels"
+
+
+async def test_a_snapshots_notebook_is_contents(jp_fetch, jp_serverapp, store):
+    """The notebook kept with a snapshot is read with contents:read, and
+    written back (restore with the notebook, fork into a copy) with contents:write."""
+    jp_serverapp.web_app.settings["authorizer"] = KernelsOnly(parent=jp_serverapp)
+    snap = commit(store)
+    status, out = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", snap.id, "notebook")
+    assert status == 403 and "not authorized to read notebooks" in out["message"]
+    for body in ({"mode": "replace", "notebook": True}, {"mode": "new", "copy": True}):
+        status, out = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap.id, "restore", body=body)
+        assert status == 403 and "not authorized to write notebooks" in out["message"], body
 
 
 async def test_an_async_authorizer_refuses_an_upload_before_its_body_is_stored(jp_fetch, store):

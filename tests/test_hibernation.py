@@ -82,6 +82,9 @@ async def test_a_hibernated_kernel_frees_its_memory_and_a_cell_wakes_it(jp_fetch
     assert status == 409 and "hibernated" in refused["message"]
     status, refused = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "hibernate")
     assert status == 409 and "hibernated already" in refused["message"]
+    # Its snapshot cannot be deleted while the kernel needs it to wake.
+    status, refused = await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", out["snapshot_id"])
+    assert status == 409 and "holds hibernated kernel" in refused["message"]
 
     # The same websocket: the cell wakes it and runs with the state it had.
     run = await sock.execute("x + 1, float(a[::4096].sum())", timeout=120)
@@ -137,6 +140,20 @@ async def test_wake_interrupt_restart_and_shutdown_of_a_hibernated_kernel(
     assert status == 200 and snap["status"] == "complete"  # the snapshot stays, restorable
     status, refused = await api(jp_fetch, "POST", "api", "ckpt", "kernels", "no-such-kernel", "wake")
     assert status == 404
+
+
+async def test_a_busy_kernel_is_not_hibernated(jp_fetch, start_kernel):
+    kernel_id, sock = await start_kernel()
+    run = await sock.send_execute("import time; time.sleep(6); 'finished'")
+    for _ in range(100):  # until the server has seen it busy
+        if (await api(jp_fetch, "GET", "api", "kernels", kernel_id))[1]["execution_state"] == "busy":
+            break
+        await asyncio.sleep(0.05)
+    status, out = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "hibernate")
+    assert status == 409 and "running a cell" in out["message"], out
+    await sock.finish(run)
+    assert run.result == "'finished'"  # it ran on, once
+    assert (await info(jp_fetch, kernel_id))["hibernated"] is False
 
 
 async def test_a_restore_into_a_hibernated_kernel(jp_fetch, jp_ws_fetch):

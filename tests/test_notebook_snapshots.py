@@ -145,12 +145,18 @@ async def test_the_browser_document_unsaved_edits_included_and_refusals(jp_fetch
     status, document = await stored_notebook(jp_fetch, model["id"])
     assert sources(document) == ["saved = 1", "unsaved = 2"]
 
-    # Not a notebook: refused before anything is taken.
-    for bad in ({"cells": "no"}, {"cells": [], "nbformat": 3}, {"cells": [{"cell_type": "alien"}], "nbformat": 4}):
-        status, out = await api(
-            jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots", body={"notebook": bad}
-        )
-        assert status == 400 and "notebook" in out["message"], (bad, out)
+    # Not a notebook at all: refused before anything is taken.
+    for bad in ({"cells": "no"}, ["cells"]):
+        body = {"notebook": bad}
+        status, out = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots", body=body)
+        assert status == 400 and "notebook must be a notebook document" in out["message"], (bad, out)
+    # A document nbformat does not accept: the snapshot is taken, with the saved file instead.
+    for odd in ({"cells": [], "nbformat": 3}, {"cells": [{"cell_type": "alien"}], "nbformat": 4}):
+        body = {"notebook": odd}
+        status, out = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots", body=body)
+        assert status == 202, out
+        out = await wait_for_snapshot(jp_fetch, out["id"])
+        assert out["status"] == "complete" and out["notebook"] == "saved", odd
 
     # A kernel without a notebook: its snapshots hold none, and say why.
     bare_id, _ = await start_kernel()

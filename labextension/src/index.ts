@@ -295,6 +295,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
           return;
         }
         const choices = result.value;
+        if (
+          choices.notebook &&
+          panel?.context.path === s.path &&
+          panel?.context.model.dirty
+        ) {
+          // Unsaved edits go into the file first, so the file's checkpoint keeps them.
+          await panel.context.save();
+        }
         if (choices.saveFirst && current) {
           const saved = await snapshotNotebook(
             panel,
@@ -543,6 +551,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
           button.update();
         };
         nb.sessionContext.kernelChanged.connect(load);
+        nb.sessionContext.statusChanged.connect((_, status) => {
+          if (status === 'restarting' || status === 'autorestarting') {
+            setTimeout(load, 1000); // a restarted kernel is no longer on disk
+          }
+        });
         void nb.sessionContext.ready.then(load);
         return button;
       }
