@@ -142,7 +142,6 @@ class Hibernation(Flow):
                 self._send_held(kernel_id)  # it runs on: what was held goes now
             raise
         self._hibernating.discard(kernel_id)
-        await self._drop_older_hibernations(kernel_id, record.id)
         outcome = {
             "kernel_id": kernel_id,
             "snapshot_id": record.id,
@@ -157,17 +156,19 @@ class Hibernation(Flow):
             record.id,
             memory / 2**20,
         )
-        self.events.publish(
-            {
-                "action": "hibernated",
-                "kernel_id": kernel_id,
-                "snapshot_id": record.id,
-                "memory_bytes": memory,
-                "message": f"on disk; {memory / 2**20:.0f} MiB of memory freed",
-            }
-        )
+        if prov.hibernated == record.id:  # not if woken already (its events said so)
+            self.events.publish(
+                {
+                    "action": "hibernated",
+                    "kernel_id": kernel_id,
+                    "snapshot_id": record.id,
+                    "memory_bytes": memory,
+                    "message": f"on disk; {memory / 2**20:.0f} MiB of memory freed",
+                }
+            )
         if self._held.get(kernel_id):
             self.wake_soon(kernel_id)  # a client sent it something meanwhile
+        await self._drop_older_hibernations(kernel_id, record.id)
         return outcome
 
     async def _until_idle(self, km: Any, kernel_id: str, patience: float = 2.0) -> None:
