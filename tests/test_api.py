@@ -7,9 +7,9 @@ import asyncio
 import json
 
 import pytest
-from tornado.httpclient import HTTPClientError
 
 from .client import api, restore, snapshot, wait_for_snapshot
+from .test_requests import raw
 
 pytestmark = pytest.mark.criu
 
@@ -77,10 +77,8 @@ async def test_bundle_download_then_upload_and_restore(jp_fetch, start_kernel):
 
     status, body = await api(jp_fetch, "POST", "api", "ckpt", "bundles", body=None)
     assert status == 400  # an empty upload is not a bundle
-    try:
-        await jp_fetch("api", "ckpt", "bundles", method="POST", body=bundle)
-    except HTTPClientError as e:
-        assert e.code == 400 and b"already" in e.response.body
+    status, body = await raw(jp_fetch, "POST", "api", "ckpt", "bundles", body=bundle)
+    assert status == 400 and "already" in body["message"], body  # the same snapshot twice
     await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", snap["id"])
     resp = await jp_fetch("api", "ckpt", "bundles", method="POST", body=bundle)
     assert resp.code == 201

@@ -72,3 +72,34 @@ async def test_schedule_endpoints(jp_fetch, start_kernel):
     assert status == 404
     await asyncio.sleep(2)
     assert await auto_snapshots(jp_fetch, kernel_id) == before  # disabled: no new ones
+
+
+async def test_a_disabled_schedule_takes_nothing_even_from_a_busy_kernel(jp_fetch, events, start_kernel):
+    """Busy kernels are never skipped as unchanged: only `enabled` stops their backups."""
+    kernel_id, sock = await start_kernel()
+    put = ("PUT", "api", "ckpt", "kernels", kernel_id, "schedule")
+    status, schedule = await api(jp_fetch, *put, body={"enabled": False})
+    assert status == 200 and schedule["enabled"] is False
+    await events.wait_for(lambda evs: any(e["action"] == "schedule_changed" for e in evs))
+    # Any snapshot begun before the change has ended before the busy cell below starts.
+    for s in await auto_snapshots(jp_fetch, kernel_id):
+        await events.wait_for(
+            lambda evs, s=s: any(
+                e.get("snapshot_id") == s["id"] and e["action"] in ("completed", "failed") for e in evs
+            )
+        )
+    before = {s["id"] for s in await auto_snapshots(jp_fetch, kernel_id)}
+    # Three seconds busy: at a 1 s interval, an enabled schedule takes two or three.
+    await sock.execute("import time; time.sleep(3)", timeout=30)
+    assert {s["id"] for s in await auto_snapshots(jp_fetch, kernel_id)} == before
+    # Enabled again, the same busy cell is backed up.
+    await api(jp_fetch, *put, body={"enabled": True})
+    run = await sock.send_execute("import time; time.sleep(4)")
+    await events.wait_for(
+        lambda evs: any(
+            e["action"] == "completed" and e.get("kernel_id") == kernel_id and e.get("snapshot_id") not in before
+            for e in evs
+        ),
+        timeout=30,
+    )
+    await sock.finish(run)

@@ -146,17 +146,17 @@ async def test_zoo_of_state_that_pickling_cannot_save(jp_fetch, start_kernel):
 
 async def test_five_snapshot_restore_cycles(jp_fetch, start_kernel):
     kernel_id, sock = await start_kernel()
-    parents = []
+    parents, ids = [], []
     for i in range(5):
         await sock.execute(f"x = {i}")
         snap = await snapshot(jp_fetch, kernel_id)
         parents.append(snap["parent_id"])
+        ids.append(snap["id"])
         await sock.execute("x = -1")
         await restore(jp_fetch, snap["id"])
         assert await sock.value("x") == str(i)
-        last = snap["id"]
-    # Each snapshot's parent is the one the kernel was restored from.
-    assert parents[0] is None and parents[-1] is not None and parents[-1] != last
+    # Each snapshot's parent is the one the kernel was restored from: the one before it.
+    assert parents == [None, *ids[:-1]]
 
 
 async def test_restore_after_history_database_grew(jp_fetch, start_kernel):
