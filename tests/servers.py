@@ -47,6 +47,15 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+def running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def descendants(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):

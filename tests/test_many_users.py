@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .servers import Server, take, value
+from .servers import Server, running, take, value
 from .test_ui import page  # noqa: F401 (the browser fixture)
 from .users import USER_PREFIX, RunningHelper, SharedPython, as_user, create_user, end_processes_of, remove_user
 
@@ -98,15 +98,6 @@ def ids_of(pid: int) -> list[int]:
     with open(f"/proc/{pid}/status") as f:
         fields = dict(line.split(":", 1) for line in f)
     return [int(x) for x in fields["Uid"].split()]
-
-
-def running(pid: int) -> bool:
-    """Does the process exist and not as a zombie (exited, its parent yet to reap it)?"""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def kernel_pids(kernel_id: str) -> list[int]:
