@@ -427,6 +427,8 @@ class SnapshotStore:
                     _, files = self.read_manifest(snapshot_id)
                 except SnapshotNotRestorable:
                     continue  # a damaged manifest protects nothing
+                except SnapshotNotFound:
+                    continue  # deleted since it was listed: it protects nothing either
                 referenced.update(h for f in files for h in f.chunks)
         for stray in self.chunks.ls("manifests"):
             if ".part-" in stray:
