@@ -64,8 +64,8 @@ def start_kernel(jp_fetch, jp_ws_fetch):
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
-    """A real S3-protocol server process (moto's server mode)."""
+def s3_server(tmp_path_factory):
+    """A real S3-protocol server process (moto's server mode): its URL and process."""
     import socket
     import subprocess
     import sys
@@ -87,9 +87,14 @@ def s3_endpoint(tmp_path_factory):
             break
         except OSError:
             time.sleep(0.1)
-    yield url
+    yield url, proc
     proc.terminate()
     proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
+    return s3_server[0]
 
 
 @pytest.fixture
