@@ -219,9 +219,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print("no running Jupyter server found; pass --url and --token", file=sys.stderr)
             return EXIT_FAILED
         url, token = servers[0]["url"], token or servers[0].get("token", "")
-    body = {"mode": "replace"}
-    if args.kernel:
-        body["kernel_id"] = args.kernel
+    body = {"mode": "replace"}  # into the kernel it was taken from (started again if gone)
     req = urllib.request.Request(
         f"{url.rstrip('/')}/api/ckpt/snapshots/{args.id}/restore",
         data=json.dumps(body).encode(),
@@ -309,7 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
     p = add_parser("restore", help="restore a snapshot through a running server")
     p.add_argument("id")
-    p.add_argument("--kernel", help="kernel to replace (default: the snapshot's)")
     p.add_argument("--url", help="server URL (default: the first running server)")
     p.add_argument("--token", default="", help="server token")
     p.set_defaults(func=cmd_restore)

@@ -325,6 +325,14 @@ class CheckpointManager:
             )
         if notebook and not record.notebook:
             raise InvalidRequest(f"snapshot {snapshot_id} holds no notebook to restore")
+        if mode == "replace" and kernel_id not in (None, record.kernel_id):
+            # Its processes keep the message key of the kernel they were: no
+            # client of another kernel could talk to them.
+            raise InvalidRequest(
+                f"snapshot {snapshot_id} was taken from kernel {record.kernel_id}: it restores in place only into "
+                "that kernel (started again if it is gone); to run it beside another, restore it as a new kernel "
+                "(mode 'new', with 'path' to attach it to a notebook)"
+            )
         # The document is read (and verified) before the kernel is touched.
         document = await self.notebook(snapshot_id) if notebook else None
         outcome = await self._restore(record, kernel_id, mode, path, copy_notebook)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import asdict, dataclass
+from time import monotonic
 from typing import Any
 
 from .errors import CheckpointError, InvalidRequest
@@ -87,7 +87,7 @@ class AutoBackup:
     def set(self, kernel_id: str, body: dict[str, Any]) -> Schedule:
         schedule = Schedule.parse(body, self.get(kernel_id))
         self._schedules[kernel_id] = schedule
-        self._state.setdefault(kernel_id, _KernelState(time.monotonic()))
+        self._state.setdefault(kernel_id, _KernelState(monotonic()))
         self.manager.publish(
             {
                 "action": "schedule_changed",
@@ -123,7 +123,7 @@ class AutoBackup:
             await asyncio.sleep(self.tick)
 
     def run_due(self) -> None:
-        now = time.monotonic()
+        now = monotonic()
         for kernel_id in self.manager.kernel_ids():
             schedule = self._schedules.get(kernel_id, self.default)
             state = self._state.setdefault(kernel_id, _KernelState(now))

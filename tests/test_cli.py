@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import subprocess
 import sys
 
 import pytest
 
+from jupyter_ckpt import cli
+from jupyter_ckpt.records import SnapshotRecord, new_snapshot_id
 from jupyter_ckpt.store import SnapshotStore
 
 from .client import snapshot
@@ -16,11 +20,21 @@ from .test_store import commit
 
 
 def ckpt(store_dir, *args: str) -> subprocess.CompletedProcess:
+    """One `jupyter ckpt` command, run in this process (its exit code, stdout and
+    stderr); the tests below that need a real process say so."""
+    argv = ["--store", str(store_dir), *args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:  # argparse's bad usage
+            code = e.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def ckpt_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "jupyter_ckpt.cli", "--store", str(store_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "jupyter_ckpt.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 
@@ -191,3 +205,94 @@ def test_an_export_is_private_from_its_first_byte(filled, tmp_path):
     assert proc.wait(timeout=120) == 0 and fresh.stat().st_size > 90 << 20
     missing = ckpt(store_dir, "export", "01M8G6NHZS1PKW09RTTN07H2K4", "-o", str(tmp_path / "none.jckpt"))
     assert missing.returncode == 3 and not (tmp_path / "none.jckpt").exists()
+
+
+def test_the_table_and_show_for_people(filled):
+    store_dir, records = filled
+    lines = ckpt(store_dir, "list").stdout.splitlines()
+    newest = lines[1].split()
+    assert newest[0] == records[3].id and newest[3:5] == ["manual", "complete"]
+    assert newest[5:7] == ["0", "B"]  # no memory measured: not taken by CRIU
+    assert newest[7:9] == [f"{records[3].stored_bytes / 1024:.1f}", "KiB"] and newest[9] == "-"
+    shown = ckpt(store_dir, "show", records[0].id).stdout.splitlines()
+    assert f"{'id':16} {records[0].id}" in shown and f"{'trigger':16} auto" in shown
+
+
+def test_list_and_prune_by_notebook_path(tmp_path):
+    store = SnapshotStore(tmp_path / "store")
+    t = 1_800_000_000.0
+    made = {}
+    for n, (path, trigger) in enumerate(
+        [("a.ipynb", "auto"), ("b.ipynb", "auto"), ("a.ipynb", "auto"), ("a.ipynb", "manual")]
+    ):
+        record = SnapshotRecord(
+            id=new_snapshot_id(t + n), kernel_id=f"k{n}", trigger=trigger, path=path, status="dumping"
+        )
+        (store.create(record) / "pages-1.img").write_bytes(bytes([n]) * 4096)
+        made[n] = store.commit(record)
+    store.close()
+    listed = json.loads(ckpt(tmp_path / "store", "--json", "list", "--path", "a.ipynb").stdout)
+    assert [r["id"] for r in listed] == [made[3].id, made[2].id, made[0].id]
+    out = ckpt(tmp_path / "store", "--json", "prune", "--path", "a.ipynb", "--keep", "1")
+    assert json.loads(out.stdout)["deleted"] == [made[0].id]  # the older automatic one; manual ones stay
+    remaining = [r["id"] for r in json.loads(ckpt(tmp_path / "store", "--json", "list").stdout)]
+    assert remaining == [made[3].id, made[2].id, made[1].id]
+
+
+def test_prune_to_a_byte_budget(tmp_path):
+    """--budget drops the oldest automatic snapshots until the group's stored bytes fit."""
+    store = SnapshotStore(tmp_path / "store")
+    t = 1_800_000_000.0
+    records = [commit(store, trigger="auto", seed=i, when=t + i, size=64 * 1024) for i in range(4)]
+    store.close()
+    sizes = [r.stored_bytes for r in records]
+    budget = sizes[2] + sizes[3]  # room for the newest two
+    out = ckpt(tmp_path / "store", "--json", "prune", "--kernel", "k1", "--keep", "10", "--budget", str(budget))
+    assert out.returncode == 0, out.stderr
+    assert sorted(json.loads(out.stdout)["deleted"]) == sorted(r.id for r in records[:2])
+    assert [r["id"] for r in json.loads(ckpt(tmp_path / "store", "--json", "list").stdout)] == [
+        records[3].id,
+        records[2].id,
+    ]
+    people = ckpt(tmp_path / "store", "prune", "--kernel", "k1", "--keep", "1")
+    assert people.stdout.strip() == "pruned 1 automatic snapshot(s)"
+
+
+def test_delete_several_and_an_unknown_one(filled):
+    store_dir, records = filled
+    out = ckpt(store_dir, "delete", records[0].id, records[1].id)
+    assert out.returncode == 0 and out.stdout.splitlines() == [f"deleted {records[0].id}", f"deleted {records[1].id}"]
+    out = ckpt(store_dir, "--json", "delete", records[2].id)
+    assert json.loads(out.stdout) == {"deleted": [records[2].id]}
+    missing = ckpt(store_dir, "delete", "01M8G6NHZS1PKW09RTTN07H2K4")
+    assert missing.returncode == 3 and "no snapshot" in missing.stderr
+    assert [r["id"] for r in json.loads(ckpt(store_dir, "--json", "list").stdout)] == [records[3].id]
+    assert ckpt(store_dir, "delete").returncode == 2  # no id: bad usage
+
+
+def test_gc_export_import_for_people(filled, tmp_path):
+    store_dir, records = filled
+    assert json.loads(ckpt(store_dir, "--json", "gc").stdout)["objects_deleted"] > 0  # small packs merged
+    assert ckpt(store_dir, "gc").stdout.strip() == "gc: deleted 0 object(s), freed 0 B"
+    bundle = tmp_path / "b.jckpt"
+    out = ckpt(store_dir, "--json", "export", records[1].id, "-o", str(bundle))
+    assert json.loads(out.stdout) == {"file": str(bundle), "bytes": bundle.stat().st_size}
+    out = ckpt(tmp_path / "other", "--key", str(store_dir) + ".key", "import", str(bundle))
+    assert out.returncode == 0 and out.stdout.strip() == f"imported {records[1].id} (complete)"
+    damaged = tmp_path / "damaged.jckpt"
+    damaged.write_bytes(bundle.read_bytes()[:-100])
+    out = ckpt(tmp_path / "third", "import", str(damaged), "--trust")
+    assert out.returncode == 1 and out.stderr.startswith("error: ")
+
+
+def test_restore_needs_a_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "no-servers"))
+    out = ckpt(tmp_path / "store", "restore", "01M8G6NHZS1PKW09RTTN07H2K4")
+    assert out.returncode == 1 and "no running Jupyter server found" in out.stderr
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = ckpt(tmp_path / "store", "restore", "01M8G6NHZS1PKW09RTTN07H2K4", "--url", f"http://127.0.0.1:{port}")
+    assert out.returncode == 1 and f"cannot reach the server at http://127.0.0.1:{port}" in out.stderr

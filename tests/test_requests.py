@@ -50,6 +50,8 @@ async def test_a_body_that_is_not_utf8_json_is_a_bad_request(jp_fetch, store, st
         ({"mode": "new", "path": 3}, "path must be a string"),
         ({"mode": ["replace"]}, "mode must be"),
         ({"mode": "sideways"}, "mode must be"),
+        # Its processes keep their kernel's message key: never into another kernel.
+        ({"kernel_id": "another-kernel"}, "was taken from kernel k1: it restores in place only into that kernel"),
     ],
 )
 async def test_restore_fields_of_the_wrong_type_are_bad_requests(jp_fetch, store, body, message):

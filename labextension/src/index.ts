@@ -313,9 +313,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
           }
         }
         await notifying(
+          // Into the kernel the snapshot was taken from (its processes keep
+          // that kernel's message key); started again by the server if gone.
           client.restore(s.id, {
             mode: 'replace',
-            ...(current ? { kernel_id: current } : {}),
             ...(choices.notebook ? { notebook: true } : {})
           }),
           `Restoring ${snapshotName(s)}…`,
