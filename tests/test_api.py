@@ -156,3 +156,32 @@ async def test_deleting_snapshots_reclaims_their_space(jp_fetch, jp_serverapp, s
     assert await sock.value("round(float(a.sum()))") == str(
         round(float(__import__("numpy").random.default_rng(2).random(12_000_000).sum()))
     )
+
+
+async def test_a_kernel_being_restored_refuses_other_operations(jp_fetch, start_kernel):
+    """409 for a snapshot, another restore, a hibernation and a wake of a kernel
+    while a restore holds it; the restore itself ends as asked."""
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; a = np.random.default_rng(5).random(64_000_000); x = 1")  # 512 MB
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("x = 2")
+    restoring = asyncio.ensure_future(restore(jp_fetch, snap["id"]))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while not (await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id))[1]["busy"]:
+        assert not restoring.done() and loop.time() < deadline, "never saw the restore hold the kernel"
+        await asyncio.sleep(0.01)
+    kernel = ("api", "ckpt", "kernels", kernel_id)
+    attempts = {
+        "snapshot": await api(jp_fetch, "POST", *kernel, "snapshots", body={}),
+        "restore": await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={}),
+        "hibernate": await api(jp_fetch, "POST", *kernel, "hibernate", body={}),
+    }
+    assert not restoring.done(), "the restore ended before every request was made: too quick to tell"
+    for what, (status, body) in attempts.items():
+        assert status == 409, (what, status, body)
+        assert kernel_id in body["message"] and "restor" in body["message"], (what, body)
+    await restoring
+    assert await sock.value("x") == "1"
+    status, listed = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", kernel_id=kernel_id)
+    assert [s["trigger"] for s in listed if s["id"] != snap["id"]] == []  # nothing else was taken

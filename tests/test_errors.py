@@ -3,6 +3,7 @@ kernel keeps running, and nothing already saved is lost."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -197,3 +198,56 @@ async def test_kernel_is_stopped_when_its_memory_cannot_come_back(jp_fetch, jp_s
             break
         await asyncio.sleep(0.05)
     await asyncio.wait_for(asyncio.shield(km.ready), 30)
+
+
+async def test_files_gone_since_the_snapshot_are_refused_by_name(jp_fetch, jp_data_dir, start_kernel, tmp_path):
+    """A data file the kernel holds, its working directory and its Python
+    program, each gone (or another build) at restore time: 409 naming each,
+    the kernel untouched; the snapshot restores once they are back."""
+    import shutil
+    import sys
+
+    # A kernel run by a Python program of its own, so the test can take it away.
+    python = tmp_path / "bin" / "python3"
+    python.parent.mkdir()
+    shutil.copy2(os.path.realpath(sys.executable), python)
+    spec = jp_data_dir / "kernels" / "ownpython"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python (own program)",
+                "language": "python",
+                "env": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            }
+        )
+    )
+    workdir, data = tmp_path / "work", tmp_path / "data.csv"
+    workdir.mkdir()
+    data.write_text("a,b\n1,2\n")
+    kernel_id, sock = await start_kernel("ownpython")
+    await sock.execute(f"import os; os.chdir({str(workdir)!r}); fh = open({str(data)!r}); x = 1")
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("x = 2")
+
+    data.rename(tmp_path / "data.csv.away")
+    workdir.rename(tmp_path / "work.away")
+    python.rename(tmp_path / "python3.away")
+    shutil.copy2("/bin/true", python)  # another program at the same path
+    status, body = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"}
+    )
+    assert status == 409, body
+    assert f"{data} (file): missing here" in body["message"]
+    assert f"{workdir} (working directory): missing here" in body["message"]
+    program_size = (tmp_path / "python3.away").stat().st_size
+    assert f"{python} (program): {python.stat().st_size} bytes here, {program_size} in the snapshot" in body["message"]
+    assert await sock.value("x") == "2"
+
+    (tmp_path / "data.csv.away").rename(data)
+    (tmp_path / "work.away").rename(workdir)
+    (tmp_path / "python3.away").replace(python)
+    await restore(jp_fetch, snap["id"])
+    assert await sock.value("x") == "1"
+    assert await sock.value("os.getcwd()") == repr(str(workdir))
