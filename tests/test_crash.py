@@ -254,3 +254,31 @@ def test_a_fork_cut_short_by_a_crash_leaves_nothing(tmp_path):
         nothing_left(tmp_path)
     finally:
         b.kill()
+
+
+@pytest.mark.timeout(240)
+def test_a_running_fork_outlives_its_server_and_the_next_start_clears_its_namespace(tmp_path):
+    """A fork that runs when its server dies: the next start saves it like any
+    kernel, stops it, and removes its network namespace and veth."""
+    a = Server(tmp_path)
+    kernel_id = a.call("POST", "/api/kernels", {"name": "python3"})["id"]
+    client = a.client(kernel_id)
+    value(client, "x = 'original'")
+    client.stop_channels()
+    snap = take(a, kernel_id)
+    fork_id = a.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "new"})["kernel_id"]
+    forked = a.client(fork_id)
+    value(forked, "x = 'changed in the fork'")
+    forked.stop_channels()
+    a.crash()  # the original and the fork run on, orphaned
+    assert leftovers(tmp_path)["fork namespaces"], "the fork's namespace went with the server"
+    b = Server(tmp_path)
+    try:
+        report = {r["kernel_id"]: r for r in previous_run(b)}
+        assert set(report) == {kernel_id, fork_id} and not report[fork_id]["lost"], report
+        assert "saved as snapshot" in report[fork_id]["message"]
+        nothing_left(tmp_path)  # its namespace and veth included
+        saved = [s for s in b.call("GET", f"/api/ckpt/snapshots?kernel_id={fork_id}") if s["id"] != snap["id"]]
+        assert [s["label"] for s in saved] == ["saved when the server restarted: it ran on after its server stopped"]
+    finally:
+        b.kill()

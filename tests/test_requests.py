@@ -125,3 +125,27 @@ async def test_an_unreadable_manifest_entry_does_not_break_the_listing(jp_fetch,
         assert out.returncode == 0, (args, out.stderr)
     status, _ = await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", odd)
     assert status == 204 and [s.id for s in store.list()] == [good.id]
+
+
+async def test_the_listing_filters_by_notebook_and_kernel_newest_first(jp_fetch, store):
+    from jupyter_ckpt.records import SnapshotRecord, new_snapshot_id
+
+    made = []
+    for n, (kernel_id, path) in enumerate([("k1", "a.ipynb"), ("k2", "b.ipynb"), ("k1", "a.ipynb"), ("k3", "a.ipynb")]):
+        record = SnapshotRecord(
+            id=new_snapshot_id(1_800_000_000.0 + n), kernel_id=kernel_id, path=path, status="dumping"
+        )
+        (store.create(record) / "pages-1.img").write_bytes(bytes([n]) * 4096)
+        made.append(store.commit(record).id)
+
+    async def listed(**query):
+        status, body = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", **query)
+        assert status == 200
+        return [s["id"] for s in body]
+
+    assert await listed() == made[::-1]
+    assert await listed(path="a.ipynb") == [made[3], made[2], made[0]]
+    assert await listed(path="b.ipynb") == [made[1]]
+    assert await listed(kernel_id="k1") == [made[2], made[0]]
+    assert await listed(kernel_id="k1", path="b.ipynb") == []
+    assert await listed(path="c.ipynb") == []

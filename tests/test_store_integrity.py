@@ -115,3 +115,34 @@ async def test_restore_uses_the_kept_images(jp_fetch, start_kernel, store_root):
     finally:
         for pack in (store_root / "packs").glob("*.away"):
             pack.rename(pack.with_suffix(".pack"))
+
+
+class TestNoKeptImages:
+    """CheckpointApp.image_cache_bytes = 0: no images kept; restores read the store."""
+
+    @pytest.fixture
+    def jp_server_config(self, store_root):
+        return {
+            "ServerApp": {"jpserver_extensions": {"jupyter_ckpt": True}},
+            "CheckpointApp": {"store_root": str(store_root), "image_cache_bytes": 0},
+        }
+
+    async def test_nothing_is_kept_and_a_restore_needs_the_packs(self, jp_fetch, start_kernel, store_root):
+        kernel_id, sock = await start_kernel()
+        await sock.execute("x = 1")
+        snap = await snapshot(jp_fetch, kernel_id)
+        await sock.execute("x = 2")
+        state = store_root / "state"
+        assert not [p for p in state.rglob("*.img")], "images were kept with image_cache_bytes = 0"
+        packs = list((store_root / "packs").glob("*.pack"))
+        for pack in packs:
+            pack.rename(pack.with_suffix(".away"))
+        try:
+            status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={})
+            assert status == 409 and "cannot be read from pack" in body["message"], body  # nothing else to restore from
+            assert await sock.value("x") == "2"
+        finally:
+            for pack in (store_root / "packs").glob("*.away"):
+                pack.rename(pack.with_suffix(".pack"))
+        await restore(jp_fetch, snap["id"])
+        assert await sock.value("x") == "1"
