@@ -8,8 +8,9 @@ joined to the server's namespace by a veth pair on a /30 of ``10.213.0.0/16``:
 - the server reaches the fork's ZMQ listeners at the namespace's address (the
   listeners are moved there in the images, see ``engine.move_listeners``);
 - the user's listeners keep their address and port, inside the namespace;
-- outbound, the fork reaches this host's own addresses through the veth pair;
-  with ``outbound="nat"`` its traffic is also masqueraded to the outside world
+- outbound, the fork reaches this host's own addresses through the veth pair
+  (with ``outbound="host"``, routes to those addresses are all it has); with
+  ``outbound="nat"`` its traffic is also masqueraded to the outside world
   (this turns on IPv4 forwarding on the host, once).
 
 Kernels that were not forked (launched, or restored in place) never use this:
@@ -123,9 +124,14 @@ class ForkNetwork:
             _run(*ns, "link", "set", "lo", "up")
             _run(*ns, "addr", "add", f"{net.kernel_address}/30", "dev", net.kernel_interface)
             _run(*ns, "link", "set", net.kernel_interface, "up")
-            _run(*ns, "route", "add", "default", "via", net.host_address)
             if outbound == "nat":
+                _run(*ns, "route", "add", "default", "via", net.host_address)
                 _enable_nat()
+            else:
+                # Routes to this host's own addresses only: the outside world is
+                # unreachable even where forwarding and NAT are on for others.
+                for address in _host_addresses():
+                    _run(*ns, "route", "replace", f"{address}/32", "via", net.host_address)
         except BaseException:
             net.close()
             raise
@@ -161,6 +167,19 @@ class ForkNetwork:
 def _free(index: int) -> bool:
     net = ForkNetwork(index)
     return not net.path.exists() and not Path(f"/sys/class/net/{net.host_interface}").exists()
+
+
+def _host_addresses() -> list[str]:
+    """This host's own IPv4 addresses, but loopback and the forks' own."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=30).stdout
+    addresses = []
+    for line in out.splitlines():
+        fields = line.split()
+        if "inet" in fields:
+            address = ipaddress.IPv4Address(fields[fields.index("inet") + 1].split("/")[0])
+            if not address.is_loopback and address not in NETWORK:
+                addresses.append(str(address))
+    return addresses
 
 
 def _enable_nat() -> None:

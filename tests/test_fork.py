@@ -4,6 +4,7 @@ in a network namespace of its own, through a real server and real CRIU."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import threading
@@ -302,3 +303,152 @@ async def test_a_refused_fork_into_a_copy_leaves_no_copy(jp_fetch, jp_ws_fetch, 
     )
     assert status == 409 and "held-open.txt" in out["message"]
     assert sorted(p.name for p in jp_root_dir.glob("*.ipynb")) == ["lib.ipynb"]
+
+
+async def test_connections_to_the_outside_are_closed_in_a_fork_and_after_a_restore(jp_fetch, jp_ws_fetch, start_kernel):
+    """A TCP connection to a server outside the kernel (a database, say): the
+    snapshot takes it; the fork finds it closed while the original's still
+    works; a restore in place finds it closed and the kernel runs on."""
+    outside = socket.socket()
+    outside.bind(("127.0.0.1", 0))
+    outside.listen()
+    port = outside.getsockname()[1]
+    kernel_id, sock = await start_kernel()
+    await sock.execute(f"import socket; db = socket.create_connection(('127.0.0.1', {port})); x = 1")
+    peer, _ = outside.accept()
+    snap = await snapshot(jp_fetch, kernel_id)
+
+    probe = (
+        "def probe(c):\n"
+        "    c.settimeout(10)\n"
+        "    try:\n"
+        "        return c.recv(5)\n"
+        "    except OSError as e:\n"
+        "        return f'{type(e).__name__} {e.errno}'\n"
+    )
+    forked = await connect(jp_ws_fetch, (await fork(jp_fetch, snap["id"]))["kernel_id"])
+    await forked.execute(probe)
+    not_connected = f"'OSError {errno.ENOTCONN}'"  # closed: CRIU restores it unconnected
+    assert await forked.value("probe(db)") == not_connected
+    peer.sendall(b"hello")  # the original's connection is untouched
+    await sock.execute(probe)
+    assert await sock.value("probe(db)") == "b'hello'"
+
+    await restore(jp_fetch, snap["id"])
+    await sock.execute(probe)
+    assert await sock.value("probe(db)") == not_connected
+    assert await sock.value("x") == "1"  # and the kernel runs on
+    peer.close()
+    outside.close()
+
+
+def unused_network() -> tuple[str, str]:
+    """A /24 (of the documentation ranges) this host has no address or route in:
+    (the far end's address, the host's)."""
+    import subprocess
+
+    routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    routes += subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    for prefix in ("203.0.113", "198.51.100", "192.0.2"):
+        if f"{prefix}." not in routes:
+            return f"{prefix}.1", f"{prefix}.2"
+    raise AssertionError("every documentation range is in use on this host")
+
+
+@pytest.fixture
+def outside_world():
+    """A machine beyond this host, as far as a fork can tell: a network
+    namespace on a documentation /24 joined to the host by a veth pair, with a
+    TCP server that answers each client with the address it sees. The outside
+    has no route back to the forks' 10.213.0.0/16, so only masqueraded traffic
+    is answered. Yields (its address, the host's address on that link, port)."""
+    import subprocess
+    import sys
+
+    ns, host_end, far_end = "ckpt-test-outside", "ckt-host", "ckt-far"
+    far, near = unused_network()
+
+    def sh(*cmd):
+        subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+    sh("ip", "netns", "add", ns)
+    server = None
+    try:
+        sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", far_end, "netns", ns)
+        sh("ip", "addr", "add", f"{near}/24", "dev", host_end)
+        sh("ip", "link", "set", host_end, "up")
+        sh("ip", "-n", ns, "link", "set", far_end, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{far}/24", "dev", far_end)
+        code = (
+            "import socket\n"
+            f"s = socket.socket(); s.bind(({far!r}, 7000)); s.listen()\n"
+            "print('ready', flush=True)\n"
+            "while True:\n"
+            "    c, peer = s.accept(); c.sendall(peer[0].encode()); c.close()\n"
+        )
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code], stdout=subprocess.PIPE)
+        assert server.stdout.readline().strip() == b"ready"
+        yield far, near, 7000
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "link", "del", host_end], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+REACH = (
+    "def reach(host, port):\n"
+    "    import socket\n"
+    "    try:\n"
+    "        with socket.create_connection((host, port), timeout=5) as c:\n"
+    "            return c.recv(100).decode() or 'connected'\n"
+    "    except OSError as e:\n"
+    "        return f'{type(e).__name__} {e.errno}'\n"
+)
+
+
+async def test_a_fork_reaches_the_outside_world_through_nat(jp_fetch, jp_ws_fetch, start_kernel, outside_world):
+    """fork_outbound = "nat" (the default): masqueraded through the host."""
+    kernel_id, sock = await start_kernel()
+    await sock.execute(REACH)
+    snap = await snapshot(jp_fetch, kernel_id)
+    forked = await connect(jp_ws_fetch, (await fork(jp_fetch, snap["id"]))["kernel_id"])
+    far, near, port = outside_world
+    assert await forked.value(f"reach({far!r}, {port})") == repr(near)  # seen as the host
+    assert open("/proc/sys/net/ipv4/ip_forward").read().strip() == "1"
+    import subprocess
+
+    table = subprocess.run(["nft", "list", "table", "ip", "jupyter_ckpt"], capture_output=True, text=True)
+    assert table.returncode == 0 and "masquerade" in table.stdout
+
+
+class TestHostOnly:
+    @pytest.fixture
+    def jp_server_config(self, store_root):
+        return {
+            "ServerApp": {"jpserver_extensions": {"jupyter_ckpt": True}},
+            "CheckpointApp": {"store_root": str(store_root), "fork_outbound": "host"},
+        }
+
+    async def test_a_fork_reaches_this_host_and_nothing_beyond(
+        self, jp_fetch, jp_ws_fetch, start_kernel, outside_world
+    ):
+        """fork_outbound = "host": the host's own addresses only, also where
+        another server's forks have NAT (the table from the test above)."""
+        far, near, port = outside_world
+        on_host = socket.socket()
+        on_host.bind((near, 0))  # one of this host's addresses
+        on_host.listen()
+        accepted = threading.Thread(target=lambda: on_host.accept()[0].sendall(b"host"), daemon=True)
+        accepted.start()
+        kernel_id, sock = await start_kernel()
+        await sock.execute(REACH)
+        snap = await snapshot(jp_fetch, kernel_id)
+        forked = await connect(jp_ws_fetch, (await fork(jp_fetch, snap["id"]))["kernel_id"])
+        assert await forked.value(f"reach({near!r}, {on_host.getsockname()[1]})") == "'host'"
+        assert await forked.value(f"reach({far!r}, {port})") == f"'OSError {errno.ENETUNREACH}'"
+        assert await sock.value(f"reach({far!r}, {port})") == repr(near)  # the original: the host's network
+        on_host.close()
