@@ -305,3 +305,96 @@ def test_notebook_with_the_snapshot_and_hibernation_in_jupyterlab(lab, page):
     assert call(lab, "GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"] is False
     run_cell(page, "print('x after opening:', x)")
     last_output(page, "x after opening: v1")
+
+
+def test_shortcut_palette_auto_backup_bundles_and_wake_in_jupyterlab(lab, page, tmp_path):
+    """The keyboard shortcut and the palette entry snapshot; the panel's
+    auto-backup switch and interval change the schedule; a bundle downloads,
+    and one signed by another store uploads through the trust dialog; the
+    panel's Wake button wakes a hibernated kernel."""
+    from jupyter_ckpt.bundle import MAGIC, export_bundle
+    from jupyter_ckpt.store import SnapshotStore
+
+    from .test_store import commit
+
+    open_notebook(page, lab, "lab/tree/story.ipynb")
+    run_cell(page, "x = 'kept'; print('x is', x)")
+    last_output(page, "x is kept")
+    [session] = call(lab, "GET", "/api/sessions")
+    kernel_id = session["kernel"]["id"]
+
+    def snapshots() -> list[dict]:
+        return call(lab, "GET", f"/api/ckpt/snapshots?kernel_id={kernel_id}")
+
+    page.keyboard.press("Escape")  # command mode: the shortcut is the notebook's, not the editor's
+    page.keyboard.press("Control+Alt+s")
+    page.locator(".jp-toast-message", has_text="Snapshot saved").first.wait_for()
+    assert len(snapshots()) == 1
+    page.keyboard.press("Control+Shift+c")
+    page.keyboard.type("Snapshot Kernel")
+    page.keyboard.press("Enter")
+    for _ in range(600):
+        if len([s for s in snapshots() if s["status"] == "complete"]) == 2:
+            break
+        time.sleep(0.1)
+    assert [s["trigger"] for s in snapshots()] == ["manual", "manual"]
+
+    # Auto-backup: the switch and the interval (minutes) of this kernel.
+    page.locator(".lm-TabBar-tab[data-id='jupyter-ckpt-panel']").click()
+    switch = page.locator(".jp-ckpt-auto-backup")
+    assert switch.is_checked()
+    switch.click()  # a controlled input: it shows the schedule once the server changed it
+    for _ in range(100):
+        if not call(lab, "GET", f"/api/ckpt/kernels/{kernel_id}/schedule")["enabled"]:
+            break
+        time.sleep(0.1)
+    for _ in range(100):  # the panel shows it (as the user sees it) before the next change
+        if not switch.is_checked():
+            break
+        time.sleep(0.1)
+    interval = page.locator(".jp-ckpt-interval")
+    interval.fill("5")
+    interval.blur()
+    for _ in range(100):
+        schedule = call(lab, "GET", f"/api/ckpt/kernels/{kernel_id}/schedule")
+        if schedule["interval_seconds"] == 300:
+            break
+        time.sleep(0.1)
+    assert schedule == {"enabled": False, "interval_seconds": 300.0, "keep": 10}
+
+    # Download a snapshot as a bundle.
+    row = page.locator(".jp-ckpt-row.jp-ckpt-status-complete").first
+    with page.expect_download() as download:
+        row.locator(".jp-ToolbarButtonComponent[title='Download as a bundle']").click()
+    saved = tmp_path / "downloaded.jckpt"
+    download.value.save_as(saved)
+    assert saved.read_bytes().startswith(MAGIC) and download.value.suggested_filename.endswith(".jckpt")
+
+    # Upload one signed by another store's key: the trust dialog, then imported.
+    other = SnapshotStore(tmp_path / "other-store")
+    foreign = commit(other, kernel_id="from-elsewhere")
+    bundle = tmp_path / "foreign.jckpt"
+    with open(bundle, "wb") as out:
+        export_bundle(other, foreign.id, out)
+    other.close()
+    with page.expect_file_chooser() as chooser:
+        page.locator(".jp-ckpt-header-actions .jp-ToolbarButtonComponent[title='Upload a bundle']").click()
+    chooser.value.set_files(str(bundle))
+    dialog = page.locator(".jp-Dialog", has_text="Trust this bundle?")
+    dialog.wait_for()
+    dialog.locator("button", has_text="Trust and import").click()
+    page.locator(".jp-toast-message", has_text="Imported").wait_for()
+    imported = call(lab, "GET", f"/api/ckpt/snapshots/{foreign.id}")
+    assert imported["imported"]["verified"] is False and imported["status"] == "complete"
+
+    # Hibernate (palette), then wake with the panel's button.
+    page.keyboard.press("Control+Shift+c")
+    page.keyboard.type("Hibernate Kernel")
+    page.keyboard.press("Enter")
+    page.locator(SNAPSHOT_BUTTON, has_text="Hibernated").wait_for()
+    page.locator(".jp-ckpt-hibernation .jp-ToolbarButtonComponent", has_text="Wake").click()
+    page.locator(".jp-toast-message", has_text="Kernel running again").wait_for()
+    page.locator(SNAPSHOT_BUTTON, has_text="Snapshot").wait_for()
+    assert call(lab, "GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"] is False
+    run_cell(page, "print('x after waking:', x)")
+    last_output(page, "x after waking: kept")
