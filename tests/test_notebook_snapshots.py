@@ -188,3 +188,62 @@ async def test_a_fork_into_a_copy_copies_the_notebook_as_it_was(jp_fetch, jp_ws_
     status, original = await api(jp_fetch, "GET", "api", "contents", "study.ipynb")
     assert sources(original["content"]) == ["v = 'then'", "v = 'now'"]
     await api(jp_fetch, "DELETE", "api", "kernels", out["kernel_id"])
+
+
+@pytest.mark.criu
+async def test_trust_marks_are_dropped_and_an_oversized_document_falls_back(jp_fetch, jp_ws_fetch, jp_root_dir):
+    from jupyter_ckpt.store import MAX_NOTEBOOK_BYTES
+
+    await save(jp_fetch, "t.ipynb", notebook("a = 1"))
+    kernel_id, sock = await open_notebook(jp_fetch, jp_ws_fetch, "t.ipynb")
+    shown = notebook("a = 1", "b = 2")
+    # An output only a trusted notebook shows as is (HTML), marked trusted by the sender.
+    html = {"output_type": "display_data", "metadata": {}, "data": {"text/html": "<script>alert(1)</script>"}}
+    shown["cells"][1]["outputs"] = [html]
+    for cell in shown["cells"]:
+        cell["metadata"]["trusted"] = True
+    status, model = await api(
+        jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots", body={"notebook": shown}
+    )
+    model = await wait_for_snapshot(jp_fetch, model["id"])
+    status, document = await stored_notebook(jp_fetch, model["id"])
+    assert sources(document) == ["a = 1", "b = 2"]
+    assert not [c for c in document["cells"] if "trusted" in c["metadata"]]
+    await restore(jp_fetch, model["id"], notebook=True)
+    written = json.loads((jp_root_dir / "t.ipynb").read_text())
+    assert sources(written) == ["a = 1", "b = 2"] and not [c for c in written["cells"] if "trusted" in c["metadata"]]
+    status, served = await api(jp_fetch, "GET", "api", "contents", "t.ipynb")
+    assert served["content"]["cells"][1]["metadata"]["trusted"] is False  # the server's to give
+
+    # Larger than the limit: the snapshot is taken, with the server's copy.
+    huge = notebook("a = 1", "#" * (MAX_NOTEBOOK_BYTES + 1))
+    status, model = await api(
+        jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots", body={"notebook": huge}
+    )
+    assert status == 202, model
+    model = await wait_for_snapshot(jp_fetch, model["id"])
+    assert model["status"] == "complete" and model["notebook"] == "saved"
+    status, document = await stored_notebook(jp_fetch, model["id"])
+    assert sources(document) == ["a = 1", "b = 2"]  # the file as the restore wrote it
+
+
+@pytest.mark.criu
+async def test_a_fork_copy_of_a_snapshot_without_a_notebook_copies_the_current_file(
+    jp_fetch, jp_ws_fetch, jp_serverapp
+):
+    await save(jp_fetch, "plain.ipynb", notebook("p = 1"))
+    kernel_id, sock = await open_notebook(jp_fetch, jp_ws_fetch, "plain.ipynb")
+    snap = await snapshot(jp_fetch, kernel_id)
+    # As a snapshot stored before notebooks were kept: the record names the path, holds none.
+    store = jp_serverapp.web_app.settings["ckpt_manager"].store
+    record = store.get(snap["id"])
+    record.notebook = None
+    store.save(record)
+    await save(jp_fetch, "plain.ipynb", notebook("p = 1", "p = 2"))
+    status, out = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "new", "copy": True}
+    )
+    assert status == 201, out
+    status, copy = await api(jp_fetch, "GET", "api", "contents", out["path"])
+    assert out["path"] != "plain.ipynb" and sources(copy["content"]) == ["p = 1", "p = 2"]
+    await api(jp_fetch, "DELETE", "api", "kernels", out["kernel_id"])
