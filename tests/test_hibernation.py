@@ -224,3 +224,43 @@ def test_hibernated_kernels_survive_a_server_restart_and_idle_ones_hibernate(tmp
             b.kill()
     finally:
         a.kill()
+
+
+async def test_each_hibernation_replaces_the_last_and_a_failed_wake_keeps_it_on_disk(
+    jp_fetch, jp_ws_fetch, events, start_kernel
+):
+    """A second hibernation drops the first one's snapshot; a wake that fails
+    (a port the kernel listened on is taken) says why
+    in `wake_failed` and leaves the kernel on disk, woken once the port is free."""
+    import socket
+
+    kernel_id, sock = await start_kernel()
+    await sock.execute(
+        "import socket; srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(); "
+        "port = srv.getsockname()[1]; x = 1"
+    )
+    port = int(await sock.value("port"))
+    first = await hibernate(jp_fetch, kernel_id)
+    status, _ = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "wake")
+    assert status == 200
+    second = await hibernate(jp_fetch, kernel_id)
+    status, listed = await api(jp_fetch, "GET", "api", "ckpt", "snapshots", kernel_id=kernel_id)
+    assert [s["id"] for s in listed if s["trigger"] == "hibernate"] == [second["snapshot_id"]]
+    assert first["snapshot_id"] not in {s["id"] for s in listed}
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    try:
+        status, out = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "wake")
+        assert status == 500 and "Address already in use" in out["message"], out
+        failed = await events.wait_for_action("wake_failed", kernel_id=kernel_id)
+        assert "Address already in use" in failed["message"]
+        assert (await info(jp_fetch, kernel_id))["hibernated"] is True
+    finally:
+        squatter.close()
+    status, _ = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "wake")
+    assert status == 200
+    sock = KernelSocket(await jp_ws_fetch("api", "kernels", kernel_id, "channels"))
+    await sock.wait_ready()
+    assert await sock.value("x") == "1"
