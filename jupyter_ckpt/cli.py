@@ -323,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except Exception as e:  # a store backend's own (botocore's, say): the reason, not a traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -324,6 +324,7 @@ class CriuEngine:
         lazy: bool = False,
         listener_moves: Mapping[int, tuple[str, int]] = {},
         owner: tuple[int, int, list[int]] | None = None,
+        file_locks: bool = True,
     ) -> RestoreResult:
         """Restore the tree dumped in ``images_dir`` as a child of this process.
 
@@ -334,6 +335,8 @@ class CriuEngine:
         ``listener_moves``: TCP listeners to rebind elsewhere (move_listeners).
         ``owner`` (uid, gid, groups; with restore_no_symlinks): CRIU opens the
         restored files with these file-system credentials (patches/criu/0003).
+        ``file_locks``: take the dumped file locks again (not for a fork, whose
+        original holds them).
         ``lazy`` (where health().lazy_pages): the tree runs before its memory is
         all back; the result's ``lazy_pages`` brings in the rest, and the
         images must stay until its ``wait()`` returns.
@@ -349,6 +352,8 @@ class CriuEngine:
             # outside it were turned into closed sockets (criu_images).
             c.opts.tcp_established = True
             c.opts.network_lock = pycriu.rpc.NFTABLES
+            # The locks the dump recorded are taken again (CRIU skips them without it).
+            c.opts.file_locks = file_locks
             if self.restore_no_symlinks:
                 c.opts.restore_no_symlinks = True
                 if owner is not None:

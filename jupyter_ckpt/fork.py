@@ -53,7 +53,12 @@ class Fork(Flow):
                     netns = network.path
 
                     def restore() -> RestoredTree:
-                        restored.append(restore_tree(self.engine, images, work, record.stdio_keys, netns, False, moves))
+                        restored.append(
+                            # The original runs on, holding its file locks.
+                            restore_tree(
+                                self.engine, images, work, record.stdio_keys, netns, False, moves, file_locks=False
+                            )
+                        )
                         return restored[-1]
 
                     plan = LaunchPlan(record.id, record.connection, network, restore)

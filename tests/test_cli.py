@@ -296,3 +296,38 @@ def test_restore_needs_a_server(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     out = ckpt(tmp_path / "store", "restore", "01M8G6NHZS1PKW09RTTN07H2K4", "--url", f"http://127.0.0.1:{port}")
     assert out.returncode == 1 and f"cannot reach the server at http://127.0.0.1:{port}" in out.stderr
+
+
+def test_the_servers_default_store_without_store(tmp_path, monkeypatch):
+    """Without --store: <jupyter data dir>/ckpt, the server's default."""
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    store = SnapshotStore(tmp_path / "data" / "ckpt")
+    made = commit(store)
+    store.close()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["--json", "list"]) == 0
+    assert [r["id"] for r in json.loads(out.getvalue())] == [made.id]
+
+
+def test_a_remote_store_with_its_state_dir_key_and_options(tmp_path, s3_store_options):
+    """--store-options (fsspec's, as JSON), --state-dir and --key, on S3."""
+    bucket, opts = s3_store_options
+    url = f"s3://{bucket}/snapshots"
+    store = SnapshotStore(url, tmp_path / "writer-state", tmp_path / "shared.key", opts)
+    made = commit(store)
+    store.close()
+    common = ["--state-dir", str(tmp_path / "cli-state"), "--key", str(tmp_path / "shared.key")]
+    out = ckpt(url, "--json", *common, "--store-options", json.dumps(opts), "show", made.id)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["id"] == made.id and (tmp_path / "cli-state").is_dir()
+    # Another key: the manifest's signature does not verify.
+    (tmp_path / "other.key").write_bytes(b"k" * 32)
+    out = ckpt(
+        url, "--json", *common[:2], "--key", str(tmp_path / "other.key"), "--store-options", json.dumps(opts), "list"
+    )
+    assert out.returncode == 0 and [r["status"] for r in json.loads(out.stdout)] == ["failed"]
+    # The options are what reach the endpoint: another one, and nothing is found.
+    elsewhere = {**opts, "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}}
+    out = ckpt(url, *common, "--store-options", json.dumps(elsewhere), "show", made.id)
+    assert out.returncode == 1 and out.stderr.startswith("error: ")

@@ -222,3 +222,23 @@ async def test_a_restored_kernels_history_stays_consistent(jp_fetch, start_kerne
             lines = [row[0] for row in db.execute("SELECT source FROM history WHERE session = ?", (session,))]
         assert [f"z = {round_} * 10 + {i}" for i in range(3)] == lines[:3], lines
     assert await sock.value("x") == "'kept'"
+
+
+async def test_a_lock_the_kernel_holds_is_held_again_after_a_restore(jp_fetch, start_kernel, tmp_path):
+    import fcntl
+
+    lock_path = tmp_path / "work.lock"
+    kernel_id, sock = await start_kernel()
+    await sock.execute(
+        f"import fcntl; lock = open({str(lock_path)!r}, 'w'); fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB); x = 1"
+    )
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("x = 2")
+    await restore(jp_fetch, snap["id"])
+    assert await sock.value("x") == "1"
+    with open(lock_path, "w") as other:
+        with pytest.raises(BlockingIOError):  # another process cannot take it: the restored kernel holds it
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    await sock.execute("fcntl.flock(lock, fcntl.LOCK_UN)")
+    with open(lock_path, "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel: free

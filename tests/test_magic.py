@@ -86,6 +86,10 @@ async def test_kernel_credential_is_limited_to_its_own_kernel(jp_fetch, start_ke
     assert await code("GET", "snapshots", token_a) == 403  # the user's API
     assert await code("GET", f"kernels/{kernel_a}/snapshots", token_a) == 403
     assert await code("GET", f"self/{kernel_a}", "forged") == 403
+    # Nor the user's own credential (the server token, as a browser's session would be).
+    for method, path, body in (("GET", f"self/{kernel_a}", None), ("POST", f"self/{kernel_a}/snapshots", "{}")):
+        resp = await jp_fetch("api", "ckpt", *path.split("/"), method=method, body=body, raise_error=False)
+        assert resp.code == 403, (method, path, resp.code)
     # And the kernel does not hold the user's server token.
     env = await sock_a.value("sorted(k for k in __import__('os').environ if 'TOKEN' in k)")
     assert env == "['JUPYTER_CKPT_KERNEL_TOKEN']"
