@@ -236,9 +236,9 @@ async def test_a_lock_the_kernel_holds_is_held_again_after_a_restore(jp_fetch, s
     await sock.execute("x = 2")
     await restore(jp_fetch, snap["id"])
     assert await sock.value("x") == "1"
-    with open(lock_path, "w") as other:
-        with pytest.raises(BlockingIOError):  # another process cannot take it: the restored kernel holds it
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # Another process cannot take it: the restored kernel holds it.
+    with open(lock_path, "w") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     await sock.execute("fcntl.flock(lock, fcntl.LOCK_UN)")
     with open(lock_path, "w") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel: free
