@@ -62,3 +62,28 @@ async def test_kernel_from_another_provisioner_is_refused_with_what_to_do(jp_fet
     assert status == 409
     assert "LocalProvisioner" in body["message"] and "ckpt-provisioner" in body["message"]
     assert await sock.value("1 + 1") == "2"
+
+
+class TestSharedDevShm:
+    @pytest.fixture
+    def jp_server_config(self, tmp_path):
+        return {
+            "ServerApp": {"jpserver_extensions": {"jupyter_ckpt": True}},
+            "CheckpointApp": {"store_root": str(tmp_path / "store")},
+            "CheckpointableProvisioner": {"private_shm": False},
+        }
+
+    async def test_private_shm_false_shares_the_hosts(self, jp_fetch, start_kernel, tmp_path):
+        import os
+        import uuid
+
+        name = f"ckpt-test-{uuid.uuid4().hex}"
+        with open(f"/dev/shm/{name}", "w") as f:
+            f.write("host")
+        try:
+            kernel_id, sock = await start_kernel()
+            assert await sock.value(f"open('/dev/shm/{name}').read()") == "'host'"
+            host_device = os.stat("/dev/shm").st_dev
+            assert await sock.value("__import__('os').stat('/dev/shm').st_dev") == str(host_device)
+        finally:
+            os.unlink(f"/dev/shm/{name}")

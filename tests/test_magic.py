@@ -93,3 +93,31 @@ async def test_kernel_credential_is_limited_to_its_own_kernel(jp_fetch, start_ke
     # And the kernel does not hold the user's server token.
     env = await sock_a.value("sorted(k for k in __import__('os').environ if 'TOKEN' in k)")
     assert env == "['JUPYTER_CKPT_KERNEL_TOKEN']"
+
+
+def test_the_magic_loads_in_any_ipython_and_says_why_it_cannot_snapshot():
+    """`%load_ext jupyter_ckpt` outside a kernel the server started: the magic
+    is there, and says why this IPython cannot snapshot itself."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_CKPT_")}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "IPython",
+            "--quick",
+            "--colors=NoColor",
+            "-c",
+            "%load_ext jupyter_ckpt\n%checkpoint list",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    text = out.stdout + out.stderr
+    assert "UsageError: Line magic function" not in text  # the magic exists
+    assert "was not started by a Jupyter server with jupyter-ckpt, so it cannot snapshot itself" in text, text

@@ -105,3 +105,32 @@ async def test_kernel_output_reaches_server_output_after_restore(jp_fetch, start
     out, err = capfd.readouterr()
     assert "marker-before" in out and "marker-after" in out
     assert "err-before" in err and "err-after" in err
+
+
+async def test_a_kernelspec_that_names_another_provisioner_keeps_it(jp_fetch, jp_data_dir, start_kernel):
+    """use_provisioner_by_default applies to kernelspecs that name none: one
+    naming the stock provisioner gets it (no monkeypatching: the spec says so)."""
+    import json
+    import sys
+
+    spec = jp_data_dir / "kernels" / "stock"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python (stock provisioner)",
+                "language": "python",
+                "metadata": {"kernel_provisioner": {"provisioner_name": "local-provisioner"}},
+            }
+        )
+    )
+    kernel_id, sock = await start_kernel("stock")
+    status, info = await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id)
+    assert status == 200 and info["checkpointable"] is False
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
+    assert status == 409 and "LocalProvisioner" in body["message"]
+    # A spec naming none gets ckpt-provisioner.
+    default_id, _ = await start_kernel()
+    assert (await api(jp_fetch, "GET", "api", "ckpt", "kernels", default_id))[1]["checkpointable"] is True
+    assert await sock.value("1 + 1") == "2"
