@@ -21,38 +21,19 @@ from . import errors
 from ._version import __version__
 from .manager import CheckpointManager
 from .records import SnapshotRecord
+from .request_checks import parse_json_body, query_flag, status_for
+
 
 # The one place where the package's errors become HTTP statuses.
-STATUS_FOR_ERROR: dict[type[errors.CheckpointError], int] = {
-    errors.InvalidRequest: 400,
-    errors.NotPermitted: 403,
-    errors.SnapshotNotFound: 404,
-    errors.KernelNotFound: 404,
-    errors.KernelNotCheckpointable: 409,
-    errors.OperationInProgress: 409,
-    errors.SnapshotNotRestorable: 409,
-    errors.DumpFailed: 500,
-    errors.RestoreFailed: 500,
-    errors.NotSupported: 501,
-    errors.CriuUnavailable: 503,
-    errors.QuotaExceeded: 507,
-}
-
-
 def translate_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(method)
     async def wrapper(self: APIHandler, *args: Any, **kwargs: Any) -> Any:
         try:
             return await method(self, *args, **kwargs)
         except errors.CheckpointError as e:
-            status = next((s for cls, s in STATUS_FOR_ERROR.items() if isinstance(e, cls)), 500)
-            raise web.HTTPError(status, str(e)) from None
+            raise web.HTTPError(status_for(e), str(e)) from None
 
     return wrapper
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def snapshot_model(record: SnapshotRecord) -> dict[str, Any]:
@@ -71,16 +52,7 @@ class CheckpointHandler(APIHandler):
         return self.settings["ckpt_auto_backup"]
 
     def body(self) -> dict[str, Any]:
-        """The request's JSON object ({} for no body); 400 for anything else."""
-        if not self.request.body.strip():
-            return {}
-        try:
-            data = json.loads(self.request.body.decode("utf-8"), parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise web.HTTPError(400, f"the request body is not JSON (UTF-8) of a reasonable depth: {e}") from None
-        if not isinstance(data, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
-        return data
+        return parse_json_body(self.request.body)
 
     async def require_contents(self, action: str) -> None:
         """Notebooks kept with snapshots are contents too: reading one needs
@@ -264,7 +236,7 @@ class BundleUploadHandler(CheckpointHandler):
     @translate_errors
     async def post(self) -> None:
         self._upload.close()
-        trust = self.get_query_argument("trust", "false").lower() in ("1", "true", "yes")
+        trust = query_flag(self.get_query_argument("trust", "false"))
         with open(self._dir / "bundle.jckpt", "rb") as src:
             record = await self.manager.import_bundle(src, trust)
         self.set_header("Location", url_path_join(self.base_url, "api/ckpt/snapshots", record.id))
