@@ -323,3 +323,71 @@ async def test_the_loop_runs_every_tick_and_survives_a_bad_one(clock):
     after = ticks
     await asyncio.sleep(0.05)
     assert ticks == after  # stopped
+
+
+async def test_a_schedule_set_before_the_first_tick_starts_the_interval(clock):
+    manager = StandInManager(kernels={"a": Activity("busy"), "b": Activity("busy")})
+    loop = AutoBackup(manager, DEFAULT)
+    loop.set("a", {"interval_seconds": 10})
+    clock.now += 5
+    await tick(loop)  # b first seen now; a's interval began at the PUT
+    clock.now += 5
+    await tick(loop)
+    assert manager.taken == ["a"]
+    clock.now += 50
+    await tick(loop)
+    assert manager.taken == ["a", "a"]  # b: 55 s since it was first seen
+    clock.now += 5
+    await tick(loop)
+    assert manager.taken == ["a", "a", "b"]  # b: one default interval after it was first seen
+
+
+async def test_forget_drops_the_schedule_and_the_interval(clock):
+    manager = StandInManager(kernels={"a": Activity("busy")})
+    loop = AutoBackup(manager, DEFAULT)
+    loop.forget("never-seen")  # nothing to forget: no error
+    loop.set("a", {"interval_seconds": 10})
+    loop.forget("a")
+    assert loop.get("a") == DEFAULT
+    clock.now += 30
+    await tick(loop)  # seen afresh: its interval starts now, not at the forgotten PUT
+    assert manager.taken == []
+    clock.now += 60
+    await tick(loop)
+    assert manager.taken == ["a"]
+
+
+async def test_one_kernel_skipped_does_not_end_the_tick_for_the_others(clock):
+    """Kernels skipped for each reason come first; the last one is still taken."""
+    kernels = {
+        "idle": Activity("idle", executions_seen=1),
+        "asleep": Activity("busy"),
+        "held": Activity("busy"),
+        "off": Activity("busy"),
+        "due": Activity("busy"),
+    }
+    manager = StandInManager(kernels=kernels, hibernated={"asleep"}, busy={"held"})
+    loop = AutoBackup(manager, DEFAULT)
+    loop.set("off", {"enabled": False})
+    await tick(loop)
+    clock.now += 60
+    manager.busy.clear()
+    await tick(loop)  # the idle one taken once (nothing said it was unchanged)
+    manager.busy.add("held")
+    manager.taken.clear()
+    clock.now += 60
+    await tick(loop)
+    assert manager.taken == ["due"]
+
+
+async def test_stop_ends_the_snapshots_in_flight(clock):
+    manager = StandInManager(kernels={"a": Activity("busy")}, gate=asyncio.Event())
+    loop = AutoBackup(manager, DEFAULT)
+    loop.run_due()
+    clock.now += 60
+    loop.run_due()
+    [job] = list(loop._jobs)
+    await asyncio.sleep(0)
+    assert manager.running == 1
+    await loop.stop()
+    assert job.done() and job.cancelled() and not loop._jobs
