@@ -136,6 +136,7 @@ async def test_restore_through_a_running_server(jp_fetch, jp_serverapp, start_ke
     assert proc.returncode == 3 and b"404" in err
 
 
+@pytest.mark.process
 def test_options_work_on_either_side_of_the_command(filled):
     store_dir, records = filled
     for args in (["list", "--json"], ["--json", "list"]):
@@ -151,6 +152,7 @@ def test_options_work_on_either_side_of_the_command(filled):
     assert out.returncode == 0 and json.loads(out.stdout)["id"] == records[0].id, out.stderr
 
 
+@pytest.mark.process
 def test_the_jupyter_ckpt_command(filled):
     """`jupyter ckpt` finds the `jupyter-ckpt` entry point as Jupyter's subcommand."""
     import os
@@ -164,6 +166,7 @@ def test_the_jupyter_ckpt_command(filled):
     assert len(json.loads(out.stdout)) == len(records)
 
 
+@pytest.mark.process
 def test_an_export_is_private_from_its_first_byte(filled, tmp_path):
     """The bundle holds all of a kernel's memory: created 0600, never with the umask."""
     store_dir, records = filled
@@ -310,6 +313,7 @@ def test_the_servers_default_store_without_store(tmp_path, monkeypatch):
     assert [r["id"] for r in json.loads(out.getvalue())] == [made.id]
 
 
+@pytest.mark.process
 def test_a_remote_store_with_its_state_dir_key_and_options(tmp_path, s3_store_options):
     """--store-options (fsspec's, as JSON), --state-dir and --key, on S3."""
     bucket, opts = s3_store_options
