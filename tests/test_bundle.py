@@ -212,3 +212,145 @@ def test_an_import_records_its_signer_and_never_takes_a_running_kernels_id(sourc
     verified = import_bundle(shared, io.BytesIO(buf.getvalue()))
     assert verified.imported["verified"] is True and verified.kernel_id == "k1"
     shared.close()
+
+
+# -- each refusal's reason, and what an import keeps -------------------------------
+
+
+def bundle_of(store, record) -> bytes:
+    buf = io.BytesIO()
+    export_bundle(store, record.id, buf)
+    return buf.getvalue()
+
+
+def refusal(store, data: bytes, **kw) -> str:
+    with pytest.raises((InvalidRequest, SnapshotNotRestorable)) as e:
+        import_bundle(store, io.BytesIO(data), **kw)
+    assert store.list() == []
+    return str(e.value)
+
+
+def test_the_reason_for_each_refusal(source, target, tmp_path):
+    import struct
+
+    from jupyter_ckpt.bundle import _MAX_MANIFEST, MAGIC
+
+    data = bundle_of(source, commit(source, size=4096))
+    assert refusal(target, b"JCKPT-BUNDLE-0\n" + data[15:]) == "not a jupyter-ckpt bundle"
+    assert refusal(target, data[:18]) == "bundle is truncated"
+    too_big = MAGIC + struct.pack("<Q", _MAX_MANIFEST + 1)
+    assert refusal(target, too_big) == "bundle manifest is implausibly large"
+    assert refusal(target, MAGIC + struct.pack("<Q", _MAX_MANIFEST)) == "bundle is truncated"  # as large as allowed
+    assert refusal(target, data) == (
+        "the bundle is signed with another store's key: share the key between the servers, "
+        "or import it explicitly trusting its origin"
+    )
+    twice = forged_bundle({"core-1.img": b"c"}, tamper=lambda h: {**h, "files": h["files"] * 2})
+    assert (
+        refusal(target, twice, trust=True)
+        == "the bundle cannot be imported: the bundle's manifest lists 'core-1.img' twice"
+    )
+    wrong = forged_bundle({"core-1.img": b"abc"})
+    wrong = wrong.replace(zstandard_frame(b"abc"), zstandard_frame(b"abd"))
+    assert refusal(target, wrong, trust=True) == "bundle: core-1.img chunk 0 does not match its hash"
+    more = forged_bundle({"core-1.img": b"abc"})
+    more = more.replace(zstandard_frame(b"abc"), zstandard_frame(b"abcd"))
+    assert refusal(target, more, trust=True) == "bundle: it holds more data than its manifest lists"
+    frame = data.index(b"\x28\xb5\x2f\xfd")
+    damaged = data[: frame + 5] + bytes(35) + data[frame + 40 :]
+    shared = SnapshotStore(tmp_path / "shared-store", key_path=tmp_path / "shared.key")
+    assert refusal(shared, damaged).startswith("bundle: its compressed data is damaged (")
+    shared.close()
+
+
+def zstandard_frame(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def test_max_bytes_bounds_verified_and_trusted_imports(source, tmp_path):
+    record = commit(source, size=4096)
+    data = bundle_of(source, record)
+    size = 2 * 4096 + 4004  # the pages image and the core image
+    message = f"the bundle cannot be imported: the bundle's manifest describes more than {size - 1} bytes of files, the most accepted here"
+    shared = SnapshotStore(tmp_path / "s", key_path=tmp_path / "shared.key")
+    assert refusal(shared, data, max_bytes=size - 1) == message
+    assert import_bundle(shared, io.BytesIO(data), max_bytes=size).id == record.id
+    shared.close()
+    other = SnapshotStore(tmp_path / "o")
+    assert refusal(other, data, trust=True, max_bytes=size - 1) == message
+    other.close()
+
+
+def test_an_import_needs_room_for_its_images(source, target, monkeypatch):
+    """The free space is a stand-in here (shutil.disk_usage): a full disk cannot be made for a unit test."""
+    import shutil
+
+    from jupyter_ckpt import bundle
+
+    record = commit(source, size=4096)
+    data = bundle_of(source, record)
+    needed = 2 * 4096 + 4004
+    real = shutil.disk_usage
+    monkeypatch.setattr(bundle.shutil, "disk_usage", lambda p: real(p)._replace(free=needed - 1))
+    assert (
+        refusal(target, data, trust=True)
+        == f"the bundle holds {needed} bytes of images; {needed - 1} bytes are free here"
+    )
+    monkeypatch.setattr(bundle.shutil, "disk_usage", lambda p: real(p)._replace(free=needed))
+    assert import_bundle(target, io.BytesIO(data), trust=True).id == record.id
+
+
+def test_a_verified_import_keeps_its_kernel_id_and_names_this_store_as_signer(source, tmp_path):
+    import uuid
+
+    from jupyter_ckpt.private_files import key_fingerprint
+
+    data = bundle_of(source, commit(source, size=4096))
+    shared = SnapshotStore(tmp_path / "s", key_path=tmp_path / "shared.key")
+    verified = import_bundle(shared, io.BytesIO(data), running_kernels={"k1"})
+    assert verified.kernel_id == "k1"  # signed with this store's key: it is this server's kernel
+    assert verified.imported["signer"] == key_fingerprint(shared.key) and verified.imported["verified"] is True
+    shared.close()
+    other = SnapshotStore(tmp_path / "o")
+    trusted = import_bundle(other, io.BytesIO(data), trust=True, running_kernels={"k1"})
+    assert str(uuid.UUID(trusted.kernel_id)) == trusted.kernel_id  # a fresh kernel id
+    other.close()
+
+
+def test_files_unpack_privately_and_whole(source, target, tmp_path, monkeypatch):
+    """A file of several chunks with a short last one comes back byte for byte;
+    the files are 0600 while they wait in the scratch folder."""
+    import os
+
+    tail = b"t" * 10
+    record = SnapshotRecord(id=new_snapshot_id(), kernel_id="k1", status="dumping")
+    images = source.create(record)
+    content = np.random.default_rng(1).bytes(2 << 20) + tail  # core images are cut per MiB
+    (images / "core-1.img").write_bytes(content)
+    source.commit(record)
+    modes = []
+    real_commit = target.commit_imported
+
+    def checking(record, directory, expected):
+        modes.extend(os.stat(p).st_mode & 0o777 for p in directory.iterdir())
+        return real_commit(record, directory, expected)
+
+    monkeypatch.setattr(target, "commit_imported", checking)
+    import_bundle(target, io.BytesIO(bundle_of(source, record)), trust=True)
+    assert modes == [0o600]
+    assert materialized(target, record.id, tmp_path / "out") == {"core-1.img": content}
+
+
+def test_export_refuses_what_it_cannot_verify(source):
+    from jupyter_ckpt.manifest import SignatureMismatch
+
+    record = commit(source, size=4096)
+    [manifest_path] = [p for p in (source.state.parent / "manifests").iterdir() if record.id in p.name]
+    data = bytearray(manifest_path.read_bytes())
+    data[30] ^= 1
+    manifest_path.write_bytes(bytes(data))
+    with pytest.raises(SignatureMismatch) as e:
+        export_bundle(source, record.id, io.BytesIO())
+    assert str(e.value).startswith(f"the manifest of snapshot {record.id} failed its signature check")
