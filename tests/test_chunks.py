@@ -201,3 +201,104 @@ def test_index_finds_chunks_across_packs_and_forgets_dropped_ones(tmp_path):
     again = ChunkIndex(tmp_path / "index")
     assert again.known_packs() == {f"pack{p}" for p in range(2, 20)}
     assert again.locate(packs["pack7"])[0].all()
+
+
+# -- what gc takes and keeps, exactly -----------------------------------------------
+
+
+def backend_files(store) -> dict[str, int]:
+    return {os.path.basename(p): store.fs.size(p) for p in store.fs.ls(f"{store.root}/packs", detail=False)}
+
+
+def test_gc_merges_small_packs_and_counts_what_it_freed(store, tmp_path):
+    a, _ = store.put_files(image_dir(tmp_path / "a", random_pages(1 * MiB, seed=1).tobytes()))
+    b, _ = store.put_files(image_dir(tmp_path / "b", random_pages(1 * MiB, seed=2).tobytes(), b"other core"))
+    before = backend_files(store)
+    assert len(before) == 4  # two packs, each with its index
+    referenced = {h for f in a + b for h in f.chunks}
+    deleted, freed = store.gc(referenced)
+    after = backend_files(store)
+    gone = set(before) - set(after)
+    assert deleted == 2 and freed == sum(before[n] for n in gone) and len(gone) == 4
+    assert len(after) == 2  # one pack of both, with its index
+    restore_into(store, a, tmp_path)
+    assert (tmp_path / "restore" / "pages-1.img").read_bytes() == random_pages(1 * MiB, seed=1).tobytes()
+    assert store.gc(referenced) == (0, 0)  # a single small pack stays as it is
+
+
+def test_gc_repacks_a_pack_under_half_live_and_keeps_one_at_half(store, tmp_path):
+    pages = random_pages(4 * 4096, seed=3).tobytes()  # four distinct pages
+    files, _ = store.put_files(image_dir(tmp_path / "a", pages, b""))
+    [page_file] = [f for f in files if f.name == "pages-1.img"]
+    half = set(page_file.chunks[:2])
+    assert store.gc(half) == (0, 0)  # exactly half of its bytes live: kept
+    deleted, freed = store.gc(set(page_file.chunks[:1]))
+    assert deleted == 1 and freed > 0  # a quarter: its live chunk copied out, the pack deleted
+    assert len(backend_files(store)) == 2
+    kept = store.read_file(type(page_file)("pages-1.img", 4096, 4096, page_file.chunks[:1]))
+    assert b"".join(bytes(c) for c in kept) == pages[:4096]
+
+
+def test_gc_removes_stray_uploads_and_counts_them(store, tmp_path):
+    store.put_files(image_dir(tmp_path / "a", random_pages(4096).tobytes()))
+    store.fs.pipe_file(f"{store.root}/packs/cafe.pack.part", b"p" * 300)
+    store.fs.pipe_file(f"{store.root}/packs/f00d.idx.part", b"i" * 20)
+    store.fs.pipe_file(f"{store.root}/packs/beef.pack", b"x" * 1000)  # no index: a crash before it
+    kept = set(backend_files(store)) - {"cafe.pack.part", "f00d.idx.part", "beef.pack"}
+    everything = {h.tobytes() for p in store.index.known_packs() for h in store.index.pack_rows(p)["hash"]}
+    assert store.gc(everything) == (3, 1320)
+    assert set(backend_files(store)) == kept
+
+
+def test_a_missing_chunk_is_named_by_its_place_in_the_file(store, tmp_path):
+    first = random_pages(3000 * 4096, seed=4).tobytes()
+    store.put_files(image_dir(tmp_path / "v1", first))
+    second = first[: 2100 * 4096] + random_pages(900 * 4096, seed=5).tobytes()
+    files, _ = store.put_files(image_dir(tmp_path / "v2", second))
+    [pages] = [f for f in files if f.name == "pages-1.img"]
+    newest = max(backend_files(store), key=lambda n: os.path.getmtime(f"{store.root}/packs/{n}"))
+    pack = newest.split(".")[0]
+    for suffix in (".pack", ".idx"):
+        store.fs.rm_file(f"{store.root}/packs/{pack}{suffix}")
+    with pytest.raises(SnapshotNotRestorable) as e:
+        list(store.read_file(pages))  # this store's index still lists the pack
+    assert str(e.value).startswith(f"pages-1.img: chunk 2100 cannot be read from pack {pack}: ")
+    fresh = ChunkStore(store.fs, store.root, tmp_path / "fresh-cache")  # an index built from the backend
+    with pytest.raises(SnapshotNotRestorable) as e:
+        list(fresh.read_file(pages))
+    fresh.close()
+    assert str(e.value) == f"pages-1.img: chunk 2100 ({pages.chunks[2100].hex()[:16]}) is missing from the store"
+
+
+def test_a_store_on_a_filesystem_that_is_not_local(tmp_path):
+    """fsspec's in-memory filesystem stands in for an object store (packs are
+    uploaded and read back through fsspec, not mapped)."""
+    import uuid
+
+    memory = fsspec.filesystem("memory")
+    root = f"/ckpt-{uuid.uuid4().hex}"
+    remote = ChunkStore(memory, root, tmp_path / "cache")
+    data = random_pages(3 * MiB + 5).tobytes()
+    files, _ = remote.put_files(image_dir(tmp_path / "a", data))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    remote.materialize(files, dest)
+    assert (dest / "pages-1.img").read_bytes() == data
+    assert memory.ls(f"{root}/packs", detail=False)
+    remote.close()
+    memory.rm(root, recursive=True)
+
+
+def test_a_pack_copied_across_filesystems_is_private_and_whole(tmp_path):
+    from jupyter_ckpt.chunks import _copy_private
+
+    source, target = tmp_path / "staged.pack", tmp_path / "store" / "p.pack"
+    target.parent.mkdir()
+    source.write_bytes(b"pack" * 5000)
+    os.umask(old := os.umask(0))
+    try:
+        _copy_private(source, target)
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"pack" * 5000 and os.stat(target).st_mode & 0o777 == 0o600
+    assert not source.exists() and not (tmp_path / "store" / "p.pack.part").exists()
