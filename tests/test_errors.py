@@ -251,3 +251,28 @@ async def test_files_gone_since_the_snapshot_are_refused_by_name(jp_fetch, jp_da
     await restore(jp_fetch, snap["id"])
     assert await sock.value("x") == "1"
     assert await sock.value("os.getcwd()") == repr(str(workdir))
+
+
+async def test_a_file_on_a_mount_this_machine_lacks_is_refused_by_name(jp_fetch, start_kernel, tmp_path):
+    """A data disk of the original that is not mounted where the kernel is
+    restored: a file the kernel holds on it is named, nothing is touched."""
+    import subprocess
+
+    disk = tmp_path / "data-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    mounted = True
+    try:
+        (disk / "table.csv").write_text("a,b\n")
+        kernel_id, sock = await start_kernel()  # its mount namespace has the disk
+        await sock.execute(f"fh = open({str(disk / 'table.csv')!r}); x = 1")
+        snap = await snapshot(jp_fetch, kernel_id)
+        await sock.execute("x = 2")
+        subprocess.run(["umount", "-l", str(disk)], check=True)  # gone from this machine
+        mounted = False
+        status, body = await api(jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={})
+        assert status == 409 and f"{disk / 'table.csv'} (file): missing here" in body["message"], body
+        assert await sock.value("x") == "2"
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)])
