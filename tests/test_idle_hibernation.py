@@ -3,6 +3,8 @@ its own, and the next cell wakes it (real server, kernel and CRIU)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from .client import api
@@ -31,3 +33,73 @@ async def test_an_idle_kernel_hibernates_and_the_next_cell_wakes_it(jp_fetch, st
     hibernations = len(events.of("hibernated"))
     run = await sock.finish(await sock.send_execute("import time; time.sleep(3); 'done'"))
     assert run.result == "'done'" and len(events.of("hibernated")) == hibernations  # (idle for < 1 s since)
+
+
+class TestTheCuller:
+    """jupyter_server's own culler with idle hibernation on: it hibernates the
+    kernels it would shut down, leaves busy ones running even with cull_busy,
+    and culls as before a kernel that cannot be snapshotted."""
+
+    @pytest.fixture
+    def jp_server_config(self, store_root):
+        return {
+            "ServerApp": {"jpserver_extensions": {"jupyter_ckpt": True}},
+            "MappingKernelManager": {
+                "cull_idle_timeout": 2,
+                "cull_interval": 1,
+                "cull_busy": True,
+                "cull_connected": True,
+            },
+            # On, so that the culler hibernates; too long to hibernate anything by itself here.
+            "CheckpointApp": {"store_root": str(store_root), "hibernate_idle_after": 3600},
+        }
+
+    async def test_idle_hibernated_busy_left_running_unsnapshottable_culled(
+        self, jp_fetch, jp_data_dir, start_kernel, events, tmp_path
+    ):
+        import json
+        import sys
+
+        # A kernel of the stock provisioner: it cannot be snapshotted.
+        spec = jp_data_dir / "kernels" / "stock"
+        spec.mkdir(parents=True)
+        (spec / "kernel.json").write_text(
+            json.dumps(
+                {
+                    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                    "display_name": "stock",
+                    "language": "python",
+                    "metadata": {"kernel_provisioner": {"provisioner_name": "local-provisioner"}},
+                }
+            )
+        )
+        idle_id, idle = await start_kernel()
+        busy_id, busy = await start_kernel()
+        stuck_id, stuck = await start_kernel("stock")
+        run = await busy.send_execute(
+            f"import os, time\nwhile not os.path.exists({str(tmp_path / 'stop')!r}):\n    time.sleep(0.05)\nprint('done')"
+        )
+        try:
+            await events.wait_for(
+                lambda evs: any(e["action"] == "hibernated" and e.get("kernel_id") == idle_id for e in evs), timeout=60
+            )
+
+            async def culled():
+                status, kernels = await api(jp_fetch, "GET", "api", "kernels")
+                return stuck_id not in {k["id"] for k in kernels}
+
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while not await culled():
+                seen = [
+                    (e["action"], e.get("kernel_id") == stuck_id, e.get("message", "")[:150]) for e in events.events
+                ]
+                assert loop.time() < deadline, f"the kernel that cannot be snapshotted was never culled: {seen}"
+                await asyncio.sleep(0.2)
+            status, info = await api(jp_fetch, "GET", "api", "ckpt", "kernels", busy_id)
+            assert status == 200 and info["hibernated"] is False and info["busy"] is False
+        finally:
+            (tmp_path / "stop").touch()
+        await busy.finish(run)
+        assert "done" in run.stdout
+        assert not [e for e in events.events if e.get("kernel_id") == busy_id and e["action"] == "hibernated"]
