@@ -8,7 +8,7 @@ import uuid
 import numpy as np
 import pytest
 
-from jupyter_ckpt.errors import SnapshotNotFound, SnapshotNotRestorable
+from jupyter_ckpt.errors import QuotaExceeded, SnapshotNotFound, SnapshotNotRestorable
 from jupyter_ckpt.records import SnapshotRecord, new_snapshot_id
 from jupyter_ckpt.store import SnapshotStore
 
@@ -149,3 +149,155 @@ def test_gc_never_takes_what_a_snapshot_being_stored_will_refer_to(store):
         record, files = store.read_manifest(snapshot_id)
         for stored in files:
             assert sum(len(c) for c in store.read_chunks(stored)) == stored.size
+
+
+# -- each operation's outcome and reason, on a real store ---------------------------
+
+
+def staged(store, kernel_id="k1", status="dumping", **fields) -> SnapshotRecord:
+    record = SnapshotRecord(id=new_snapshot_id(), kernel_id=kernel_id, status=status, **fields)
+    (store.create(record) / "core-1.img").write_bytes(b"c" * 100)
+    return record
+
+
+def test_recover_fails_what_was_cut_short_and_clears_the_leftovers(tmp_path):
+    store = SnapshotStore(tmp_path / "s")
+    done = commit(store, seed=1)
+    cut = [staged(store, status=s) for s in ("pending", "dumping", "storing")]
+    failed_before = staged(store)
+    store.fail(failed_before, "CRIU said no")
+    stray = store.state / "staging" / "not-a-snapshot"
+    stray.mkdir()
+    orphan = store.state / "staging" / new_snapshot_id()  # a snapshot id without a record
+    orphan.mkdir()
+    (store.state / "cache" / "abc.pack.part").write_bytes(b"p")
+    (store.state / "records" / "garbled.json").write_text("{")
+    store.close()
+
+    again = SnapshotStore(tmp_path / "s")
+    assert sorted(again.recover()) == sorted(r.id for r in cut)
+    for r in cut:
+        got = again.get(r.id)
+        assert (got.status, got.error) == ("failed", "the server stopped before this snapshot was stored")
+        assert not again.staging_dir(r.id).exists()
+    assert (again.get(failed_before.id).status, again.get(failed_before.id).error) == ("failed", "CRIU said no")
+    assert again.get(done.id).status == "complete"
+    assert not stray.exists() and not orphan.exists() and not (again.state / "cache" / "abc.pack.part").exists()
+    assert again.recover() == []  # nothing left to mend
+    again.close()
+
+
+def test_fail_keeps_the_record_with_its_reason_and_drops_the_images(store):
+    record = staged(store)
+    store.fail(record, "no space left")
+    assert not store.staging_dir(record.id).exists()
+    got = store.get(record.id)
+    assert (got.status, got.error, got.kernel_id) == ("failed", "no space left", "k1")
+
+
+def test_relabel_a_complete_and_a_failed_snapshot_and_refuse_an_unknown_one(store):
+    done = commit(store)
+    assert store.relabel(done.id, "kept").label == "kept" and store.get(done.id).label == "kept"
+    assert store.get(done.id).status == "complete"  # re-signed, still restorable
+    failed = staged(store)
+    store.fail(failed, "why")
+    assert store.relabel(failed.id, "tried").label == "tried"
+    assert (store.get(failed.id).label, store.get(failed.id).error) == ("tried", "why")
+    unknown = new_snapshot_id()
+    with pytest.raises(SnapshotNotFound) as e:
+        store.relabel(unknown, "x")
+    assert str(e.value) == f"no snapshot with id {unknown!r}"
+
+
+def test_get_reports_an_unreadable_snapshot_as_failed_with_the_reason(store):
+    done = commit(store)
+    manifest_file = store.state.parent / "manifests" / f"{done.id}.manifest"
+    manifest_file.write_bytes(b"garbage")
+    got = store.get(done.id)
+    assert (got.id, got.kernel_id, got.status) == (done.id, "", "failed")
+    assert got.error == f"the manifest of snapshot {done.id} is not a jupyter-ckpt manifest (damaged or truncated)"
+    record = staged(store)
+    store._record_path(record.id).write_text("{not json")
+    got = store.get(record.id)
+    assert (got.id, got.kernel_id, got.status) == (record.id, "", "failed")
+    assert got.error.startswith(f"the record {record.id}.json cannot be read: ")
+    unknown = new_snapshot_id()
+    with pytest.raises(SnapshotNotFound) as e:
+        store.get(unknown)
+    assert str(e.value) == f"no snapshot with id {unknown!r}"
+    assert store.ids() == sorted([done.id, record.id], reverse=True)
+
+
+def test_delete_removes_every_trace_and_refuses_an_unknown_id(store):
+    done = commit(store, kernel_id=str(uuid.uuid4()))  # a server's kernel id: its images are kept
+    assert list(store.kept_images.dir.glob(f"*/{done.id}"))
+    pending = staged(store)
+    for snapshot_id in (done.id, pending.id):
+        store.delete(snapshot_id)
+        with pytest.raises(SnapshotNotFound):
+            store.get(snapshot_id)
+        assert not store.staging_dir(snapshot_id).exists()
+    assert store.ids() == [] and not list(store.kept_images.dir.glob(f"*/{done.id}"))
+    unknown = new_snapshot_id()
+    with pytest.raises(SnapshotNotFound) as e:
+        store.delete(unknown)
+    assert str(e.value) == f"no snapshot with id {unknown!r}"
+    # Whatever stands at a snapshot's paths (a directory, a link) goes too.
+    odd = new_snapshot_id()
+    (store.state.parent / "manifests" / f"{odd}.manifest").mkdir()
+    (store.state / "records" / f"{odd}.json").symlink_to("/etc/passwd")
+    store.delete(odd)
+    assert not (store.state.parent / "manifests" / f"{odd}.manifest").exists()
+    assert not (store.state / "records" / f"{odd}.json").is_symlink()
+
+
+def test_the_quota_counts_complete_snapshots_only(tmp_path):
+    store = SnapshotStore(tmp_path / "s", quota_bytes=1)
+    store.require_room()  # empty: room
+    failed = staged(store)
+    store.fail(failed, "x")
+    store.require_room()  # a failed one holds nothing
+    done = commit(store, size=2 << 20)
+    assert store.used_bytes() == done.stored_bytes > 0
+    with pytest.raises(QuotaExceeded) as e:
+        store.require_room()
+    used = done.stored_bytes / 2**20
+    assert str(e.value) == (
+        f"the snapshot store is full: it holds {used:.1f} MiB of its 0.0 MiB quota; delete snapshots you no longer "
+        "need (or ask for a larger quota) to take new ones"
+    )
+    store.quota_bytes = done.stored_bytes + 1
+    store.require_room()  # under the quota
+    store.quota_bytes = done.stored_bytes
+    with pytest.raises(QuotaExceeded):
+        store.require_room()  # exactly at it: full
+    store.quota_bytes = 0
+    store.require_room()  # no quota
+    store.close()
+
+
+def test_scratch_of_a_previous_run_is_cleared_and_this_runs_kept(tmp_path):
+    store = SnapshotStore(tmp_path / "s")
+    left = store.new_scratch_dir("restore-")
+    (left / "f").write_text("x")
+    (store.state / "tmp" / "loose-file").write_text("y")
+    store.close()
+    again = SnapshotStore(tmp_path / "s")
+    mine = again.new_scratch_dir()
+    assert mine.name.startswith("op-") and left.name.startswith("restore-") and mine.parent == again.state / "tmp"
+    assert os.stat(mine).st_mode & 0o777 == 0o700
+    again.clear_scratch()
+    assert not left.exists() and not (again.state / "tmp" / "loose-file").exists() and mine.is_dir()
+    with again.scratch_dir("import-") as d:
+        assert d.is_dir() and d.name.startswith("import-")
+    assert not d.exists()
+    again.close()
+
+
+def test_dump_logs_a_previous_run_left(store):
+    record = staged(store)
+    (store.staging_dir(record.id) / "dump.log").write_text("criu said")
+    op = store.new_scratch_dir()
+    (op / "previous-state").mkdir()
+    (op / "previous-state" / "dump.log").write_text("also")
+    assert store.dump_logs() == sorted([store.staging_dir(record.id) / "dump.log", op / "previous-state" / "dump.log"])
