@@ -301,3 +301,70 @@ def test_dump_logs_a_previous_run_left(store):
     (op / "previous-state").mkdir()
     (op / "previous-state" / "dump.log").write_text("also")
     assert store.dump_logs() == sorted([store.staging_dir(record.id) / "dump.log", op / "previous-state" / "dump.log"])
+
+
+def test_where_a_store_keeps_its_key_state_and_root(tmp_path):
+    import uuid
+
+    with pytest.raises(ValueError) as e:
+        SnapshotStore(f"memory://ckpt-{uuid.uuid4().hex}")
+    assert str(e.value) == "a store on a remote backend needs a local state_dir"
+    remote = SnapshotStore(f"memory://ckpt-{uuid.uuid4().hex}", state_dir=tmp_path / "state")
+    assert remote.key_path == tmp_path / "state.key" and remote.backend == "memory"
+    assert remote.quota_bytes == 0 and (tmp_path / "state" / "cache").is_dir()
+    remote.close()
+    local = SnapshotStore(str(tmp_path / "local") + "/")
+    assert local.root == str(tmp_path / "local") and local.key_path == tmp_path / "local.key"
+    assert local.backend == "local" and local.state == tmp_path / "local" / "state"
+    local.close()
+
+
+def test_gc_keeps_what_sound_snapshots_use_past_a_damaged_one_and_removes_stray_parts(store):
+    older = commit(store, seed=1, when=1_800_000_000.0)
+    newer = commit(store, seed=2, when=1_800_000_100.0)
+    (store.state.parent / "manifests" / f"{newer.id}.manifest").write_bytes(b"damaged")  # listed first
+    stray = store.state.parent / "manifests" / f"{older.id}.manifest.part-1234"
+    stray.write_bytes(b"x")
+    store.gc()
+    assert not stray.exists()
+    out = store.state.parent / "out"
+    out.mkdir()
+    store.materialize(older.id, out)
+    assert (out / "pages-1.img").read_bytes() == np.random.default_rng(1).bytes(256 * 1024)
+
+
+def test_commit_clears_the_error_and_times_the_whole_snapshot(store):
+    import time
+
+    record = staged(store)
+    record.error = "a retry's old reason"
+    done = store.commit(record, started=time.monotonic() - 2.5)
+    assert done.error is None and done.status == "complete"
+    assert 2.5 <= done.total_seconds < 60 and round(done.total_seconds, 4) == done.total_seconds
+    assert store.commit(staged(store)).total_seconds is None  # not timed when not asked
+
+
+def test_an_import_whose_files_differ_from_its_manifest_is_refused(store, tmp_path):
+    from jupyter_ckpt.pack_format import StoredFile
+
+    record = SnapshotRecord(id=new_snapshot_id(), kernel_id="k1", status="complete")
+    directory = tmp_path / "imported"
+    directory.mkdir()
+    (directory / "core-1.img").write_bytes(b"what arrived")
+    with pytest.raises(SnapshotNotRestorable) as e:
+        store.commit_imported(record, directory, [StoredFile("core-1.img", 12, 1 << 20, [b"\0" * 32])])
+    assert str(e.value) == "bundle: its files do not match its manifest"
+    assert store.ids() == []
+
+
+def test_a_manifest_that_cannot_be_read(store):
+    done = commit(store)
+    path = store.state.parent / "manifests" / f"{done.id}.manifest"
+    path.unlink()
+    path.mkdir()  # a directory in its place
+    got = store.get(done.id)
+    assert got.status == "failed" and got.error.startswith(f"the manifest of snapshot {done.id} cannot be read: ")
+    unknown = new_snapshot_id()
+    with pytest.raises(SnapshotNotFound) as e:
+        store.manifest_bytes(unknown)
+    assert str(e.value) == f"no snapshot with id {unknown!r}"
