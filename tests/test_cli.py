@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -335,3 +336,229 @@ def test_a_remote_store_with_its_state_dir_key_and_options(tmp_path, s3_store_op
     elsewhere = {**opts, "endpoint_url": "http://127.0.0.1:9", "config_kwargs": {"retries": {"max_attempts": 1}}}
     out = ckpt(url, *common, "--store-options", json.dumps(elsewhere), "show", made.id)
     assert out.returncode == 1 and out.stderr.startswith("error: ")
+
+
+# -- the texts people read, the defaults, and the restore client ----------------------
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [
+        (None, "0 B"),
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1536, "1.5 KiB"),
+        (1024**2 - 1, "1024.0 KiB"),
+        (1024**2, "1.0 MiB"),
+        (5 * 1024**3, "5.0 GiB"),
+        (3 * 1024**4, "3072.0 GiB"),
+    ],
+)
+def test_sizes_for_people(n, text):
+    assert cli._size(n) == text
+
+
+def test_the_table_shows_frozen_time_and_falls_back_to_the_path():
+    record = SnapshotRecord(
+        id="01M8G6NHZS1PKW09RTTN07H2K4",
+        kernel_id="0123456789abcdef",
+        created="2027-01-02T03:04:05.678Z",
+        trigger="auto",
+        status="complete",
+        memory_bytes=3 << 20,
+        stored_bytes=1536,
+        freeze_seconds=0.4567,
+        path="work/a.ipynb",
+    )
+    header, row = cli._table([record]).splitlines()
+    assert header.split() == ["ID", "CREATED", "TRIGGER", "STATUS", "MEMORY", "STORED", "FROZEN", "KERNEL", "LABEL"]
+    assert row.split() == [
+        record.id,
+        "2027-01-02",
+        "03:04:05",
+        "auto",
+        "complete",
+        "3.0",
+        "MiB",
+        "1.5",
+        "KiB",
+        "0.46s",
+        "01234567",
+        "work/a.ipynb",
+    ]
+    record.label = "before the risky step"
+    assert cli._table([record]).splitlines()[1].endswith("01234567  before the risky step")
+
+
+def test_json_output_is_indented_and_people_get_lines(filled, tmp_path):
+    store_dir, records = filled
+    out = ckpt(store_dir, "--json", "show", records[0].id)
+    assert out.stdout == json.dumps(json.loads(out.stdout), indent=1) + "\n"
+    listed = ckpt(store_dir, "--json", "list")
+    assert listed.stdout == json.dumps(json.loads(listed.stdout), indent=1) + "\n"
+    target = tmp_path / "b.jckpt"
+    out = ckpt(store_dir, "export", records[0].id, "-o", str(target))
+    assert out.stdout.strip() == f"wrote {target} ({cli._size(target.stat().st_size)})"
+    assert cli._size(target.stat().st_size) != "0 B"
+
+
+def test_prune_keeps_ten_by_default(tmp_path):
+    store = SnapshotStore(tmp_path / "store")
+    records = [commit(store, seed=i, when=1_800_000_000.0 + i, size=4096) for i in range(12)]
+    store.close()
+    out = ckpt(tmp_path / "store", "--json", "prune", "--kernel", "k1")
+    assert sorted(json.loads(out.stdout)["deleted"]) == sorted(r.id for r in records[:2])
+
+
+def test_usage_errors_exit_2():
+    for argv in ([], ["no-such-command"], ["prune", "--keep", "many"]):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and err.getvalue().startswith("usage: jupyter ckpt")
+
+
+def test_check_says_why_criu_is_unusable(tmp_path):
+    out = ckpt(tmp_path, "check", "--criu", "/nonexistent/criu")
+    assert out.returncode == 4 and out.stdout.startswith("CRIU unusable: ") and "not installed" in out.stdout
+    out = ckpt(tmp_path, "--json", "check", "--criu", "/nonexistent/criu")
+    health = json.loads(out.stdout)
+    assert out.returncode == 4 and health["available"] is False and "not installed" in health["reason"]
+
+
+def test_progress_is_drawn_on_a_terminal_only(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    sink = io.BytesIO()
+    progress = cli._Progress(sink, "exporting")
+    assert progress.write(b"x" * 2048) == 2048
+    progress.flush()
+    progress.close()
+    assert sink.getvalue() == b"x" * 2048
+    assert screen.getvalue() == "\rexporting: 2.0 KiB\n"
+    screen.truncate(0), screen.seek(0)
+    reading = cli._Progress(io.BytesIO(b"y" * 512), "importing", total=1024)
+    assert reading.read(256) == b"y" * 256 and reading.read() == b"y" * 256
+    assert screen.getvalue() == "\rimporting: 256 B  25.0%\rimporting: 512 B  50.0%"
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: nothing drawn
+    quiet = cli._Progress(io.BytesIO(), "exporting")
+    quiet.write(b"z")
+    quiet.close()
+    assert sys.stderr.getvalue() == ""
+
+
+def test_a_store_given_by_url_with_its_options(tmp_path):
+    import uuid
+
+    url = f"memory://ckpt-{uuid.uuid4().hex}"
+    options = json.dumps({"skip_instance_cache": True})
+    store = SnapshotStore(url, tmp_path / "writer-state", tmp_path / "k.key")
+    made = commit(store)
+    store.close()
+    out = ckpt(
+        url,
+        "--json",
+        "--state-dir",
+        str(tmp_path / "cli-state"),
+        "--key",
+        str(tmp_path / "k.key"),
+        "--store-options",
+        options,
+        "list",
+    )
+    assert out.returncode == 0, out.stderr
+    assert [r["id"] for r in json.loads(out.stdout)] == [made.id] and (tmp_path / "cli-state" / "records").is_dir()
+    out = ckpt(url, "list")
+    assert out.returncode == 1 and "a store on a remote backend needs a local state_dir" in out.stderr
+
+
+class StubServer:
+    """A stand-in for a Jupyter server's restore endpoint (the real one, with
+    CRIU, is in test_restore_through_a_running_server): it records each request
+    and answers what the test says."""
+
+    def __init__(self, status: int, body: bytes):
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, str, dict, bytes]] = []
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers["Content-Length"]))
+                stub.requests.append((self.command, self.path, dict(self.headers), data))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/base/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_restore_asks_the_server_and_reports(tmp_path):
+    snap = "01M8G6NHZS1PKW09RTTN07H2K4"
+    outcome = {"kernel_id": "kid", "snapshot_id": snap, "total_seconds": 1.23456, "mode": "replace"}
+    server = StubServer(200, json.dumps(outcome).encode())
+    try:
+        out = ckpt(tmp_path, "restore", snap, "--url", server.url, "--token", "secret")
+        assert out.returncode == 0 and out.stdout.strip() == f"kernel kid restored from {snap} in 1.23 s"
+        [(method, path, headers, body)] = server.requests
+        assert (method, path) == ("POST", f"/base/api/ckpt/snapshots/{snap}/restore")
+        assert headers["Authorization"] == "token secret" and headers["Content-Type"] == "application/json"
+        assert json.loads(body) == {"mode": "replace"}
+        out = ckpt(tmp_path, "--json", "restore", snap, "--url", server.url)
+        assert json.loads(out.stdout) == outcome
+        assert server.requests[-1][2]["Authorization"] == "token "
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "status, body, code, message",
+    [
+        (404, b'{"message": "no snapshot with id x"}', 3, "restore failed (404): no snapshot with id x"),
+        (409, b'{"message": "kernel k is busy"}', 1, "restore failed (409): kernel k is busy"),
+        (500, b"<html>oops</html>", 1, "restore failed (500): HTTP Error 500: Internal Server Error"),
+        (400, b'{"reason": "no message"}', 1, "restore failed (400): HTTP Error 400: Bad Request"),
+    ],
+)
+def test_restore_reports_what_the_server_refused(tmp_path, status, body, code, message):
+    server = StubServer(status, body)
+    try:
+        out = ckpt(tmp_path, "restore", "01M8G6NHZS1PKW09RTTN07H2K4", "--url", server.url)
+    finally:
+        server.close()
+    assert out.returncode == code and out.stderr.strip() == message
+
+
+def test_restore_finds_the_running_server(tmp_path, monkeypatch):
+    snap = "01M8G6NHZS1PKW09RTTN07H2K4"
+    server = StubServer(200, json.dumps({"kernel_id": "k", "snapshot_id": snap, "total_seconds": 1}).encode())
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    info = {"url": server.url, "token": "found-token", "pid": os.getpid(), "port": server.httpd.server_port}
+    (runtime / "jpserver-1.json").write_text(json.dumps(info))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
+    try:
+        out = ckpt(tmp_path, "restore", snap)
+        assert out.returncode == 0, out.stderr
+        assert server.requests[0][2]["Authorization"] == "token found-token"
+        out = ckpt(tmp_path, "restore", snap, "--token", "given")
+        assert server.requests[1][2]["Authorization"] == "token given"  # a token given wins
+    finally:
+        server.close()
