@@ -195,6 +195,21 @@ def value(client: BlockingKernelClient, expr: str) -> str:
     return out.get("text/plain")
 
 
+def execute_started(client: BlockingKernelClient, code: str, timeout: float = 60) -> str:
+    """Send a cell and return once the kernel runs it (its busy status for that
+    request): a snapshot taken after this catches the cell mid-run."""
+    msg_id = client.execute(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if (
+            msg["parent_header"].get("msg_id") == msg_id
+            and msg["msg_type"] == "status"
+            and msg["content"]["execution_state"] == "busy"
+        ):
+            return msg_id
+
+
 def take(server: Server, kernel_id: str, label: str = "") -> dict:
     """Take a snapshot through the API and wait until it is complete."""
     snap = server.call("POST", f"/api/ckpt/kernels/{kernel_id}/snapshots", {"label": label})

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .servers import Server, running, take, value
+from .servers import Server, execute_started, running, take, value
 from .test_ui import page  # noqa: F401 (the browser fixture)
 from .users import USER_PREFIX, RunningHelper, SharedPython, as_user, create_user, end_processes_of, remove_user
 
@@ -126,8 +126,7 @@ def test_an_ordinary_users_server_snapshots_restores_and_forks_its_kernels(user_
         assert set(ids_of(pid)) == {ann.pw_uid}, pid
 
     # Mid-cell: the loop runs on after the snapshot, and after the restore.
-    client.execute(LOOP)
-    time.sleep(1.5)
+    execute_started(client, LOOP)
     snap = take(server, kernel_id, "mid-loop")
     assert snap["memory_bytes"] > 0 and snap["freeze_seconds"] > 0
     assert value(client, "total, 'done' in dir()") == "(1225, True)"
@@ -212,8 +211,7 @@ def test_worker_pools_of_an_ordinary_users_kernel_go_on_after_a_restore(user_ser
     client = server.client(kernel_id)
     client.execute_interactive(POOL_SETUP, timeout=60)
     assert value(client, "tempfile.gettempdir()") == "'/dev/shm'"
-    client.execute(POOL_LOOP)
-    time.sleep(1.5)
+    execute_started(client, POOL_LOOP)
     snap = take(server, kernel_id, "pool mid-loop")
     assert value(client, "done") == str(POOL_RESULT)
     server.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "replace"}, timeout=120)
@@ -285,8 +283,7 @@ def test_a_bundle_moves_a_kernel_to_another_server_of_the_same_user(user_servers
     kernel_id = start_kernel(a)
     client = a.client(kernel_id)
     client.execute_interactive("import time; total = 0; marker = 'from A'", timeout=60)
-    client.execute(LOOP)
-    time.sleep(1.5)
+    execute_started(client, LOOP)
     snap = take(a, kernel_id)
     from .test_migrate import raw
 
