@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 
 import fsspec
 import numpy as np
@@ -162,17 +161,19 @@ def test_closing_the_index_during_lookups_fails_them_cleanly(tmp_path):
     index.add_pack("pack", b"JCKIDX1\n" + entries)
     wanted = [os.urandom(32) for _ in range(20_000)]
     failures: list[Exception] = []
+    looking = threading.Event()
 
     def look_up() -> None:
         try:
             for _ in range(2000):
                 index.locate(wanted)
+                looking.set()
         except SnapshotNotRestorable as e:
             failures.append(e)
 
     worker = threading.Thread(target=look_up)
     worker.start()
-    time.sleep(0.1)
+    assert looking.wait(30)  # lookups are running
     index.close()
     worker.join()
     assert failures and "closed" in str(failures[0])
