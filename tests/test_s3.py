@@ -136,3 +136,21 @@ async def test_the_server_answers_while_a_listing_waits_on_s3(
         safety.cancel()
     status, listed = await listing
     assert status == 200 and sorted(s["label"] for s in listed) == sorted(f"#{n}" for n in range(20))
+
+
+async def test_a_server_on_a_shared_store_does_not_collect_by_itself(jp_fetch, jp_serverapp):
+    """On S3 (a store other servers may be storing into), a delete leaves the
+    chunks for `jupyter ckpt gc`: the server schedules no gc of its own."""
+    from .client import api
+
+    manager = jp_serverapp.web_app.settings["ckpt_manager"]
+    store = manager.store
+    kept, deleted = commit(store, seed=1), commit(store, seed=2)
+    packs = store.fs.ls(f"{store.root}/packs", detail=False)
+    status, _ = await api(jp_fetch, "DELETE", "api", "ckpt", "snapshots", deleted.id)
+    assert status == 204
+    assert manager._gc_task is None  # nothing scheduled (a local store's delete schedules one)
+    assert store.fs.ls(f"{store.root}/packs", detail=False) == packs
+    objects, freed = store.gc()  # what `jupyter ckpt gc` does, when no server stores into it
+    assert objects >= 1 and freed > 0
+    assert store.get(kept.id).status == "complete"
