@@ -231,6 +231,10 @@ class Hibernation(Flow):
             record = await asyncio.to_thread(self.store.get, snapshot_id)
             outcome = await self.restore_into(kernel_id, record)
         except OperationInProgress as e:
+            if not self._on_disk(kernel_id):  # shut down or restarted meanwhile: that wins
+                self.log.info("jupyter_ckpt: waking kernel %s gave way: %s", kernel_id, e)
+                self._drop_held(kernel_id)
+                return e
             # Another restore into it runs: it sends what is held when it ends.
             self.log.info("jupyter_ckpt: kernel %s is woken by another operation: %s", kernel_id, e)
             return e
@@ -249,6 +253,12 @@ class Hibernation(Flow):
             }
         )
         return outcome
+
+    def _on_disk(self, kernel_id: str) -> bool:
+        try:
+            return self.kernels.require(kernel_id)[1].hibernated is not None
+        except CheckpointError:
+            return False  # shut down
 
     async def restore_into(self, kernel_id: str, record: SnapshotRecord) -> RestoreOutcome:
         """Restore ``record`` into the hibernated kernel (its own snapshot, or

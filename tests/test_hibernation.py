@@ -208,9 +208,16 @@ def test_hibernated_kernels_survive_a_server_restart_and_idle_ones_hibernate(tmp
         b = Server(tmp_path)
         try:
             # Listed again by the extension's start, which runs once the server serves.
-            for _ in range(300):
-                if b.call("GET", "/api/kernels"):
-                    break
+            # (Not polled through /api/kernels: jupyter_server answers it 500
+            # while a kernel is being registered.)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if b.call("GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"]:
+                        break
+                except OSError:
+                    pass  # not listed yet (404)
+                assert time.monotonic() < deadline, "the hibernated kernel was not listed again"
                 time.sleep(0.1)
             assert [k["id"] for k in b.call("GET", "/api/kernels")] == [kernel_id]
             assert [(s["path"], s["kernel"]["id"]) for s in b.call("GET", "/api/sessions")] == [
@@ -264,3 +271,20 @@ async def test_each_hibernation_replaces_the_last_and_a_failed_wake_keeps_it_on_
     sock = KernelSocket(await jp_ws_fetch("api", "kernels", kernel_id, "channels"))
     await sock.wait_ready()
     assert await sock.value("x") == "1"
+
+
+async def test_a_restart_during_a_wake_wins(jp_fetch, jp_ws_fetch, events):
+    kernel_id, sock = await open_notebook(jp_fetch, jp_ws_fetch, "big-wake.ipynb")
+    await sock.execute("import numpy as np; a = np.random.default_rng(7).random(48_000_000); y = 'old'")  # 384 MB
+    await hibernate(jp_fetch, kernel_id)
+    waking = asyncio.ensure_future(api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "wake"))
+    await events.wait_for_action("waking", kernel_id=kernel_id)
+    status, _ = await api(jp_fetch, "POST", "api", "kernels", kernel_id, "restart")
+    assert status == 200
+    status, out = await waking
+    assert status == 409 and "the wake gave way" in out["message"], out
+    await sock.wait_ready()
+    run = await sock.finish(await sock.send_execute("y"))
+    assert run.status == "error" and "NameError" in run.error  # the fresh kernel of the restart
+    assert (await info(jp_fetch, kernel_id))["hibernated"] is False
+    assert not [e for e in events.of("wake_failed") if e.get("kernel_id") == kernel_id]  # nothing "stays on disk"
