@@ -268,7 +268,8 @@ class CriuEngine:
             # Deleted files still open or mapped (unlinked shared memory) are
             # copied into the images; CRIU's default stops at 1 MiB.
             c.opts.ghost_limit = GHOST_LIMIT
-            # Lock files (dask's worker directories, sqlite) are taken again on restore.
+            # Processes holding file locks (dask's worker directories, sqlite)
+            # can be dumped; their locks are not taken again on restore.
             c.opts.file_locks = True
             netns = _foreign_netns(pid)
             if netns is not None:
@@ -324,7 +325,6 @@ class CriuEngine:
         lazy: bool = False,
         listener_moves: Mapping[int, tuple[str, int]] = {},
         owner: tuple[int, int, list[int]] | None = None,
-        file_locks: bool = True,
     ) -> RestoreResult:
         """Restore the tree dumped in ``images_dir`` as a child of this process.
 
@@ -335,8 +335,6 @@ class CriuEngine:
         ``listener_moves``: TCP listeners to rebind elsewhere (move_listeners).
         ``owner`` (uid, gid, groups; with restore_no_symlinks): CRIU opens the
         restored files with these file-system credentials (patches/criu/0003).
-        ``file_locks``: take the dumped file locks again (not for a fork, whose
-        original holds them).
         ``lazy`` (where health().lazy_pages): the tree runs before its memory is
         all back; the result's ``lazy_pages`` brings in the rest, and the
         images must stay until its ``wait()`` returns.
@@ -352,8 +350,9 @@ class CriuEngine:
             # outside it were turned into closed sockets (criu_images).
             c.opts.tcp_established = True
             c.opts.network_lock = pycriu.rpc.NFTABLES
-            # The locks the dump recorded are taken again (CRIU skips them without it).
-            c.opts.file_locks = file_locks
+            # File locks are not taken again (no file_locks here): CRIU would
+            # wait without end for a lock another process took since the dump,
+            # with the kernel already stopped.
             if self.restore_no_symlinks:
                 c.opts.restore_no_symlinks = True
                 if owner is not None:

@@ -53,12 +53,7 @@ class Fork(Flow):
                     netns = network.path
 
                     def restore() -> RestoredTree:
-                        restored.append(
-                            # The original runs on, holding its file locks.
-                            restore_tree(
-                                self.engine, images, work, record.stdio_keys, netns, False, moves, file_locks=False
-                            )
-                        )
+                        restored.append(restore_tree(self.engine, images, work, record.stdio_keys, netns, False, moves))
                         return restored[-1]
 
                     plan = LaunchPlan(record.id, record.connection, network, restore)

@@ -332,7 +332,6 @@ class Helper:
                 # CRIU opens the files with the caller's own credentials: no
                 # race between check_files and CRIU's open can be won.
                 owner=(caller.uid, caller.gid, caller.groups),
-                file_locks=message.get("file_locks", True) is not False,
             )
             # The restored tree is this process's child (CRIU's rst_sibling): reap it.
             threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()

@@ -183,7 +183,6 @@ class HelperEngine:
         netns: Path | None = None,
         lazy: bool = False,
         listener_moves: Mapping[int, tuple[str, int]] = {},
-        file_locks: bool = True,
     ) -> RestoreResult:
         self.require()
         started = time.monotonic()
@@ -198,7 +197,6 @@ class HelperEngine:
                 netns=netns.name if netns is not None else None,
                 listener_moves={str(port): list(to) for port, to in listener_moves.items()},
                 lazy=lazy,
-                file_locks=file_locks,
             )
         finally:
             os.close(fd)

@@ -184,7 +184,6 @@ def restore_tree(
     lazy: bool = False,
     listener_moves: dict[int, tuple[str, int]] | None = None,
     owner: tuple[int, int, list[int]] | None = None,
-    file_locks: bool = True,
 ) -> RestoredTree:
     """Restore the tree dumped in ``images`` (blocking), its stdout and stderr
     re-attached to fresh pipes copied to the server's output."""
@@ -199,7 +198,6 @@ def restore_tree(
                 netns=netns,
                 lazy=lazy,
                 listener_moves=listener_moves or {},
-                file_locks=file_locks,
                 **({"owner": owner} if owner is not None else {}),
             )
     finally:
