@@ -62,6 +62,10 @@ class NotSupported(CheckpointError):
     """The request is valid but this server does not offer it (yet)."""
 
 
+class WakeGaveWay(OperationInProgress):
+    """A hibernated kernel was shut down or restarted while it was being woken."""
+
+
 class InvalidRequest(CheckpointError):
     """The request itself is malformed (bad mode, bad label, ...)."""
 

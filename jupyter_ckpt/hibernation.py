@@ -26,7 +26,7 @@ from typing import Any
 from jupyter_server._tz import utcnow
 from jupyter_server.utils import ensure_async
 
-from .errors import CheckpointError, KernelNotFound, OperationInProgress, RestoreFailed
+from .errors import CheckpointError, KernelNotFound, OperationInProgress, RestoreFailed, WakeGaveWay
 from .flow import Flow, FlowParts
 from .forknet import in_fork_network
 from .provisioner import LaunchPlan
@@ -230,11 +230,11 @@ class Hibernation(Flow):
             self.events.publish({"action": "waking", "kernel_id": kernel_id, "snapshot_id": snapshot_id})
             record = await asyncio.to_thread(self.store.get, snapshot_id)
             outcome = await self.restore_into(kernel_id, record)
+        except WakeGaveWay as e:  # shut down or restarted meanwhile: that wins
+            self.log.info("jupyter_ckpt: waking kernel %s gave way: %s", kernel_id, e)
+            self._drop_held(kernel_id)
+            return e
         except OperationInProgress as e:
-            if not self._on_disk(kernel_id):  # shut down or restarted meanwhile: that wins
-                self.log.info("jupyter_ckpt: waking kernel %s gave way: %s", kernel_id, e)
-                self._drop_held(kernel_id)
-                return e
             # Another restore into it runs: it sends what is held when it ends.
             self.log.info("jupyter_ckpt: kernel %s is woken by another operation: %s", kernel_id, e)
             return e
@@ -253,12 +253,6 @@ class Hibernation(Flow):
             }
         )
         return outcome
-
-    def _on_disk(self, kernel_id: str) -> bool:
-        try:
-            return self.kernels.require(kernel_id)[1].hibernated is not None
-        except CheckpointError:
-            return False  # shut down
 
     async def restore_into(self, kernel_id: str, record: SnapshotRecord) -> RestoreOutcome:
         """Restore ``record`` into the hibernated kernel (its own snapshot, or

@@ -325,7 +325,7 @@ class CheckpointManager:
             )
         if notebook and not record.notebook:
             raise InvalidRequest(f"snapshot {snapshot_id} holds no notebook to restore")
-        if mode == "replace" and kernel_id not in (None, record.kernel_id):
+        if mode == "replace" and kernel_id and kernel_id != record.kernel_id:
             # Its processes keep the message key of the kernel they were: no
             # client of another kernel could talk to them.
             raise InvalidRequest(

@@ -14,7 +14,7 @@ from typing import Any
 
 from .criu_images import differences
 from .engine import LazyPages
-from .errors import DumpFailed, KernelNotFound, OperationInProgress, RestoreFailed, SnapshotIncompatible
+from .errors import DumpFailed, KernelNotFound, RestoreFailed, SnapshotIncompatible, WakeGaveWay
 from .flow import Flow, FlowParts
 from .kernel_tree import restore_tree
 from .kernels import connection_info, listener_moves
@@ -232,9 +232,7 @@ class RestoreInPlace(Flow):
                 ) from None
         saved_seconds = time.monotonic() - started
         if hibernated and not prov.hibernated:
-            raise OperationInProgress(
-                "the kernel was shut down or restarted while it was being woken: the wake gave way"
-            )
+            raise WakeGaveWay("the kernel was shut down or restarted while it was being woken: the wake gave way")
         self.journal.begin(
             "restore",
             kernel_id,

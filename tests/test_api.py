@@ -159,8 +159,8 @@ async def test_deleting_snapshots_reclaims_their_space(jp_fetch, jp_serverapp, s
 
 
 async def test_a_kernel_being_restored_refuses_other_operations(jp_fetch, start_kernel):
-    """409 for a snapshot, another restore, a hibernation and a wake of a kernel
-    while a restore holds it; the restore itself ends as asked."""
+    """409 for a snapshot, another restore and a hibernation of a kernel while
+    a restore holds it; the restore itself ends as asked."""
     kernel_id, sock = await start_kernel()
     await sock.execute("import numpy as np; a = np.random.default_rng(5).random(64_000_000); x = 1")  # 512 MB
     snap = await snapshot(jp_fetch, kernel_id)

@@ -39,6 +39,17 @@ def ids(events, action: str, kernel_id: str) -> list[str]:
     return [e["snapshot_id"] for e in events.of(action) if e.get("kernel_id") == kernel_id]
 
 
+async def all_ended(events, kernel_id: str) -> None:
+    """Until every snapshot of the kernel that started has completed or failed."""
+    await events.wait_for(
+        lambda evs: (
+            set(ids(events, "started", kernel_id))
+            <= set(ids(events, "completed", kernel_id)) | set(ids(events, "failed", kernel_id))
+        ),
+        timeout=60,
+    )
+
+
 async def until(condition, timeout: float = 60):
     """Until the async ``condition()`` is true (returned); TimeoutError past ``timeout``."""
     loop = asyncio.get_running_loop()
@@ -59,6 +70,7 @@ async def test_busy_kernel_is_backed_up_and_retention_applies(jp_fetch, events, 
     (tmp_path / "stop").touch()
     await sock.finish(run, timeout=30)
     assert "done" in run.stdout
+    await all_ended(events, kernel_id)
 
     async def retained():
         autos = [s for s in await auto_snapshots(jp_fetch, kernel_id) if s["status"] == "complete"]
@@ -135,6 +147,7 @@ async def test_a_disabled_schedule_takes_nothing_even_from_a_busy_kernel(jp_fetc
     await api(jp_fetch, *put, body={"enabled": False})
     (tmp_path / "stop").touch()
     await sock.finish(run)
+    await all_ended(events, kernel_id)
 
     async def retained():
         autos = [s for s in await auto_snapshots(jp_fetch, kernel_id) if s["status"] == "complete"]

@@ -438,6 +438,9 @@ class TestHostOnly:
     ):
         """fork_outbound = "host": the host's own addresses only, also where
         another server's forks have NAT (the table from the test above)."""
+        from jupyter_ckpt.forknet import _enable_nat
+
+        _enable_nat()  # forwarding and NAT on, as another server's forks would have them
         far, near, port = outside_world
         on_host = socket.socket()
         on_host.bind((near, 0))  # one of this host's addresses

@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,10 @@ def test_a_socket_group_lets_only_its_members_connect(tmp_path):
     subprocess.run(["groupadd", "-f", group], check=True)
     helper = RunningHelper("--socket-group", group)
     try:
+        for _ in range(300):  # the helper binds, then sets the group and the mode
+            if stat.S_IMODE(os.stat(helper.socket).st_mode) == 0o660:
+                break
+            time.sleep(0.01)
         st = os.stat(helper.socket)
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == grp.getgrnam(group).gr_gid
         # nobody is not in the group: the kernel refuses the connection.
@@ -54,6 +59,7 @@ def test_a_socket_group_lets_only_its_members_connect(tmp_path):
             s.connect(helper.socket)  # root may
     finally:
         helper.close()
+        subprocess.run(["groupdel", group])
 
 
 def test_criu_is_the_one_given_with_criu(tmp_path):

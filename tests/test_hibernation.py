@@ -282,7 +282,9 @@ async def test_a_restart_during_a_wake_wins(jp_fetch, jp_ws_fetch, events):
     status, _ = await api(jp_fetch, "POST", "api", "kernels", kernel_id, "restart")
     assert status == 200
     status, out = await waking
-    assert status == 409 and "the wake gave way" in out["message"], out
+    # The wake gives way (409) when the restart comes before CRIU restores; a
+    # restart that comes later replaces the woken kernel. Either way: fresh.
+    assert status == 200 or (status == 409 and "the wake gave way" in out["message"]), out
     await sock.wait_ready()
     run = await sock.finish(await sock.send_execute("y"))
     assert run.status == "error" and "NameError" in run.error  # the fresh kernel of the restart

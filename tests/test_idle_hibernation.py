@@ -96,6 +96,10 @@ class TestTheCuller:
                 ]
                 assert loop.time() < deadline, f"the kernel that cannot be snapshotted was never culled: {seen}"
                 await asyncio.sleep(0.2)
+            # The busy kernel has been silent past cull_idle_timeout for two culler rounds.
+            quiet_until = loop.time() + 2 + 2 * 1
+            while loop.time() < quiet_until:
+                await asyncio.sleep(0.2)
             status, info = await api(jp_fetch, "GET", "api", "ckpt", "kernels", busy_id)
             assert status == 200 and info["hibernated"] is False and info["busy"] is False
         finally:
