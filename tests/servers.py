@@ -210,6 +210,16 @@ def execute_started(client: BlockingKernelClient, code: str, timeout: float = 60
             return msg_id
 
 
+def wait_for_output(client: BlockingKernelClient, text: str, timeout: float = 60) -> None:
+    """Until a cell of this client prints ``text`` (on its stdout)."""
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while text not in seen:
+        msg = client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if msg["msg_type"] == "stream":
+            seen += msg["content"]["text"]
+
+
 def take(server: Server, kernel_id: str, label: str = "") -> dict:
     """Take a snapshot through the API and wait until it is complete."""
     snap = server.call("POST", f"/api/ckpt/kernels/{kernel_id}/snapshots", {"label": label})

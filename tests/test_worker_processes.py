@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from .client import KernelSocket, api, restore, snapshot, wait_for_snapshot
-from .servers import take, value
+from .servers import execute_started, take, value, wait_for_output
 from .test_fork import connect, fork
 from .test_migrate import kernel_socket, raw, two_servers  # noqa: F401 (a fixture)
 
@@ -323,15 +323,14 @@ async def test_a_refused_snapshot_names_the_process_the_resource_and_what_to_do(
 
 @pytest.mark.slow
 async def test_a_kernel_with_a_process_pool_moves_to_another_server_mid_computation(two_servers):  # noqa: F811
-    import time
 
     a = two_servers.start("a")
     b = two_servers.start("b", elsewhere=True)
     kernel_id = a.call("POST", "/api/kernels", {"name": "python3"})["id"]
     client = a.client(kernel_id)
     value(client, SETUP)
-    client.execute(WORKLOADS["joblib, loky backend, memmapped array, reused executor"])
-    time.sleep(2.5)  # the loop takes over 4 s
+    execute_started(client, WORKLOADS["joblib, loky backend, memmapped array, reused executor"])
+    wait_for_output(client, "progress 10\n")  # mid-computation (40 steps)
     snap = take(a, kernel_id)
     uninterrupted = value(client, "result")  # answered once the loop is done
     status, bundle = raw(a, "GET", f"/api/ckpt/snapshots/{snap['id']}/bundle")
