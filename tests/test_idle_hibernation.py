@@ -107,3 +107,26 @@ class TestTheCuller:
         await busy.finish(run)
         assert "done" in run.stdout
         assert not [e for e in events.events if e.get("kernel_id") == busy_id and e["action"] == "hibernated"]
+
+    async def test_the_culler_leaves_a_kernel_an_operation_holds(self, jp_serverapp, jp_fetch, start_kernel):
+        """A snapshot, restore or wake holds the kernel: this round of the
+        culler neither hibernates nor culls it (the next round looks again).
+        The culler's own round is driven here by hand, with jupyter_server's
+        culling as a stand-in that records what it is asked."""
+        manager = jp_serverapp.web_app.settings["ckpt_manager"]
+        asked = []
+
+        async def stock_culling(kernel_id):
+            asked.append(kernel_id)
+
+        cull = manager.hibernation.culler(stock_culling)
+        kernel_id, sock = await start_kernel()
+        jp_serverapp.kernel_manager.get_kernel(kernel_id).last_activity -= __import__("datetime").timedelta(hours=1)
+        async with manager.claims.hold(kernel_id):
+            await cull(kernel_id)
+        assert (
+            asked == [] and (await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id))[1]["hibernated"] is False
+        )
+        await cull(kernel_id)  # released: idle for an hour, it is hibernated now
+        assert (await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id))[1]["hibernated"] is True
+        assert asked == []

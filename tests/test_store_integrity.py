@@ -106,6 +106,9 @@ async def test_restore_uses_the_kept_images(jp_fetch, start_kernel, store_root):
     kernel_id, sock = await start_kernel()
     await sock.execute("x = 1")
     snap = await snapshot(jp_fetch, kernel_id)
+    # CRIU's log at the default level (4) is kept with the images.
+    log = store_root / "state" / "images" / kernel_id / snap["id"] / "dump.log"
+    assert len(log.read_text().splitlines()) > 1000
     await sock.execute("x = 2")
     for pack in (store_root / "packs").glob("*.pack"):
         pack.rename(pack.with_suffix(".away"))
@@ -146,3 +149,20 @@ class TestNoKeptImages:
                 pack.rename(pack.with_suffix(".pack"))
         await restore(jp_fetch, snap["id"])
         assert await sock.value("x") == "1"
+
+
+class TestQuietCriu:
+    """CheckpointApp.criu_log_level: what CRIU writes to its logs."""
+
+    @pytest.fixture
+    def jp_server_config(self, store_root):
+        return {
+            "ServerApp": {"jpserver_extensions": {"jupyter_ckpt": True}},
+            "CheckpointApp": {"store_root": str(store_root), "criu_log_level": 1},
+        }
+
+    async def test_level_1_logs_errors_only(self, jp_fetch, start_kernel, store_root):
+        kernel_id, sock = await start_kernel()
+        snap = await snapshot(jp_fetch, kernel_id)
+        log = store_root / "state" / "images" / kernel_id / snap["id"] / "dump.log"
+        assert len(log.read_text().splitlines()) < 50  # the default level writes thousands of lines
