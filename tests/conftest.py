@@ -46,6 +46,28 @@ def jp_server_config(store_root):
 
 
 @pytest.fixture
+def stock_kernelspec(jp_data_dir) -> str:
+    """A kernelspec that names jupyter_client's stock provisioner (its kernels
+    cannot be snapshotted); its name."""
+    import json
+    import sys
+
+    spec = jp_data_dir / "kernels" / "stock"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python (stock provisioner)",
+                "language": "python",
+                "metadata": {"kernel_provisioner": {"provisioner_name": "local-provisioner"}},
+            }
+        )
+    )
+    return "stock"
+
+
+@pytest.fixture
 def start_kernel(jp_fetch, jp_ws_fetch):
     """Start a kernel through the REST API and open a websocket to it."""
     started: list[str] = []

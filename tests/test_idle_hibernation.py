@@ -55,27 +55,11 @@ class TestTheCuller:
         }
 
     async def test_idle_hibernated_busy_left_running_unsnapshottable_culled(
-        self, jp_fetch, jp_data_dir, start_kernel, events, tmp_path
+        self, jp_fetch, stock_kernelspec, start_kernel, events, tmp_path
     ):
-        import json
-        import sys
-
-        # A kernel of the stock provisioner: it cannot be snapshotted.
-        spec = jp_data_dir / "kernels" / "stock"
-        spec.mkdir(parents=True)
-        (spec / "kernel.json").write_text(
-            json.dumps(
-                {
-                    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                    "display_name": "stock",
-                    "language": "python",
-                    "metadata": {"kernel_provisioner": {"provisioner_name": "local-provisioner"}},
-                }
-            )
-        )
         idle_id, idle = await start_kernel()
         busy_id, busy = await start_kernel()
-        stuck_id, stuck = await start_kernel("stock")
+        stuck_id, stuck = await start_kernel(stock_kernelspec)  # cannot be snapshotted
         run = await busy.send_execute(
             f"import os, time\nwhile not os.path.exists({str(tmp_path / 'stop')!r}):\n    time.sleep(0.05)\nprint('done')"
         )

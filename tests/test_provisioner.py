@@ -107,25 +107,10 @@ async def test_kernel_output_reaches_server_output_after_restore(jp_fetch, start
     assert "err-before" in err and "err-after" in err
 
 
-async def test_a_kernelspec_that_names_another_provisioner_keeps_it(jp_fetch, jp_data_dir, start_kernel):
+async def test_a_kernelspec_that_names_another_provisioner_keeps_it(jp_fetch, stock_kernelspec, start_kernel):
     """use_provisioner_by_default applies to kernelspecs that name none: one
     naming the stock provisioner gets it (no monkeypatching: the spec says so)."""
-    import json
-    import sys
-
-    spec = jp_data_dir / "kernels" / "stock"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(
-        json.dumps(
-            {
-                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                "display_name": "Python (stock provisioner)",
-                "language": "python",
-                "metadata": {"kernel_provisioner": {"provisioner_name": "local-provisioner"}},
-            }
-        )
-    )
-    kernel_id, sock = await start_kernel("stock")
+    kernel_id, sock = await start_kernel(stock_kernelspec)
     status, info = await api(jp_fetch, "GET", "api", "ckpt", "kernels", kernel_id)
     assert status == 200 and info["checkpointable"] is False
     status, body = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
