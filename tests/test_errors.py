@@ -276,3 +276,24 @@ async def test_a_file_on_a_mount_this_machine_lacks_is_refused_by_name(jp_fetch,
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(disk)])
+
+
+async def test_a_deleted_file_over_4_gib_is_refused_by_name(jp_fetch, start_kernel, tmp_path):
+    # CRIU copies a file deleted while open into the snapshot whole; past its
+    # ghost limit (4 GiB of data) it refuses. fallocate gives the file 4 GiB
+    # of blocks in an instant, which CRIU counts as data like written ones.
+    path = tmp_path / "scratch.bin"
+    kernel_id, sock = await start_kernel()
+    await sock.execute(
+        f"import os; big = open({str(path)!r}, 'w+b'); os.posix_fallocate(big.fileno(), 0, (4 << 30) + (1 << 20));"
+        f" os.unlink({str(path)!r}); x = 7"
+    )
+    status, body = await api(jp_fetch, "POST", "api", "ckpt", "kernels", kernel_id, "snapshots")
+    assert status == 202
+    failed = await wait_for_snapshot(jp_fetch, body["id"])
+    assert failed["status"] == "failed"
+    assert str(path) in failed["error"] and "at most 4 GiB" in failed["error"], failed["error"]
+    assert await sock.value("x") == "7"
+    await sock.execute("big.truncate(64 << 20)")  # a smaller one is taken
+    assert (await snapshot(jp_fetch, kernel_id))["status"] == "complete"
+    await sock.execute("big.close()")
