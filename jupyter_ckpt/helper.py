@@ -63,7 +63,6 @@ from .path_checks import unsafe_paths
 
 log = logging.getLogger("jupyter_ckpt.helper")
 DEFAULT_STATE_DIR = "/var/lib/jupyter-ckpt"
-REQUEST_TIMEOUT = 30.0  # seconds for a connection to send its request
 
 
 @dataclass
@@ -77,6 +76,7 @@ class HelperSettings:
     requests_per_user: int = 4  # at once
     connections_per_user: int = 16  # open at once (requests waiting for a slot included)
     forks_per_user: int = 32  # fork network namespaces
+    request_timeout: float = 30.0  # seconds a connection has to send its request
 
 
 @dataclass
@@ -149,7 +149,7 @@ class Helper:
         fds: list[int] = []
         try:
             # A request arrives at once; a connection that sends none must not hold a thread.
-            conn.settimeout(REQUEST_TIMEOUT)
+            conn.settimeout(self.settings.request_timeout)
             message, fds = receive(conn)
             conn.settimeout(None)
             op = str(message.get("op"))
@@ -482,6 +482,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests-per-user", type=int, default=4, help="at once (%(default)s)")
     parser.add_argument("--connections-per-user", type=int, default=16, help="open at once (%(default)s)")
     parser.add_argument("--forks-per-user", type=int, default=32, help="fork namespaces (%(default)s)")
+    parser.add_argument(
+        "--request-timeout", type=float, default=30.0, help="seconds a connection has to send its request (%(default)s)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if os.geteuid() != 0:
@@ -496,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
         args.requests_per_user,
         args.connections_per_user,
         args.forks_per_user,
+        args.request_timeout,
     )
     # Each connection and request holds descriptors: as many as the system allows.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -20,7 +20,16 @@ import pytest
 
 from .servers import Server, execute_started, running, take, value
 from .test_ui import page  # noqa: F401 (the browser fixture)
-from .users import USER_PREFIX, RunningHelper, SharedPython, as_user, create_user, end_processes_of, remove_user
+from .users import (
+    USER_PREFIX,
+    RunningHelper,
+    SharedPython,
+    as_user,
+    create_user,
+    end_processes_of,
+    remove_user,
+    start_as_user,
+)
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -610,6 +619,108 @@ def test_fork_namespaces_are_capped_per_user_and_survive_a_restart_of_the_helper
         from jupyter_ckpt import forknet
 
         forknet.remove_stale()
+
+
+# Run as a user: connects once per request, says "connected", and sends them
+# all at once when a line comes on stdin; prints the answers as a JSON list.
+REQUESTS_AT_ONCE = """
+import json, os, socket, sys
+from jupyter_ckpt.helper_client import receive, send
+path, requests = sys.argv[1], json.loads(sys.argv[2])
+connections, fds = [], []
+for r in requests:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(path)
+    connections.append(s)
+    fds.append([os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d in r.pop("dirs", [])])
+print("connected", flush=True)
+sys.stdin.readline()
+for s, r, f in zip(connections, requests, fds):
+    send(s, r, f)
+print(json.dumps([receive(s)[0] for s in connections]), flush=True)
+"""
+
+# Run as a user: connects, sends nothing, prints how long the helper waited
+# before it closed the connection.
+SILENT_CONNECTION = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+s.settimeout(30)
+started = time.monotonic()
+assert s.recv(10) == b""
+print(time.monotonic() - started)
+"""
+
+
+def traced(pid: int) -> bool:
+    """Whether CRIU has seized ``pid`` (a dump of it is running)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(line for line in f if line.startswith("TracerPid:")).split()[1] != "0"
+
+
+def test_the_helpers_request_limits_and_a_key_shared_by_two_machines(users, shared_python, tmp_path):
+    """--requests-per-user, --request-timeout, and --key-file given to two helpers."""
+    key = tmp_path / "shared.key"
+    key.write_text("ab" * 32)
+    key.chmod(0o600)
+    limited = RunningHelper("--key-file", str(key), "--requests-per-user", "1", "--request-timeout", "2")
+    same_key = RunningHelper("--key-file", str(key))
+    own_key = RunningHelper()
+    try:
+        call = HelperCaller(limited, shared_python, users)
+        home = Path(users[BOB].pw_dir)
+        # 512 MiB of memory: its dump runs long enough to be seen running.
+        big = "import time; b = b'x' * (512 << 20); open('big-ready', 'w').close(); time.sleep(600)"
+        pid = call.sleeper(BOB, f'exec python3 -c "{big}"')
+        deadline = time.monotonic() + 30
+        while not (home / "big-ready").exists():
+            assert time.monotonic() < deadline, "the sleeper did not allocate its memory"
+            time.sleep(0.05)
+        python = int(subprocess.check_output(["pgrep", "-u", BOB, "-f", "big-ready"], text=True).split()[0])
+        folders = [call.folder(BOB, f"at-once-{i}") for i in range(3)]
+        dumps = [{"op": "dump", "pid": pid, "dirs": [str(f)]} for f in folders]
+        bob = start_as_user(BOB, shared_python.python, "-c", REQUESTS_AT_ONCE, limited.socket, json.dumps(dumps))
+        ann = start_as_user(ANN, shared_python.python, "-c", REQUESTS_AT_ONCE, limited.socket, '[{"op": "hello"}]')
+        assert bob.stdout.readline() == "connected\n" and ann.stdout.readline() == "connected\n"
+        bob.stdin.write("go\n")
+        bob.stdin.flush()
+        while not traced(python):
+            assert bob.poll() is None, "Bob's requests ended before a dump was seen running"
+            time.sleep(0.01)
+        ann.stdin.write("go\n")
+        ann.stdin.flush()
+        ann_answers = json.loads(ann.stdout.readline())
+        assert traced(python), "Bob's dump ended before Ann was answered: nothing was at once"
+        assert ann_answers[0]["ok"], ann_answers  # another user's requests have their own count
+        bob_answers = json.loads(bob.stdout.readline())
+        assert [a["ok"] for a in bob_answers].count(True) == 1, bob_answers
+        for refusal in (a for a in bob_answers if not a["ok"]):
+            assert "too many requests to the helper at once" in refusal["error"], refusal
+        bob.wait(10), ann.wait(10)
+        assert call(BOB, "hello")["ok"]  # the slot is free again
+
+        # A connection that sends no request is closed after --request-timeout.
+        silent = as_user(BOB, shared_python.python, "-c", SILENT_CONNECTION, limited.socket)
+        assert silent.returncode == 0, silent.stderr
+        assert 1.5 <= float(silent.stdout) < 10, silent.stdout
+
+        # The images one helper sealed restore through another with the same
+        # key (another machine), and not through one with a key of its own.
+        (dumped,) = (f for f in folders if any(f.iterdir()))
+        os.kill(pid, 9)
+        refused(
+            HelperCaller(own_key, shared_python, users)(BOB, "restore", dirs=[str(dumped)], inherit_keys=[]),
+            "does not verify",
+        )
+        restored = HelperCaller(same_key, shared_python, users)(BOB, "restore", dirs=[str(dumped)], inherit_keys=[])
+        assert restored["ok"], restored
+        assert ids_of(restored["pid"]) == [users[BOB].pw_uid] * 4
+        os.kill(restored["pid"], 9)
+    finally:
+        for helper in (limited, same_key, own_key):
+            helper.close()
+        end_processes_of(BOB)
 
 
 # -- JupyterHub ----------------------------------------------------------------------

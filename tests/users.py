@@ -73,20 +73,26 @@ def remove_user(name: str) -> None:
     subprocess.run(["userdel", "--remove", "--force", name], capture_output=True)
 
 
-def as_user(user: str, *cmd: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+def _user_process(user: str) -> dict:
+    """subprocess's arguments for a process of ``user``'s, in their home folder."""
     entry = pwd.getpwnam(user)
-    return subprocess.run(
-        list(cmd),
-        user=entry.pw_uid,
-        group=entry.pw_gid,
-        extra_groups=[],
-        cwd=entry.pw_dir,
-        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": entry.pw_dir, "USER": user},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kwargs,
-    )
+    return {
+        "user": entry.pw_uid,
+        "group": entry.pw_gid,
+        "extra_groups": [],
+        "cwd": entry.pw_dir,
+        "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": entry.pw_dir, "USER": user},
+        "text": True,
+    }
+
+
+def as_user(user: str, *cmd: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, timeout=timeout, **_user_process(user), **kwargs)
+
+
+def start_as_user(user: str, *cmd: str) -> subprocess.Popen:
+    """``cmd`` as ``user``, running, with pipes for its stdin and stdout."""
+    return subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, **_user_process(user))
 
 
 def _reachable(path: Path) -> bool:
