@@ -315,6 +315,11 @@ class CriuEngine:
         """End a fork namespace's processes and remove it; False if ``name`` is not one."""
         return ForkNetwork.remove(name)
 
+    def check_restorable(self, images_dir: Path) -> None:
+        """Raise what would refuse a restore of ``images_dir`` before anything
+        is touched. As root, CRIU restores whatever its images hold: nothing
+        to check beyond the store's verification and the machine's files."""
+
     def restore(
         self,
         images_dir: Path,

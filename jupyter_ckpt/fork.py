@@ -44,7 +44,7 @@ class Fork(Flow):
         async with self.claims.hold(kernel_id):
             try:
                 with self.store.scratch_dir("fork-") as work:
-                    images = await verified_images(self.store, record, work)
+                    images = await verified_images(self.store, record, work, self.engine)
                     prepared = time.monotonic() - started
                     network = await asyncio.to_thread(self.engine.create_network, self.outbound)
                     self.journal.begin("fork", kernel_id, snapshot_id=record.id, netns=network.name)

@@ -311,16 +311,7 @@ class Helper:
         with contextlib.ExitStack() as keep:
             work = keep.enter_context(self._work_dir())
             images = work / "images"
-            images.mkdir(mode=0o700)
-            take_over(source, images, self.key, caller)
-            sealing.check_credentials(images, caller.uid, caller.groups)
-            unsafe = unsafe_paths(images, caller.uid)
-            if unsafe:
-                raise sealing.ImagesRefused(
-                    f"the snapshot holds what cannot be restored for you safely: {'; '.join(unsafe[:5])}"
-                    + (f"; and {len(unsafe) - 5} more" if len(unsafe) > 5 else "")
-                )
-            check_files(images, caller)
+            self._checked_copy(source, images, caller)
             checked = time.monotonic() - started
             result = self.engine.restore(
                 images,
@@ -347,6 +338,31 @@ class Helper:
                 # The images stay until criu lazy-pages has brought all of the memory back.
                 answer.update(lazy=True, then=_memory_back(result.lazy_pages, keep.pop_all()))
             return answer
+
+    def op_check_restore(self, caller: Caller, message: dict, fds: list[int]) -> dict:
+        """What op_restore checks, without restoring: a server asks before it
+        stops the kernel that the restore would replace."""
+        if len(fds) != 1:
+            raise InvalidRequest("check_restore needs the images directory, open")
+        require_own_directory(fds[0], caller)
+        with self._work_dir() as work:
+            self._checked_copy(fds[0], work / "images", caller)
+        return {}
+
+    def _checked_copy(self, source: int, images: Path, caller: Caller) -> None:
+        """The images in the caller's folder ``source``, copied where the caller
+        cannot change them and checked: the seal, every task's credentials,
+        nothing CRIU would create by path as root, every file as the caller."""
+        images.mkdir(mode=0o700)
+        take_over(source, images, self.key, caller)
+        sealing.check_credentials(images, caller.uid, caller.groups)
+        unsafe = unsafe_paths(images, caller.uid)
+        if unsafe:
+            raise sealing.ImagesRefused(
+                f"the snapshot holds what cannot be restored for you safely: {'; '.join(unsafe[:5])}"
+                + (f"; and {len(unsafe) - 5} more" if len(unsafe) > 5 else "")
+            )
+        check_files(images, caller)
 
     def op_network_create(self, caller: Caller, message: dict, fds: list[int]) -> dict:
         outbound = message.get("outbound", "nat")

@@ -174,6 +174,17 @@ class HelperEngine:
             os.close(fd)
         return DumpResult(answer["freeze_seconds"], answer["total_seconds"], answer["memory_bytes"])
 
+    def check_restorable(self, images_dir: Path) -> None:
+        """The helper's checks of a restore (the seal, the credentials, what
+        it would create by path, the files), run before the kernel is touched:
+        its refusal then leaves the kernel as it is."""
+        self.require()
+        fd = os.open(images_dir, os.O_DIRECTORY | os.O_RDONLY)
+        try:
+            request(self.socket_path, "check_restore", [fd])
+        finally:
+            os.close(fd)
+
     def restore(
         self,
         images_dir: Path,

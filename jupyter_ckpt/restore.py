@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .criu_images import differences
-from .engine import LazyPages
-from .errors import DumpFailed, KernelNotFound, RestoreFailed, SnapshotIncompatible, WakeGaveWay
+from .engine import CriuEngine, LazyPages
+from .errors import CheckpointError, DumpFailed, KernelNotFound, RestoreFailed, SnapshotIncompatible, WakeGaveWay
 from .flow import Flow, FlowParts
 from .kernel_tree import restore_tree
 from .kernels import connection_info, listener_moves
@@ -46,15 +46,17 @@ class RestoreOutcome:
         return dict(self.__dict__)
 
 
-async def verified_images(store: SnapshotStore, record: SnapshotRecord, work: Path) -> Path:
-    """The snapshot's images in ``work``, every byte verified, and every file
-    they need checked against this machine (SnapshotIncompatible if one differs)."""
+async def verified_images(store: SnapshotStore, record: SnapshotRecord, work: Path, engine: CriuEngine) -> Path:
+    """The snapshot's images in ``work``, every byte verified, every file they
+    need checked against this machine (SnapshotIncompatible if one differs),
+    and what the engine would refuse refused now, before a kernel is touched."""
     images = work / "images"
     images.mkdir(mode=0o700)
     await asyncio.to_thread(store.materialize, record.id, images)
     problems = await asyncio.to_thread(differences, images)
     if problems:
         raise SnapshotIncompatible(record.id, problems)
+    await asyncio.to_thread(engine.check_restorable, images)
     return images
 
 
@@ -112,7 +114,7 @@ class RestoreInPlace(Flow):
             work = self.store.new_scratch_dir("restore-")
             try:
                 # Every byte is verified before the running kernel is touched.
-                await verified_images(self.store, record, work)
+                await verified_images(self.store, record, work, self.engine)
                 prepared = time.monotonic() - started
                 # The snapshot's listeners go where this kernel listens (a
                 # fork's namespace address, or another kernel's ports).
@@ -245,7 +247,7 @@ class RestoreInPlace(Flow):
         lazy = self.lazy_restore and self.engine.health().lazy_pages
         try:
             tree = restore_tree(self.engine, work / "images", work, record.stdio_keys, netns, lazy, moves)
-        except RestoreFailed as failure:
+        except CheckpointError as failure:  # CRIU's failure, or a refusal of the helper's
             if before is None:
                 raise RestoreFailed(f"restoring snapshot {record.id} failed: {failure}") from None
             try:

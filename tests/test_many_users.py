@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.error
 import uuid
 from pathlib import Path
 
@@ -74,7 +75,12 @@ class UserServers:
         home.mkdir(exist_ok=True)
         server = Server(
             home,
-            f"--CheckpointApp.helper_socket={self.helper.socket}",
+            # An option given twice is not "the last one wins": each is given once.
+            *(
+                []
+                if any("helper_socket=" in e for e in extra)
+                else [f"--CheckpointApp.helper_socket={self.helper.socket}"]
+            ),
             *([] if any("auto_backup=" in e for e in extra) else ["--CheckpointApp.auto_backup=False"]),
             *extra,
             *(self.python.lab_args if app == "jupyterlab" else []),
@@ -619,6 +625,65 @@ def test_fork_namespaces_are_capped_per_user_and_survive_a_restart_of_the_helper
         from jupyter_ckpt import forknet
 
         forknet.remove_stale()
+
+
+@pytest.mark.browser
+def test_the_toolbar_and_the_panel_say_that_snapshots_need_the_helper(user_servers, users, page, tmp_path):  # noqa: F811
+    from .test_ui import EMPTY_NOTEBOOK, click_snapshot, last_output, open_notebook, run_cell
+
+    ann = users[ANN]
+    server = user_servers.start(ANN, f"--CheckpointApp.helper_socket={tmp_path}/no-helper.sock", app="jupyterlab")
+    notebook = server.base / "root" / "plain.ipynb"
+    notebook.write_text(json.dumps(EMPTY_NOTEBOOK))
+    os.chown(notebook, ann.pw_uid, ann.pw_gid)
+    open_notebook(page, server.port, "lab/tree/plain.ipynb", "plain.ipynb")
+    run_cell(page, "print('works', 6 * 7)")
+    last_output(page, "works 42")  # Jupyter works as ever
+    toast = click_snapshot(page, "Snapshot not taken")
+    assert "helper is not reachable" in toast.inner_text()
+    page.locator(".lm-TabBar-tab[data-id='jupyter-ckpt-panel']").click()
+    disabled = page.locator(".jp-ckpt-error", has_text="Snapshots are disabled")
+    disabled.wait_for()
+    assert "helper is not reachable" in disabled.inner_text()
+
+
+def test_a_named_pipe_is_not_restored_and_the_kernel_goes_on(user_servers, users):
+    """CRIU would create a named pipe again by path, as root: the helper refuses
+    the restore before touching the kernel (409, naming the pipe)."""
+    server = user_servers.start(BOB)
+    kernel_id = start_kernel(server)
+    client = server.client(kernel_id)
+    pipe = Path(users[BOB].pw_dir) / f"pipe-{kernel_id[:8]}"
+    assert value(client, f"import os; os.mkfifo({str(pipe)!r}); p = os.open({str(pipe)!r}, os.O_RDWR); x = 1; x") == "1"
+    snap = take(server, kernel_id)
+    assert value(client, "x = 2; x") == "2"
+    with pytest.raises(urllib.error.HTTPError) as refused_restore:
+        server.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "replace"}, timeout=120)
+    message = json.loads(refused_restore.value.read())["message"]
+    assert refused_restore.value.code == 409, message
+    assert f"a named pipe, {pipe}" in message, message
+    assert value(client, "x") == "2"
+
+
+def test_a_refusal_of_the_helper_is_a_403_with_its_reason(user_servers, users, shared_python):
+    """What the helper refuses a user (here: a fork past --forks-per-user) is a
+    403 with the helper's words; the kernel goes on and no fork is left."""
+    capped = RunningHelper("--forks-per-user", "0")
+    try:
+        server = user_servers.start(BOB, f"--CheckpointApp.helper_socket={capped.socket}")
+        kernel_id = start_kernel(server)
+        client = server.client(kernel_id)
+        assert value(client, "x = 1; x") == "1"
+        snap = take(server, kernel_id)
+        with pytest.raises(urllib.error.HTTPError) as refused_fork:
+            server.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "new"}, timeout=120)
+        message = json.loads(refused_fork.value.read())["message"]
+        assert refused_fork.value.code == 403, message
+        assert "you have 0 forked kernels' namespaces already" in message, message
+        assert value(client, "x") == "1"
+        assert [k["id"] for k in server.call("GET", "/api/kernels")] == [kernel_id]
+    finally:
+        capped.close()
 
 
 # Run as a user: connects once per request, says "connected", and sends them
