@@ -627,6 +627,36 @@ def test_fork_namespaces_are_capped_per_user_and_survive_a_restart_of_the_helper
         forknet.remove_stale()
 
 
+def test_the_helper_links_the_memory_pages_and_copies_the_rest(users, helper, shared_python, tmp_path):
+    """What a restore starts from (helper_images.take_over, as op_restore and
+    op_check_restore call it): the memory pages are the user's files, linked
+    where the user cannot swap them; the other images are root's own copies."""
+    from jupyter_ckpt.helper_callers import Caller
+    from jupyter_ckpt.helper_images import take_over
+
+    bob = users[BOB]
+    call = HelperCaller(helper, shared_python, users)
+    pid = call.sleeper(BOB)
+    images = call.dump(BOB, pid, "linked-pages")
+    os.kill(pid, 9)
+    assert os.stat(tmp_path).st_dev == os.stat(images).st_dev, "a link needs one filesystem"
+    key = (helper.state / "helper.key").read_text().strip().encode()
+    taken = tmp_path / "taken"
+    taken.mkdir(mode=0o700)
+    source = os.open(images, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        take_over(source, taken, key, Caller(os.getpid(), bob.pw_uid, bob.pw_gid, [bob.pw_gid]))
+    finally:
+        os.close(source)
+    pages = sorted(p.name for p in images.glob("pages-*.img"))
+    assert pages
+    for name in pages:
+        assert os.stat(taken / name).st_ino == os.stat(images / name).st_ino, name
+    core = next(images.glob("core-*.img")).name
+    assert os.stat(taken / core).st_ino != os.stat(images / core).st_ino
+    assert os.stat(taken / core).st_uid == 0 and (taken / core).read_bytes() == (images / core).read_bytes()
+
+
 @pytest.mark.browser
 def test_the_toolbar_and_the_panel_say_that_snapshots_need_the_helper(user_servers, users, page, tmp_path):  # noqa: F811
     from .test_ui import EMPTY_NOTEBOOK, click_snapshot, last_output, open_notebook, run_cell
