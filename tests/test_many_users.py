@@ -657,6 +657,45 @@ def test_the_helper_links_the_memory_pages_and_copies_the_rest(users, helper, sh
     assert os.stat(taken / core).st_uid == 0 and (taken / core).read_bytes() == (images / core).read_bytes()
 
 
+def test_a_dump_whose_credentials_changed_meanwhile_is_discarded(users, helper, shared_python, tmp_path):
+    """The helper reads the credentials in the images again after CRIU's dump.
+    Stand-in: a process that executes a setuid program between the helper's
+    check and CRIU's freeze cannot be timed from a test, so the helper (in this
+    process) runs the real dump, then writes into the images what such a
+    program leaves there (uid 0)."""
+    from jupyter_ckpt.engine import CriuEngine
+    from jupyter_ckpt.errors import DumpFailed
+    from jupyter_ckpt.helper import Helper, HelperSettings
+    from jupyter_ckpt.helper_callers import Caller
+
+    def as_root(entries):
+        for core in entries:
+            core["thread_core"]["creds"].update(uid=0, euid=0, suid=0, fsuid=0)
+
+    class SetuidMeanwhile(CriuEngine):
+        def dump(self, pid, images_dir, **kwargs):
+            result = super().dump(pid, images_dir, **kwargs)
+            edit_image(next(images_dir.glob("core-*.img")), as_root)
+            return result
+
+    bob = users[BOB]
+    call = HelperCaller(helper, shared_python, users)
+    pid = call.sleeper(BOB)
+    target = call.folder(BOB, "setuid-meanwhile")
+    in_process = Helper(HelperSettings(state_dir=str(tmp_path / "state")), SetuidMeanwhile())
+    caller = Caller(pid, bob.pw_uid, bob.pw_gid, sorted(set(os.getgrouplist(BOB, bob.pw_gid))))
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(DumpFailed, match="a process changed its credentials while it was dumped"):
+            in_process.op_dump(caller, {"pid": pid}, [fd])
+    finally:
+        os.close(fd)
+    assert not any(target.iterdir())  # nothing handed over
+    assert not any((tmp_path / "state" / "work").iterdir())  # nor kept
+    assert ids_of(pid) == [bob.pw_uid] * 4  # the process runs on
+    os.kill(pid, 9)
+
+
 @pytest.mark.browser
 def test_the_toolbar_and_the_panel_say_that_snapshots_need_the_helper(user_servers, users, page, tmp_path):  # noqa: F811
     from .test_ui import EMPTY_NOTEBOOK, click_snapshot, last_output, open_notebook, run_cell
