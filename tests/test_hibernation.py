@@ -15,7 +15,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from .client import KernelSocket, api, snapshot
-from .servers import TOKEN, Server, descendants, value
+from .servers import TOKEN, Server, descendants, take, value
 
 pytestmark = pytest.mark.criu
 
@@ -197,13 +197,16 @@ def test_hibernated_kernels_survive_a_server_restart_and_idle_ones_hibernate(tmp
         client = a.client(kernel_id)
         value(client, "import threading; w = 'state of the first run'")
         client.stop_channels()
+        # A fork of it, in a network namespace of its own, hibernates too.
+        snap = take(a, kernel_id)
+        fork_id = a.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "new"}, timeout=120)["kernel_id"]
         for _ in range(300):
-            if a.call("GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"]:
+            if all(a.call("GET", f"/api/ckpt/kernels/{k}")["hibernated"] for k in (kernel_id, fork_id)):
                 break
             time.sleep(0.1)
         else:
-            raise AssertionError("the culler did not hibernate the idle kernel")
-        assert [k["id"] for k in a.call("GET", "/api/kernels")] == [kernel_id]  # not culled
+            raise AssertionError("the culler did not hibernate the idle kernels")
+        assert sorted(k["id"] for k in a.call("GET", "/api/kernels")) == sorted([kernel_id, fork_id])  # not culled
         a.stop()
         b = Server(tmp_path)
         try:
@@ -213,13 +216,13 @@ def test_hibernated_kernels_survive_a_server_restart_and_idle_ones_hibernate(tmp
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    if b.call("GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"]:
+                    if all(b.call("GET", f"/api/ckpt/kernels/{k}")["hibernated"] for k in (kernel_id, fork_id)):
                         break
                 except OSError:
                     pass  # not listed yet (404)
-                assert time.monotonic() < deadline, "the hibernated kernel was not listed again"
+                assert time.monotonic() < deadline, "the hibernated kernels were not listed again"
                 time.sleep(0.1)
-            assert [k["id"] for k in b.call("GET", "/api/kernels")] == [kernel_id]
+            assert sorted(k["id"] for k in b.call("GET", "/api/kernels")) == sorted([kernel_id, fork_id])
             assert [(s["path"], s["kernel"]["id"]) for s in b.call("GET", "/api/sessions")] == [
                 ("long.ipynb", kernel_id)
             ]
@@ -227,6 +230,16 @@ def test_hibernated_kernels_survive_a_server_restart_and_idle_ones_hibernate(tmp
             # Used (a notebook's websocket sends a cell): it wakes, and the cell sees its state.
             assert asyncio.run(run_over_websocket(b, kernel_id, "w")) == "'state of the first run'"
             assert b.call("GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"] is False
+            # The fork wakes with its state, in a fresh fork namespace (the
+            # old one went with the first server), not the host's.
+            assert b.call("GET", f"/api/ckpt/kernels/{fork_id}")["hibernated"] is True
+            assert asyncio.run(run_over_websocket(b, fork_id, "w")) == "'state of the first run'"
+            net = asyncio.run(run_over_websocket(b, fork_id, "import os; os.stat('/proc/self/ns/net').st_ino"))
+            assert int(net) != os.stat("/proc/self/ns/net").st_ino
+            forks = {
+                os.stat(f"/run/netns/{n}").st_ino: n for n in os.listdir("/run/netns") if n.startswith("ckpt-fork-")
+            }
+            assert int(net) in forks, (net, forks)
         finally:
             b.kill()
     finally:
