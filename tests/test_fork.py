@@ -4,9 +4,13 @@ in a network namespace of its own, through a real server and real CRIU."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
+import struct
+import subprocess
+import tempfile
 import threading
 
 import pytest
@@ -167,6 +171,91 @@ async def test_fork_opens_outbound_connections_to_this_host(jp_fetch, jp_ws_fetc
     assert await forked.value(code) == "'pong'"
     assert got == [b"ping from the fork"]
     listener.close()
+
+
+class NameServer:
+    """A DNS server on ``address``:53 that answers every A query with
+    ``answer`` (and any other query with no record)."""
+
+    def __init__(self, address: str, answer: str):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 53))
+        self.answer = socket.inet_aton(answer)
+        self.asked: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            end = query.index(b"\0", 12) + 5  # the question: its name, type and class
+            question = query[12:end]
+            name, i = [], 0
+            while question[i]:
+                name.append(question[i + 1 : i + 1 + question[i]].decode())
+                i += 1 + question[i]
+            self.asked.append(".".join(name))
+            is_a = struct.unpack(">H", question[-4:-2])[0] == 1
+            header = query[:2] + b"\x81\x80" + struct.pack(">HHHH", 1, int(is_a), 0, 0)
+            record = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + self.answer if is_a else b""
+            self.sock.sendto(header + question + record, peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def host_pid_in(namespace_inode: int, kind: str) -> int:
+    """A host pid of a process in the ``kind`` namespace with that inode."""
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and os.stat(f"/proc/{p}/ns/{kind}").st_ino == namespace_inode:
+                return int(p)
+        except OSError:
+            pass
+    raise AssertionError(f"no process in {kind} namespace {namespace_inode}")
+
+
+@contextlib.contextmanager
+def resolv_conf(pid: int, nameserver: str):
+    """/etc/resolv.conf naming ``nameserver`` as process ``pid`` sees it (a
+    bind mount in its mount namespace: kernels have their own)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as f:
+        f.write(f"nameserver {nameserver}\noptions timeout:1 attempts:1\n")
+    os.chmod(f.name, 0o644)
+    subprocess.run(["nsenter", "-t", str(pid), "-m", "-p", "mount", "--bind", f.name, "/etc/resolv.conf"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nsenter", "-t", str(pid), "-m", "-p", "umount", "/etc/resolv.conf"], check=True)
+        os.unlink(f.name)
+
+
+async def test_name_resolution_in_a_fork(jp_fetch, jp_ws_fetch, start_kernel):
+    """A name server /etc/resolv.conf names on this host's address answers the
+    fork; one on the host's 127.0.0.1 does not (the fork's loopback is its own)."""
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import os, socket")
+    snap = await snapshot(jp_fetch, kernel_id)
+    forked = await connect(jp_ws_fetch, (await fork(jp_fetch, snap["id"]))["kernel_id"])
+    fork_pid = host_pid_in(int(await forked.value("os.stat('/proc/self/ns/mnt').st_ino")), "mnt")
+    lookup = "socket.gethostbyname('db.ckpt-test.example')"
+    for address, reached in ((host_address(), True), ("127.0.0.1", False)):
+        server = NameServer(address, "203.0.113.7")
+        try:
+            with resolv_conf(fork_pid, address):
+                if reached:
+                    assert await forked.value(lookup) == "'203.0.113.7'"
+                    assert "db.ckpt-test.example" in server.asked
+                else:
+                    await forked.execute(
+                        f"try:\n    r = {lookup}\nexcept socket.gaierror as e:\n    r = 'no: ' + str(e)"
+                    )
+                    assert (await forked.value("r")).startswith("'no: "), await forked.value("r")
+                    assert server.asked == []
+        finally:
+            server.close()
 
 
 async def test_fork_into_a_copy_of_the_notebook(jp_fetch, jp_ws_fetch, start_kernel, jp_root_dir):
