@@ -696,6 +696,58 @@ def test_a_dump_whose_credentials_changed_meanwhile_is_discarded(users, helper, 
     os.kill(pid, 9)
 
 
+def test_a_kernel_joins_its_users_cgroup_on_cgroup_v2(users, shared_python, tmp_path):
+    """Stand-in for a cgroup v2 machine where this one has cgroup v1: the
+    helper and its caller run in a mount namespace whose /sys/fs/cgroup is the
+    machine's cgroup2 hierarchy (the "unified" one beside v1's). Bob's caller
+    sits in a cgroup of its own there; the kernel the helper launches joins it."""
+    unified = Path("/sys/fs/cgroup/unified")
+    if not (unified / "cgroup.procs").exists():  # a cgroup v2 machine: the real thing
+        unified = Path("/sys/fs/cgroup")
+    group = unified / f"ckpt-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    bind = 'mount --bind "$0" /sys/fs/cgroup && exec "$@"'
+    helper = RunningHelper(prefix=("unshare", "--mount", "--propagation", "private", "sh", "-c", bind, str(unified)))
+    bob = users[BOB]
+    try:
+        spec = {
+            "op": "launch",
+            "cmd": ["sleep", "600"],
+            "env": {"PATH": "/usr/bin:/bin", "HOME": bob.pw_dir},
+            "cwd": bob.pw_dir,
+            "pipes": 2,
+        }
+        # Bob's caller: in the helper's mount namespace, moved into the group, then Bob.
+        join = 'echo $$ > "/sys/fs/cgroup/$0/cgroup.procs" && exec "$@"'
+        launched = subprocess.run(
+            ["nsenter", "-t", str(helper.proc.pid), "-m", "sh", "-c", join, group.name]
+            + ["setpriv", f"--reuid={bob.pw_uid}", f"--regid={bob.pw_gid}", "--clear-groups"]
+            + [shared_python.python, "-m", "tests.helper_calls", helper.socket, json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            cwd=bob.pw_dir,
+            env={"PATH": "/usr/bin:/bin", "HOME": bob.pw_dir},
+            timeout=60,
+        )
+        answer = json.loads(launched.stdout or "{}")
+        assert answer.get("ok"), (answer, launched.stderr, helper.log())
+        with open(f"/proc/{answer['pid']}/cgroup") as f:
+            assert f"0::/{group.name}\n" in f.read()
+        assert answer["pid"] in map(int, (group / "cgroup.procs").read_text().split())
+        os.kill(answer["pid"], 9)
+    finally:
+        helper.close()
+        end_processes_of(BOB)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                group.rmdir()
+                break
+            except OSError:  # its processes are still going
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+
 @pytest.mark.browser
 def test_the_toolbar_and_the_panel_say_that_snapshots_need_the_helper(user_servers, users, page, tmp_path):  # noqa: F811
     from .test_ui import EMPTY_NOTEBOOK, click_snapshot, last_output, open_notebook, run_cell

@@ -153,7 +153,8 @@ class SharedPython:
 class RunningHelper:
     """jupyter-ckpt-helper as root, on a socket and state folder of its own."""
 
-    def __init__(self, *args: str, state_dir: Path | None = None) -> None:
+    def __init__(self, *args: str, state_dir: Path | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """``prefix``: a command the helper is run through (it must exec it)."""
         self.dir = Path(tempfile.mkdtemp(prefix="ckpt-helper-"))
         os.chmod(self.dir, 0o755)
         self.socket = str(self.dir / "helper.sock")
@@ -161,6 +162,7 @@ class RunningHelper:
         self.log_path = self.dir / "helper.log"
         self.proc = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 "-m",
                 "jupyter_ckpt.helper",
