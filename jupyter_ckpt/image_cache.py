@@ -87,6 +87,13 @@ class ImageCache:
             return False
         return True
 
+    def latest(self, kernel_id: str) -> tuple[str, Path] | None:
+        """The snapshot id and folder of the images kept for ``kernel_id``."""
+        if not KERNEL_ID.match(kernel_id or ""):
+            return None
+        kept = sorted(d for d in (self.dir / kernel_id).glob("*") if SNAPSHOT_ID.match(d.name))
+        return (kept[-1].name, kept[-1]) if kept else None
+
     def drop(self, snapshot_id: str) -> None:
         for kept in self.dir.glob(f"*/{snapshot_id}"):
             shutil.rmtree(kept, ignore_errors=True)

@@ -36,8 +36,8 @@ from typing import Any
 import fsspec
 
 from . import manifest
-from .chunks import ChunkStore, StoredFile, is_local
-from .errors import QuotaExceeded, SnapshotNotFound, SnapshotNotRestorable
+from .chunks import ChunkStore, Reference, StoredFile, is_local
+from .errors import CheckpointError, QuotaExceeded, SnapshotNotFound, SnapshotNotRestorable
 from .image_cache import ImageCache
 from .private_files import load_or_create_key, private_dir, write_private_atomic
 from .records import SNAPSHOT_ID, SnapshotRecord, check_snapshot_id
@@ -194,7 +194,7 @@ class SnapshotStore:
         ``started`` (time.monotonic()) sets the record's total_seconds."""
         staging = self.staging_dir(record.id)
         with self.gate.shared():  # until the manifest refers to the chunks: gc would take them
-            files, stats = self.chunks.put_files(staging)
+            files, stats = self.chunks.put_files(staging, self._kept_references(record.kernel_id))
             done = SnapshotRecord.from_json({**record.to_json(), "status": "complete", "error": None})
             done.stored_bytes = stats.new_bytes
             if started is not None:
@@ -203,6 +203,25 @@ class SnapshotStore:
         self.kept_images.keep(done, staging)
         self._record_path(record.id).unlink(missing_ok=True)
         return done
+
+    def _kept_references(self, kernel_id: str) -> dict[str, Reference]:
+        """The kernel's kept images of its previous snapshot, each checked
+        against that snapshot's (verified) manifest: what a new snapshot's
+        images are compared with before anything is hashed."""
+        kept = self.kept_images.latest(kernel_id)
+        if kept is None:
+            return {}
+        snapshot_id, folder = kept
+        try:
+            _, files = self.read_manifest(snapshot_id)
+        except CheckpointError:  # deleted meanwhile, or damaged: hash everything
+            return {}
+        references = {}
+        for stored in files:
+            reference = Reference.of(folder / stored.name, stored)
+            if reference is not None:
+                references[stored.name] = reference
+        return references
 
     def commit_imported(self, record: SnapshotRecord, directory: Path, expected: list[StoredFile]) -> SnapshotRecord:
         """Store the verified files of an imported snapshot (in ``directory``),

@@ -303,3 +303,55 @@ def test_a_pack_copied_across_filesystems_is_private_and_whole(tmp_path):
         os.umask(old)
     assert target.read_bytes() == b"pack" * 5000 and os.stat(target).st_mode & 0o777 == 0o600
     assert not source.exists() and not (tmp_path / "store" / "p.pack.part").exists()
+
+
+def hashes_of(data: bytes, step: int = 4096) -> list[bytes]:
+    """Each page's BLAKE3, computed here (not by the store)."""
+    import blake3
+
+    return [blake3.blake3(data[i : i + step]).digest() for i in range(0, len(data), step)]
+
+
+def test_chunks_unchanged_against_a_reference_are_taken_from_it(store, tmp_path):
+    from jupyter_ckpt.chunks import Reference
+
+    first = random_pages(4 * MiB, seed=1)
+    (first_files, _) = store.put_files(image_dir(tmp_path / "v1", first.tobytes()))
+    second = first.copy()
+    second[3 * 4096 + 7] ^= 1  # two pages changed in place
+    second[700 * 4096] ^= 1
+    grown = np.concatenate([second, random_pages(5 * 4096, seed=2)])  # and five new pages at the end
+    references = {f.name: Reference.of(tmp_path / "v1" / f.name, f) for f in first_files}
+    assert all(references.values())
+    files, stats = store.put_files(image_dir(tmp_path / "v2", grown.tobytes()), references)
+    pages = next(f for f in files if f.name == "pages-1.img")
+    assert pages.chunks == hashes_of(grown.tobytes())
+    # The changed and new pages were hashed, and the core image (shorter than
+    # its chunk size: compared only as whole chunks): nothing else.
+    assert stats.hashed_chunks == 2 + 5 + 1
+    assert stats.new_chunks == 2 + 5
+    # Shifted by a page: nothing lines up, everything is hashed, and the list is right.
+    shifted = np.concatenate([random_pages(4096, seed=3), first])
+    files, stats = store.put_files(image_dir(tmp_path / "v3", shifted.tobytes()), references)
+    assert next(f for f in files if f.name == "pages-1.img").chunks == hashes_of(shifted.tobytes())
+    assert stats.hashed_chunks == len(shifted) // 4096 + 1
+
+
+def test_a_reference_is_used_only_if_it_is_the_file_its_manifest_names(store, tmp_path):
+    """A kept image changed after it was stored (same size) must not lend its
+    chunk hashes: the new snapshot would name chunks that are not its bytes."""
+    from jupyter_ckpt.chunks import Reference
+
+    data = random_pages(1 * MiB, seed=4).tobytes()
+    (files, _) = store.put_files(image_dir(tmp_path / "v1", data))
+    pages = next(f for f in files if f.name == "pages-1.img")
+    kept = tmp_path / "v1" / "pages-1.img"
+    changed = bytearray(data)
+    changed[5] ^= 1
+    kept.write_bytes(bytes(changed))
+    assert Reference.of(kept, pages) is None
+    assert Reference.of(tmp_path / "v1" / "missing.img", pages) is None
+    kept.write_bytes(data + b"\0" * 4096)  # another size
+    assert Reference.of(kept, pages) is None
+    kept.write_bytes(data)
+    assert Reference.of(kept, pages) is not None

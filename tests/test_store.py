@@ -368,3 +368,50 @@ def test_a_manifest_that_cannot_be_read(store):
     with pytest.raises(SnapshotNotFound) as e:
         store.manifest_bytes(unknown)
     assert str(e.value) == f"no snapshot with id {unknown!r}"
+
+
+def test_a_snapshot_is_compared_with_the_kernels_kept_images_and_stored_right(store):
+    """The second snapshot of a kernel is compared with the first one's kept
+    images; its manifest names exactly its own pages, also when the kept copy
+    was changed behind the store's back (then it is not used)."""
+    import blake3
+
+    def hashes(data: bytes) -> list[bytes]:
+        return [blake3.blake3(data[i : i + 4096]).digest() for i in range(0, len(data), 4096)]
+
+    def snapshot_of(data: bytes) -> SnapshotRecord:
+        record = SnapshotRecord(id=new_snapshot_id(), kernel_id=kernel_id, trigger="auto", status="dumping")
+        images = store.create(record)
+        (images / "pages-1.img").write_bytes(data)
+        (images / "inventory.img").write_bytes(b"inventory")
+        return store.commit(record)
+
+    put_stats = []  # each commit's PutStats (the real put_files, its result noted)
+    put_files = store.chunks.put_files
+
+    def noting_put_files(*args):
+        files, stats = put_files(*args)
+        put_stats.append(stats)
+        return files, stats
+
+    store.chunks.put_files = noting_put_files
+
+    kernel_id = str(uuid.uuid4())
+    first = np.random.default_rng(1).bytes(64 * 4096)
+    snapshot_of(first)
+    changed = bytearray(first)
+    changed[10 * 4096] ^= 1
+    second = snapshot_of(bytes(changed))
+    _, files = store.read_manifest(second.id)
+    assert next(f for f in files if f.name == "pages-1.img").chunks == hashes(bytes(changed))
+    assert [s.hashed_chunks for s in put_stats] == [64 + 1, 1 + 1]  # the changed page, the small inventory
+    # The kept copy of the second, changed in place: a third snapshot equal to
+    # the *kept* bytes must not borrow its hashes from the second's manifest.
+    (_, kept) = store.kept_images.latest(kernel_id)
+    tampered = bytearray(changed)
+    tampered[20 * 4096] ^= 1
+    (kept / "pages-1.img").write_bytes(bytes(tampered))
+    third = snapshot_of(bytes(tampered))
+    _, files = store.read_manifest(third.id)
+    assert next(f for f in files if f.name == "pages-1.img").chunks == hashes(bytes(tampered))
+    assert put_stats[-1].hashed_chunks == 64 + 1  # the kept copy was not used
