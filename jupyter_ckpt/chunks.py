@@ -202,21 +202,29 @@ class ChunkStore:
         data = map_file(path)
         for first in range(0, len(data), _READ_BYTES):
             end = min(first + _READ_BYTES, len(data))
-            pieces = [data[i : i + step] for i in range(first, end, step)]
-            same = reference.unchanged(data, first, end, step).tolist() if reference is not None else []
-            if any(same):
-                old = reference.stored.chunks[first // step : first // step + len(same)]  # type: ignore[union-attr]
-                hashes = [old[k] if k < len(same) and same[k] else chunk_hash(p) for k, p in enumerate(pieces)]
+            starts = range(first, end, step)
+            same = reference.unchanged(data, first, end, step) if reference is not None else None
+            if same is not None and same.any():
+                # Unchanged chunks take the reference's hashes; they are in the
+                # store (its manifest refers to them, and gc waits for this put).
+                hashes = reference.stored.chunks[first // step : first // step + len(same)]  # type: ignore[union-attr]
+                hashed = np.flatnonzero(~same).tolist() + list(range(len(same), len(starts)))  # in file order
+                hashes += [b""] * (len(starts) - len(same))
+                for k in hashed:
+                    hashes[k] = chunk_hash(data[starts[k] : starts[k] + step])
             else:
-                hashes = [chunk_hash(piece) for piece in pieces]
-            stats.hashed_chunks += len(pieces) - sum(same)
-            known, _ = self.index.locate(hashes)  # a block at a time: one lookup
+                hashes = [chunk_hash(data[i : i + step]) for i in starts]
+                hashed = range(len(starts))
             stored.chunks += hashes
-            stats.chunks += len(pieces)
-            for h, piece, old in zip(hashes, pieces, known.tolist(), strict=True):
+            stats.chunks += len(starts)
+            stats.hashed_chunks += len(hashed)
+            looked_up = [hashes[k] for k in hashed]
+            known, _ = self.index.locate(looked_up)  # a block at a time: one lookup
+            for k, h, old in zip(hashed, looked_up, known.tolist(), strict=True):
                 if old or h in seen_here:
                     continue
                 seen_here.add(h)
+                piece = data[starts[k] : starts[k] + step]
                 pending.append((h, piece))
                 pending_bytes += len(piece)
                 stats.new_chunks += 1

@@ -330,6 +330,10 @@ def test_chunks_unchanged_against_a_reference_are_taken_from_it(store, tmp_path)
     # its chunk size: compared only as whole chunks): nothing else.
     assert stats.hashed_chunks == 2 + 5 + 1
     assert stats.new_chunks == 2 + 5
+    # Unchanged: only the small core image is hashed, nothing is new.
+    files, stats = store.put_files(image_dir(tmp_path / "v1-again", first.tobytes()), references)
+    assert next(f for f in files if f.name == "pages-1.img").chunks == hashes_of(first.tobytes())
+    assert (stats.hashed_chunks, stats.new_chunks) == (1, 0)
     # Shifted by a page: nothing lines up, everything is hashed, and the list is right.
     shifted = np.concatenate([random_pages(4096, seed=3), first])
     files, stats = store.put_files(image_dir(tmp_path / "v3", shifted.tobytes()), references)
