@@ -21,6 +21,7 @@ local cache directory, so dedup lookups never list the backend.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import traceback
@@ -82,6 +83,13 @@ class Reference:
         new = np.frombuffer(data, np.uint64, words, first).reshape(whole, step // 8)
         old = np.frombuffer(self.data, np.uint64, words, first).reshape(whole, step // 8)
         return (new == old).all(axis=1)
+
+    @functools.cached_property
+    def offsets(self) -> dict[bytes, int]:
+        """Where each of its chunks starts (equal hashes: equal bytes, of the
+        chunk's length, wherever they are in either file)."""
+        step = self.stored.chunk_size
+        return {h: i * step for i, h in enumerate(self.stored.chunks)}
 
 
 def is_local(fs: Any) -> bool:
@@ -248,25 +256,39 @@ class ChunkStore:
             return map_file(Path(path))
         return self.fs.open(path, "rb")
 
-    def read_file(self, stored: StoredFile) -> Iterator[memoryview]:
-        """The file's bytes, chunk by chunk, each checked against its hash."""
+    def read_file(self, stored: StoredFile, reference: Reference | None = None) -> Iterator[memoryview]:
+        """The file's bytes, chunk by chunk, each checked against its hash;
+        those ``reference`` holds (checked as a whole) are taken from it."""
+        lent = reference.offsets if reference is not None else {}
         with FrameReader(self._open_pack) as frames:
             batch = 2048
             for first in range(0, len(stored.chunks), batch):
                 hashes = stored.chunks[first : first + batch]
-                found, rows = self.index.locate(hashes)
+                at = [lent.get(h) for h in hashes]
+                read = [k for k, a in enumerate(at) if a is None]  # from the packs
+                wanted = [hashes[k] for k in read]
+                found, rows = self.index.locate(wanted)
                 if not found.all():
                     self.sync_index()  # written by another server sharing the store, or a cold cache
-                    found, rows = self.index.locate(hashes)
+                    found, rows = self.index.locate(wanted)
                 if not found.all():
-                    n = int(np.argmin(found))
+                    n = read[int(np.argmin(found))]
                     raise SnapshotNotRestorable(
                         f"{stored.name}: chunk {first + n} ({hashes[n].hex()[:16]}) is missing from the store"
                     )
-                where = zip(
-                    hashes, *(rows[f].tolist() for f in ("pack", "offset", "length", "start", "size")), strict=True
+                where = dict(
+                    zip(
+                        read,
+                        zip(*(rows[f].tolist() for f in ("pack", "offset", "length", "start", "size")), strict=True),
+                        strict=True,
+                    )
                 )
-                for n, (h, pack, offset, length, start, size) in enumerate(where, start=first):
+                for n, h in enumerate(hashes, start=first):
+                    if at[n - first] is not None:
+                        offset = at[n - first]
+                        yield reference.data[offset : offset + reference.stored.chunk_size]  # type: ignore[union-attr]
+                        continue
+                    pack, offset, length, start, size = where[n - first]
                     name = self.index.pack_name(pack)
                     try:
                         frame = frames.get(name, offset, length)
@@ -281,15 +303,16 @@ class ChunkStore:
                         )
                     yield data
 
-    def materialize(self, files: list[StoredFile], dest: Path) -> None:
-        """Write verified copies of ``files`` into ``dest`` (private)."""
+    def materialize(self, files: list[StoredFile], dest: Path, references: dict[str, Reference] | None = None) -> None:
+        """Write verified copies of ``files`` into ``dest`` (private), taking
+        the chunks ``references`` (by file name) hold from them."""
         for stored in files:
             target = dest / stored.name
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.fchmod(fd, 0o600)
                 written, pending = 0, []
-                for data in self.read_file(stored):
+                for data in self.read_file(stored, (references or {}).get(stored.name)):
                     pending.append(data)
                     if len(pending) == IOV_MAX:
                         written += write_all(fd, pending)

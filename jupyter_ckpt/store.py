@@ -380,12 +380,13 @@ class SnapshotStore:
     def materialize(self, snapshot_id: str, dest: Path) -> SnapshotRecord:
         """Write the snapshot's images into ``dest``, every byte verified:
         linked from the local copy kept at commit when it still matches the
-        manifest's digests, else assembled from the store's chunks."""
+        manifest's digests, else assembled from the store's chunks and the
+        kernel's latest kept images (where they hold the same chunks)."""
         record, files = self.read_manifest(snapshot_id)
         files = [f for f in files if f.name != NOTEBOOK_FILE]
         if not self.kept_images.link(record, files, dest):
-            with self.gate.shared():
-                self.chunks.materialize(files, dest)
+            with self.gate.shared():  # an older snapshot: the latest's kept images hold most of it
+                self.chunks.materialize(files, dest, self._kept_references(record.kernel_id))
         return record
 
     # -- space --------------------------------------------------------------------
