@@ -56,11 +56,15 @@ class PutStats:
 class Reference:
     """A file stored before, whose bytes are at hand and checked against its
     digest (a kernel's kept image of its previous snapshot). Where a new file
-    holds the same bytes at the same place, its chunk is the same: comparing
-    runs at memory speed, hashing page by page several times slower."""
+    holds the same bytes as one of its chunks, the new chunk is that chunk:
+    comparing runs at memory speed, hashing page by page several times slower."""
 
     data: memoryview
     stored: StoredFile
+    # For each chunk of the new file, the chunk of this one to compare it with
+    # (the page at the same address: page_layout), -1 for none; None: the
+    # chunk at the same place.
+    counterparts: np.ndarray | None = None
 
     @classmethod
     def of(cls, path: Path, stored: StoredFile) -> Reference | None:
@@ -73,16 +77,31 @@ class Reference:
             return None
         return cls(data, stored)
 
-    def unchanged(self, data: memoryview, first: int, end: int, step: int) -> np.ndarray:
-        """For each whole chunk of ``data[first:end]`` that the reference has
-        too (from the first on), whether its bytes are the same."""
-        whole = (min(end, len(self.data)) - first) // step
-        if whole <= 0 or step % 8 or first % step or step != self.stored.chunk_size:
-            return np.zeros(0, dtype=bool)
-        words = whole * step // 8
-        new = np.frombuffer(data, np.uint64, words, first).reshape(whole, step // 8)
-        old = np.frombuffer(self.data, np.uint64, words, first).reshape(whole, step // 8)
-        return (new == old).all(axis=1)
+    def matches(self, data: memoryview, first: int, end: int, step: int) -> np.ndarray:
+        """For each whole chunk of ``data[first:end]``: the index of this
+        file's chunk with the same bytes, or -1."""
+        count = (end - first) // step
+        whole = len(self.data) // step
+        if count <= 0 or step % 8 or first % step or step != self.stored.chunk_size:
+            return np.full(max(count, 0), -1, np.int64)
+        base = first // step
+        new = np.frombuffer(data, np.uint64, count * step // 8, first).reshape(count, step // 8)
+        if self.counterparts is None:  # place by place: compared without a copy
+            n = max(0, min(count, whole - base))
+            old = np.frombuffer(self.data, np.uint64, n * step // 8, first).reshape(n, step // 8)
+            found = np.full(count, -1, np.int64)
+            found[:n] = np.where((new[:n] == old).all(axis=1), np.arange(base, base + n), -1)
+            return found
+        candidates = np.full(count, -1, np.int64)
+        given = self.counterparts[base : base + count]
+        candidates[: len(given)] = given
+        candidates[candidates >= whole] = -1
+        valid = np.flatnonzero(candidates >= 0)
+        old = np.frombuffer(self.data, np.uint64, whole * step // 8).reshape(whole, step // 8)
+        same = (new[valid] == old[candidates[valid]]).all(axis=1)
+        found = np.full(count, -1, np.int64)
+        found[valid[same]] = candidates[valid[same]]
+        return found
 
     @functools.cached_property
     def offsets(self) -> dict[bytes, int]:
@@ -211,13 +230,14 @@ class ChunkStore:
         for first in range(0, len(data), _READ_BYTES):
             end = min(first + _READ_BYTES, len(data))
             starts = range(first, end, step)
-            same = reference.unchanged(data, first, end, step) if reference is not None else None
-            if same is not None and same.any():
+            found = reference.matches(data, first, end, step) if reference is not None else None
+            if found is not None and (found >= 0).any():
                 # Unchanged chunks take the reference's hashes; they are in the
                 # store (its manifest refers to them, and gc waits for this put).
-                hashes = reference.stored.chunks[first // step : first // step + len(same)]  # type: ignore[union-attr]
-                hashed = np.flatnonzero(~same).tolist() + list(range(len(same), len(starts)))  # in file order
-                hashes += [b""] * (len(starts) - len(same))
+                known_chunks = reference.stored.chunks  # type: ignore[union-attr]
+                hashes = [known_chunks[j] if j >= 0 else b"" for j in found.tolist()]
+                hashed = np.flatnonzero(found < 0).tolist() + list(range(len(found), len(starts)))  # in file order
+                hashes += [b""] * (len(starts) - len(found))
                 for k in hashed:
                     hashes[k] = chunk_hash(data[starts[k] : starts[k] + step])
             else:

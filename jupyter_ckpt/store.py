@@ -39,6 +39,7 @@ from . import manifest
 from .chunks import ChunkStore, Reference, StoredFile, is_local
 from .errors import CheckpointError, QuotaExceeded, SnapshotNotFound, SnapshotNotRestorable
 from .image_cache import ImageCache
+from .page_layout import page_addresses, same_addresses
 from .private_files import load_or_create_key, private_dir, write_private_atomic
 from .records import SNAPSHOT_ID, SnapshotRecord, check_snapshot_id
 
@@ -194,7 +195,7 @@ class SnapshotStore:
         ``started`` (time.monotonic()) sets the record's total_seconds."""
         staging = self.staging_dir(record.id)
         with self.gate.shared():  # until the manifest refers to the chunks: gc would take them
-            files, stats = self.chunks.put_files(staging, self._kept_references(record.kernel_id))
+            files, stats = self.chunks.put_files(staging, self._kept_references(record.kernel_id, staging))
             done = SnapshotRecord.from_json({**record.to_json(), "status": "complete", "error": None})
             done.stored_bytes = stats.new_bytes
             if started is not None:
@@ -204,10 +205,12 @@ class SnapshotStore:
         self._record_path(record.id).unlink(missing_ok=True)
         return done
 
-    def _kept_references(self, kernel_id: str) -> dict[str, Reference]:
+    def _kept_references(self, kernel_id: str, images: Path | None = None) -> dict[str, Reference]:
         """The kernel's kept images of its previous snapshot, each checked
-        against that snapshot's (verified) manifest: what a new snapshot's
-        images are compared with before anything is hashed."""
+        against that snapshot's (verified) manifest, by file name: what the
+        files of ``images`` are compared with before anything is hashed. A
+        memory image is compared page by page with the pages at the same
+        addresses in the kept one (page_layout), wherever they are in it."""
         kept = self.kept_images.latest(kernel_id)
         if kept is None:
             return {}
@@ -221,7 +224,16 @@ class SnapshotStore:
             reference = Reference.of(folder / stored.name, stored)
             if reference is not None:
                 references[stored.name] = reference
-        return references
+        if images is None:
+            return references
+        old_layout = {pagemap: (name, at) for name, (pagemap, at) in page_addresses(folder).items()}
+        by_address = {}
+        for name, (pagemap, addresses) in page_addresses(images).items():
+            old_name, old_addresses = old_layout.get(pagemap, ("", None))
+            if old_addresses is not None and old_name in references:
+                old = references[old_name]
+                by_address[name] = Reference(old.data, old.stored, same_addresses(addresses, old_addresses))
+        return {**references, **by_address}
 
     def commit_imported(self, record: SnapshotRecord, directory: Path, expected: list[StoredFile]) -> SnapshotRecord:
         """Store the verified files of an imported snapshot (in ``directory``),
