@@ -88,9 +88,10 @@ class Reference:
         new = np.frombuffer(data, np.uint64, count * step // 8, first).reshape(count, step // 8)
         if self.counterparts is None:  # place by place: compared without a copy
             n = max(0, min(count, whole - base))
-            old = np.frombuffer(self.data, np.uint64, n * step // 8, first).reshape(n, step // 8)
             found = np.full(count, -1, np.int64)
-            found[:n] = np.where((new[:n] == old).all(axis=1), np.arange(base, base + n), -1)
+            if n:
+                old = np.frombuffer(self.data, np.uint64, n * step // 8, first).reshape(n, step // 8)
+                found[:n] = np.where((new[:n] == old).all(axis=1), np.arange(base, base + n), -1)
             return found
         candidates = np.full(count, -1, np.int64)
         given = self.counterparts[base : base + count]

@@ -334,6 +334,11 @@ def test_chunks_unchanged_against_a_reference_are_taken_from_it(store, tmp_path)
     files, stats = store.put_files(image_dir(tmp_path / "v1-again", first.tobytes()), references)
     assert next(f for f in files if f.name == "pages-1.img").chunks == hashes_of(first.tobytes())
     assert (stats.hashed_chunks, stats.new_chunks) == (1, 0)
+    # Grown past the reference by more than is read at a time: the new part is hashed.
+    longer = np.concatenate([first, random_pages(12 * MiB, seed=7)])
+    files, stats = store.put_files(image_dir(tmp_path / "longer", longer.tobytes()), references)
+    assert next(f for f in files if f.name == "pages-1.img").chunks == hashes_of(longer.tobytes())
+    assert stats.hashed_chunks == 12 * MiB // 4096 + 1
     # Shifted by a page: nothing lines up, everything is hashed, and the list is right.
     shifted = np.concatenate([random_pages(4096, seed=3), first])
     files, stats = store.put_files(image_dir(tmp_path / "v3", shifted.tobytes()), references)
