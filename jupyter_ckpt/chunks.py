@@ -67,13 +67,14 @@ class Reference:
     counterparts: np.ndarray | None = None
 
     @classmethod
-    def of(cls, path: Path, stored: StoredFile) -> Reference | None:
-        """The file at ``path`` if it is the one ``stored`` describes, else None."""
+    def of(cls, path: Path, stored: StoredFile, known_intact: bool = False) -> Reference | None:
+        """The file at ``path`` if it is the one ``stored`` describes, else
+        None. ``known_intact``: the caller knows it is (skips the digest)."""
         try:
             data = map_file(path)
         except OSError:
             return None
-        if not stored.digest or len(data) != stored.size or file_digest(data) != stored.digest:
+        if len(data) != stored.size or not (known_intact or (stored.digest and file_digest(data) == stored.digest)):
             return None
         return cls(data, stored)
 

@@ -26,6 +26,9 @@ class ImageCache:
     def __init__(self, directory: Path, budget_bytes: int):
         self.dir = private_dir(directory)
         self.budget_bytes = budget_bytes
+        # Files kept by this process, as they were when kept: their bytes are
+        # the ones their manifest's digests were computed from.
+        self._as_kept: dict[Path, tuple[int, int, int, int]] = {}
 
     def _dir_of(self, record: SnapshotRecord) -> Path | None:
         if not KERNEL_ID.match(record.kernel_id or "") or not SNAPSHOT_ID.match(record.id or ""):
@@ -52,6 +55,7 @@ class ImageCache:
         except OSError:  # the state directory spans filesystems: not worth a copy
             shutil.rmtree(staging, ignore_errors=True)
             return
+        self._as_kept = {image: _identity(image) for image in target.iterdir()}
         kept = sorted(self._all(), key=lambda d: d.name)
         sizes = [_dir_bytes(d) for d in kept]
         total = sum(sizes)
@@ -94,6 +98,16 @@ class ImageCache:
         kept = sorted(d for d in (self.dir / kernel_id).glob("*") if SNAPSHOT_ID.match(d.name))
         return (kept[-1].name, kept[-1]) if kept else None
 
+    def unchanged_since_kept(self, path: Path) -> bool:
+        """Whether ``path`` is a file this process kept, not changed since
+        (same inode, size, modification and change times): no need to hash
+        it again to know it holds its manifest's bytes."""
+        kept = self._as_kept.get(path)
+        try:
+            return kept is not None and _identity(path) == kept
+        except OSError:
+            return False
+
     def drop(self, snapshot_id: str) -> None:
         for kept in self.dir.glob(f"*/{snapshot_id}"):
             shutil.rmtree(kept, ignore_errors=True)
@@ -127,6 +141,11 @@ _SYNC_FILE_RANGE_WRITE = 2
 @functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path, follow_symlinks=False)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _dir_bytes(directory: Path) -> int:

@@ -221,7 +221,8 @@ class SnapshotStore:
             return {}
         references = {}
         for stored in files:
-            reference = Reference.of(folder / stored.name, stored)
+            path = folder / stored.name
+            reference = Reference.of(path, stored, self.kept_images.unchanged_since_kept(path))
             if reference is not None:
                 references[stored.name] = reference
         if images is None:

@@ -415,3 +415,26 @@ def test_a_snapshot_is_compared_with_the_kernels_kept_images_and_stored_right(st
     _, files = store.read_manifest(third.id)
     assert next(f for f in files if f.name == "pages-1.img").chunks == hashes(bytes(tampered))
     assert put_stats[-1].hashed_chunks == 64 + 1  # the kept copy was not used
+
+
+def test_kept_images_are_trusted_without_hashing_only_as_they_were_kept(tmp_path):
+    from jupyter_ckpt.image_cache import ImageCache
+
+    cache = ImageCache(tmp_path / "images", 1 << 30)
+    record = SnapshotRecord(id=new_snapshot_id(), kernel_id=str(uuid.uuid4()), trigger="manual", status="complete")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "pages-1.img").write_bytes(b"p" * 8192)
+    (staging / "core-1.img").write_bytes(b"core")
+    cache.keep(record, staging)
+    _, folder = cache.latest(record.kernel_id)
+    pages, core = folder / "pages-1.img", folder / "core-1.img"
+    assert cache.unchanged_since_kept(pages) and cache.unchanged_since_kept(core)
+    with open(pages, "r+b") as f:  # changed in place, same size
+        f.write(b"q")
+    assert not cache.unchanged_since_kept(pages)
+    (folder / "new-core").write_bytes(b"core")
+    (folder / "new-core").rename(core)  # replaced by an equal file
+    assert not cache.unchanged_since_kept(core)
+    # Another process (a server started again) hashes them: it kept nothing itself.
+    assert not ImageCache(tmp_path / "images", 1 << 30).unchanged_since_kept(folder / "pages-1.img")
