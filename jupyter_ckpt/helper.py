@@ -36,6 +36,7 @@ import contextlib
 import grp
 import json
 import logging
+import math
 import os
 import resource
 import secrets
@@ -484,6 +485,13 @@ def _reap(pid: int) -> None:
         pass
 
 
+def _positive_seconds(text: str) -> float:
+    seconds = float(text)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="jupyter-ckpt-helper",
@@ -499,7 +507,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections-per-user", type=int, default=16, help="open at once (%(default)s)")
     parser.add_argument("--forks-per-user", type=int, default=32, help="fork namespaces (%(default)s)")
     parser.add_argument(
-        "--request-timeout", type=float, default=30.0, help="seconds a connection has to send its request (%(default)s)"
+        "--request-timeout",
+        type=_positive_seconds,
+        default=30.0,
+        help="seconds a connection has to send its request (%(default)s)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

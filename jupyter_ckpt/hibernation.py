@@ -26,7 +26,14 @@ from typing import Any
 from jupyter_server._tz import utcnow
 from jupyter_server.utils import ensure_async
 
-from .errors import CheckpointError, KernelNotFound, OperationInProgress, RestoreFailed, WakeGaveWay
+from .errors import (
+    CheckpointError,
+    KernelNotCheckpointable,
+    KernelNotFound,
+    OperationInProgress,
+    RestoreFailed,
+    WakeGaveWay,
+)
 from .flow import Flow, FlowParts
 from .forknet import in_fork_network
 from .provisioner import LaunchPlan
@@ -56,6 +63,20 @@ class Hibernation(Flow):
         self.after_wake: Callable[[str], Awaitable[None]] | None = None  # the manager tracks it again
 
     # -- what the server asks -----------------------------------------------------------
+
+    def _require_wakeable(self, kernel_id: str, snapshot_id: str) -> None:
+        """A kernel goes to disk only if the engine would restore its snapshot
+        (the helper's refusals: a named pipe, a file the user can no longer
+        open), asked before its processes stop (blocking)."""
+        kept = self.store.kept_images.latest(kernel_id)
+        if kept is None or kept[0] != snapshot_id:
+            return  # not kept (image_cache_bytes): the wake's own checks decide
+        try:
+            self.engine.check_restorable(kept[1])
+        except CheckpointError as e:
+            raise KernelNotCheckpointable(
+                f"kernel {kernel_id} was not hibernated: it could not be woken from its snapshot ({e})"
+            ) from None
 
     def snapshot_of(self, kernel_id: str) -> str | None:
         """The snapshot a hibernated kernel wakes from; None if it runs."""
@@ -118,6 +139,7 @@ class Hibernation(Flow):
             async with self.claims.hold(kernel_id):
                 if self.claims.lineage.get(kernel_id) != record.id:
                     raise OperationInProgress(f"kernel {kernel_id} was restored meanwhile; it was not hibernated")
+                await asyncio.to_thread(self._require_wakeable, kernel_id, record.id)
                 self._clients[kernel_id] = client_connections(km.ip, kernel_ports(km))
                 assert prov.tree is not None
                 # Measured now: after a lazy restore, its memory is all back only by the snapshot's end.

@@ -14,7 +14,15 @@ from typing import Any
 
 from .criu_images import differences
 from .engine import CriuEngine, LazyPages
-from .errors import CheckpointError, DumpFailed, KernelNotFound, RestoreFailed, SnapshotIncompatible, WakeGaveWay
+from .errors import (
+    CheckpointError,
+    DumpFailed,
+    KernelNotCheckpointable,
+    KernelNotFound,
+    RestoreFailed,
+    SnapshotIncompatible,
+    WakeGaveWay,
+)
 from .flow import Flow, FlowParts
 from .kernel_tree import restore_tree
 from .kernels import connection_info, listener_moves
@@ -232,6 +240,13 @@ class RestoreInPlace(Flow):
                 raise RestoreFailed(
                     f"nothing was changed: the kernel's current state could not be saved first ({e})"
                 ) from None
+            try:  # it is what comes back should the restore fail: it must be restorable
+                self.engine.check_restorable(rollback)
+            except CheckpointError as e:
+                raise KernelNotCheckpointable(
+                    "nothing was changed: the kernel's current state could not be brought back should the "
+                    f"restore fail ({e}). Release what it names, or restore the snapshot as a new kernel"
+                ) from None
         saved_seconds = time.monotonic() - started
         if hibernated and not prov.hibernated:
             raise WakeGaveWay("the kernel was shut down or restarted while it was being woken: the wake gave way")
@@ -247,12 +262,12 @@ class RestoreInPlace(Flow):
         lazy = self.lazy_restore and self.engine.health().lazy_pages
         try:
             tree = restore_tree(self.engine, work / "images", work, record.stdio_keys, netns, lazy, moves)
-        except CheckpointError as failure:  # CRIU's failure, or a refusal of the helper's
+        except (CheckpointError, OSError) as failure:  # CRIU's, a refusal of the helper's, or its connection
             if before is None:
                 raise RestoreFailed(f"restoring snapshot {record.id} failed: {failure}") from None
             try:
                 back = restore_tree(self.engine, rollback, work, current.stdio.keys, netns)
-            except RestoreFailed as second:
+            except (CheckpointError, OSError) as second:
                 raise RestoreFailed(
                     f"restoring snapshot {record.id} failed ({failure}), and so did bringing back the "
                     f"kernel's previous state ({second}): the kernel has stopped"
