@@ -49,13 +49,16 @@ class ImageCache:
             _start_writeback(image)
         for previous in target.parent.glob("*"):
             shutil.rmtree(previous, ignore_errors=True)
+        for path in [p for p in self._as_kept if p.parent.parent == target.parent]:
+            del self._as_kept[path]
         target.parent.mkdir(mode=0o700, exist_ok=True)
         try:
             os.rename(staging, target)
         except OSError:  # the state directory spans filesystems: not worth a copy
             shutil.rmtree(staging, ignore_errors=True)
             return
-        self._as_kept = {image: _identity(image) for image in target.iterdir()}
+        for image in target.iterdir():
+            self._as_kept[image] = _identity(image)
         kept = sorted(self._all(), key=lambda d: d.name)
         sizes = [_dir_bytes(d) for d in kept]
         total = sum(sizes)
@@ -84,6 +87,8 @@ class ImageCache:
                     raise ValueError(f"{path} does not match the snapshot's manifest")
             for stored in files:
                 os.link(kept / stored.name, dest / stored.name)
+                # A link changes the file's change time; its bytes were just checked.
+                self._as_kept[kept / stored.name] = _identity(kept / stored.name)
         except (OSError, ValueError):
             shutil.rmtree(kept, ignore_errors=True)
             for stored in files:
