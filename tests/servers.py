@@ -87,9 +87,11 @@ class Server:
         python: str = sys.executable,
         log_dir=None,
         env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ):
         """With ``user``, the server runs as that system user, with ``python``
-        (an interpreter that user can run), and ``tmp_path`` must be theirs."""
+        (an interpreter that user can run), and ``tmp_path`` must be theirs.
+        ``prefix``: a command the server is run through (it must exec it)."""
         self.port = free_port() if netns is None else 8888
         self.host = host
         self.runtime = tmp_path / "runtime"
@@ -98,7 +100,7 @@ class Server:
             entry = pwd.getpwnam(user)
             for d in (tmp_path, tmp_path / "root"):
                 os.chown(d, entry.pw_uid, entry.pw_gid)
-        prefix = ["ip", "netns", "exec", netns] if netns else []
+        prefix = [*prefix, *(["ip", "netns", "exec", netns] if netns else [])]
         self.log_path = (log_dir or tmp_path) / f"server-{self.port}-{time.monotonic_ns()}.log"  # read it on failure
         log = open(self.log_path, "wb")
         extra_env = env or {}
