@@ -224,11 +224,14 @@ def resolv_conf(pid: int, nameserver: str):
     with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as f:
         f.write(f"nameserver {nameserver}\noptions timeout:1 attempts:1\n")
     os.chmod(f.name, 0o644)
-    subprocess.run(["nsenter", "-t", str(pid), "-m", "-p", "mount", "--bind", f.name, "/etc/resolv.conf"], check=True)
     try:
+        subprocess.run(
+            ["nsenter", "-t", str(pid), "-m", "-p", "mount", "--bind", f.name, "/etc/resolv.conf"], check=True
+        )
         yield
     finally:
-        subprocess.run(["nsenter", "-t", str(pid), "-m", "-p", "umount", "/etc/resolv.conf"], check=True)
+        # Not checked: a failure inside must not be hidden by this one.
+        subprocess.run(["nsenter", "-t", str(pid), "-m", "-p", "umount", "/etc/resolv.conf"], capture_output=True)
         os.unlink(f.name)
 
 

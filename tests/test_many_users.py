@@ -447,6 +447,11 @@ def test_the_helper_refuses_what_is_not_the_callers(users, helper, shared_python
     # credentials are still checked.
     seal.seal(rooted, key, bob.pw_uid)
     refused(restore(rooted), "does not run as you", "uid=0")
+    # The checks a server asks for before it stops a kernel refuse the same, and keep nothing.
+    refused(call(BOB, "check_restore", dirs=[str(stolen)]), "another user's kernel")
+    refused(call(BOB, "check_restore", dirs=[str(rooted)]), "does not run as you", "uid=0")
+    assert call(BOB, "check_restore", dirs=[str(bob_images)])["ok"]
+    assert not any((helper.state / "work").iterdir())
 
     # Another user's file, opened by the restored process: refused.
     def open_ann_file(entries):
@@ -627,7 +632,7 @@ def test_fork_namespaces_are_capped_per_user_and_survive_a_restart_of_the_helper
         forknet.remove_stale()
 
 
-def test_the_helper_links_the_memory_pages_and_copies_the_rest(users, helper, shared_python, tmp_path):
+def test_the_helper_links_the_memory_pages_and_copies_the_rest(users, helper, shared_python, request):
     """What a restore starts from (helper_images.take_over, as op_restore and
     op_check_restore call it): the memory pages are the user's files, linked
     where the user cannot swap them; the other images are root's own copies."""
@@ -639,15 +644,17 @@ def test_the_helper_links_the_memory_pages_and_copies_the_rest(users, helper, sh
     pid = call.sleeper(BOB)
     images = call.dump(BOB, pid, "linked-pages")
     os.kill(pid, 9)
-    assert os.stat(tmp_path).st_dev == os.stat(images).st_dev, "a link needs one filesystem"
     key = (helper.state / "helper.key").read_text().strip().encode()
-    taken = tmp_path / "taken"
+    # Root's folder on the images' filesystem (a link cannot cross one), as the
+    # helper's state folder is on a machine that has one filesystem.
+    taken = Path(bob.pw_dir).parent / f"ckpt-test-taken-{uuid.uuid4().hex[:8]}"
     taken.mkdir(mode=0o700)
     source = os.open(images, os.O_RDONLY | os.O_DIRECTORY)
     try:
         take_over(source, taken, key, Caller(os.getpid(), bob.pw_uid, bob.pw_gid, [bob.pw_gid]))
     finally:
         os.close(source)
+        request.addfinalizer(lambda: shutil.rmtree(taken, ignore_errors=True))
     pages = sorted(p.name for p in images.glob("pages-*.img"))
     assert pages
     for name in pages:
@@ -739,13 +746,82 @@ def test_a_kernel_joins_its_users_cgroup_on_cgroup_v2(users, shared_python, tmp_
         helper.close()
         end_processes_of(BOB)
         deadline = time.monotonic() + 10
-        while True:
+        while time.monotonic() < deadline:
             try:
                 group.rmdir()
                 break
             except OSError:  # its processes are still going
-                assert time.monotonic() < deadline
                 time.sleep(0.05)
+
+
+# What the README lists as the capabilities a container needs for the helper,
+# by number (linux/capability.h).
+CONTAINER_CAPABILITIES = {
+    "chown": 0,
+    "dac_override": 1,
+    "dac_read_search": 2,
+    "fowner": 3,
+    "kill": 5,
+    "setgid": 6,
+    "setuid": 7,
+    "setpcap": 8,
+    "net_admin": 12,
+    "sys_chroot": 18,
+    "sys_ptrace": 19,
+    "sys_admin": 21,
+    "sys_time": 25,
+    "checkpoint_restore": 40,
+}
+
+
+def test_the_helper_in_a_single_user_container_with_the_listed_capabilities(users, shared_python, tmp_path):
+    """Stand-in for a docker-stacks container (there is no container runtime
+    here): the helper runs as root in new pid, mount, UTS and IPC namespaces,
+    on the host's network (as with docker's --network host), with only the
+    capabilities the README lists; Bob's server runs in the same namespaces.
+    A kernel is snapshotted, restored in place and forked."""
+    bounding = ",".join(["-all", *(f"+{name}" for name in CONTAINER_CAPABILITIES)])
+    container = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--uts", "--ipc")
+    helper = RunningHelper(prefix=(*container, "setpriv", f"--bounding-set={bounding}", "--"))
+    bob = users[BOB]
+    server = None
+    try:
+        with open(f"/proc/{helper.proc.pid}/task/{helper.proc.pid}/children") as f:
+            (inside,) = map(int, f.read().split())  # the helper, pid 1 of the container
+        with open(f"/proc/{inside}/status") as f:
+            effective = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+        assert effective == sum(1 << n for n in CONTAINER_CAPABILITIES.values())
+        home = Path(bob.pw_dir) / f"container-{uuid.uuid4().hex[:8]}"
+        (home / "root").mkdir(parents=True)
+        for d in (home, home / "root"):
+            os.chown(d, bob.pw_uid, bob.pw_gid)
+        enter = ("nsenter", "-t", str(inside), "--pid", "--mount", "--uts", "--ipc", "--")
+        as_bob = ("setpriv", f"--reuid={bob.pw_uid}", f"--regid={bob.pw_gid}", "--clear-groups", "--")
+        server = Server(
+            home,
+            f"--CheckpointApp.helper_socket={helper.socket}",
+            "--CheckpointApp.auto_backup=False",
+            python=shared_python.python,
+            log_dir=tmp_path,
+            env=shared_python.env,
+            prefix=(*enter, *as_bob),
+        )
+        assert server.call("GET", "/api/ckpt/status")["criu"]["available"]
+        kernel_id = start_kernel(server)
+        client = server.client(kernel_id)
+        assert value(client, "import os; x = 'before'; os.getuid()") == str(bob.pw_uid)
+        snap = take(server, kernel_id)
+        assert value(client, "x = 'after'; x") == "'after'"
+        server.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "replace"}, timeout=120)
+        assert value(server.client(kernel_id), "x, os.getuid()") == f"('before', {bob.pw_uid})"
+        fork = server.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "new"}, timeout=120)
+        assert value(server.client(fork["kernel_id"]), "x, os.getuid()") == f"('before', {bob.pw_uid})"
+        server.call("DELETE", f"/api/kernels/{fork['kernel_id']}")  # its namespace goes with it
+    finally:
+        if server is not None:
+            server.kill()
+        helper.close()  # pid 1 of the container: everything in it ends
+        end_processes_of(BOB)
 
 
 @pytest.mark.browser
@@ -770,20 +846,40 @@ def test_the_toolbar_and_the_panel_say_that_snapshots_need_the_helper(user_serve
 
 def test_a_named_pipe_is_not_restored_and_the_kernel_goes_on(user_servers, users):
     """CRIU would create a named pipe again by path, as root: the helper refuses
-    the restore before touching the kernel (409, naming the pipe)."""
+    to restore one. Every operation that would need that refuses before it
+    touches the kernel (409, naming the pipe): restoring a snapshot holding
+    it, restoring another snapshot over a kernel holding it (its state could
+    not be put back should that fail), hibernating it."""
     server = user_servers.start(BOB)
     kernel_id = start_kernel(server)
     client = server.client(kernel_id)
+    assert value(client, "import os; x = 1; x") == "1"
+    clean = take(server, kernel_id)
     pipe = Path(users[BOB].pw_dir) / f"pipe-{kernel_id[:8]}"
-    assert value(client, f"import os; os.mkfifo({str(pipe)!r}); p = os.open({str(pipe)!r}, os.O_RDWR); x = 1; x") == "1"
-    snap = take(server, kernel_id)
-    assert value(client, "x = 2; x") == "2"
-    with pytest.raises(urllib.error.HTTPError) as refused_restore:
-        server.call("POST", f"/api/ckpt/snapshots/{snap['id']}/restore", {"mode": "replace"}, timeout=120)
-    message = json.loads(refused_restore.value.read())["message"]
-    assert refused_restore.value.code == 409, message
-    assert f"a named pipe, {pipe}" in message, message
-    assert value(client, "x") == "2"
+    assert value(client, f"os.mkfifo({str(pipe)!r}); p = os.open({str(pipe)!r}, os.O_RDWR); x = 2; x") == "2"
+    with_pipe = take(server, kernel_id)
+    processes = sorted(kernel_pids(kernel_id))
+
+    def refused(method: str, path: str, body: dict) -> str:
+        with pytest.raises(urllib.error.HTTPError) as refusal:
+            server.call(method, path, body, timeout=120)
+        message = json.loads(refusal.value.read())["message"]
+        assert refusal.value.code == 409, message
+        assert f"a named pipe, {pipe}" in message, message
+        assert value(client, "x") == "2"
+        assert sorted(kernel_pids(kernel_id)) == processes  # never stopped, not put back: the same processes
+        return message
+
+    refused("POST", f"/api/ckpt/snapshots/{with_pipe['id']}/restore", {"mode": "replace"})
+    assert "could not be brought back" in refused(
+        "POST", f"/api/ckpt/snapshots/{clean['id']}/restore", {"mode": "replace"}
+    )
+    assert "could not be woken" in refused("POST", f"/api/ckpt/kernels/{kernel_id}/hibernate", {})
+    assert not server.call("GET", f"/api/ckpt/kernels/{kernel_id}")["hibernated"]
+    # Released, the clean snapshot restores.
+    assert value(client, f"os.close(p); os.unlink({str(pipe)!r}); x") == "2"
+    server.call("POST", f"/api/ckpt/snapshots/{clean['id']}/restore", {"mode": "replace"}, timeout=120)
+    assert value(server.client(kernel_id), "x") == "1"
 
 
 def test_a_refusal_of_the_helper_is_a_403_with_its_reason(user_servers, users, shared_python):
@@ -907,6 +1003,7 @@ def test_the_helpers_request_limits_and_a_key_shared_by_two_machines(users, shar
         for helper in (limited, same_key, own_key):
             helper.close()
         end_processes_of(BOB)
+        end_processes_of(ANN)
 
 
 # -- JupyterHub ----------------------------------------------------------------------

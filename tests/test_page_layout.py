@@ -61,8 +61,9 @@ def test_page_addresses_and_their_counterparts():
     assert same_addresses(new, np.zeros(0, np.uint64)).tolist() == [-1] * 4
 
 
-def test_a_snapshot_after_the_memory_map_changed_hashes_only_the_changed_pages(tmp_path):
+def test_a_snapshot_after_the_memory_map_changed_hashes_only_the_changed_pages(tmp_path, request):
     store = SnapshotStore(tmp_path / "store")
+    request.addfinalizer(store.close)
     stats = []  # each commit's PutStats (the real put_files, its result noted)
     put_files = store.chunks.put_files
 
@@ -102,7 +103,9 @@ def test_a_snapshot_after_the_memory_map_changed_hashes_only_the_changed_pages(t
     counterparts = same_addresses(after, before)
     assert (counterparts != np.arange(len(after))).mean() > 0.5
     assert second.chunks > 20000
-    assert second.hashed_chunks < 0.2 * second.chunks, second
+    # Hashed: the 8 MiB and 4 MiB mapped since, the page changed, and the
+    # interpreter's own pages its work since touched (a few hundred).
+    assert second.hashed_chunks <= 2048 + 1024 + 1 + 1000, second
     assert first.hashed_chunks == first.chunks
     # And the manifest names each page by its own hash, computed here.
     out = tmp_path / "out"
@@ -112,4 +115,3 @@ def test_a_snapshot_after_the_memory_map_changed_hashes_only_the_changed_pages(t
         if stored.name.startswith("pages-"):
             data = (store.kept_images.latest(kernel_id)[1] / stored.name).read_bytes()
             assert stored.chunks == [blake3.blake3(data[i : i + 4096]).digest() for i in range(0, len(data), 4096)]
-    store.close()
