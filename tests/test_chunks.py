@@ -393,3 +393,23 @@ def test_an_older_version_is_assembled_from_a_reference_where_it_holds_its_chunk
     store.put_files(image_dir(tmp_path / "third", older.tobytes()[199 * 4096 : 200 * 4096]))
     store.materialize(older_pages, out, references)
     assert (out / "pages-1.img").read_bytes() == older.tobytes()
+
+
+def test_an_assembled_file_that_does_not_match_its_digest_is_refused(store, tmp_path):
+    """Every chunk checks out, yet the whole differs from what was dumped (a
+    reference whose bytes changed after it was trusted lent a wrong chunk):
+    the file's digest says so."""
+    from jupyter_ckpt.chunks import Reference
+
+    data = random_pages(1 * MiB, seed=8).tobytes()
+    (files, _) = store.put_files(image_dir(tmp_path / "v1", data))
+    pages = next(f for f in files if f.name == "pages-1.img")
+    changed = bytearray(data)
+    changed[3 * 4096] ^= 1
+    lying = Reference(memoryview(bytes(changed)), pages)  # trusted, though it changed
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SnapshotNotRestorable, match="pages-1.img: the assembled file does not match its digest"):
+        store.materialize([pages], out, {"pages-1.img": lying})
+    store.materialize([pages], out)
+    assert (out / "pages-1.img").read_bytes() == data

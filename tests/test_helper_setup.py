@@ -101,3 +101,13 @@ def test_it_refuses_to_start_without_protected_hardlinks(tmp_path):
         sysctl.write_text(f"{before}\n")
     assert out.returncode != 0 and "needs fs.protected_hardlinks = 1" in out.stderr
     assert not (tmp_path / "h.sock").exists()
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf", "soon"])
+def test_a_request_timeout_must_be_a_number_of_seconds_above_zero(seconds, capsys):
+    from jupyter_ckpt.helper import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--request-timeout", seconds])
+    assert refused.value.code == 2
+    assert "--request-timeout" in capsys.readouterr().err
