@@ -413,3 +413,56 @@ def test_an_assembled_file_that_does_not_match_its_digest_is_refused(store, tmp_
         store.materialize([pages], out, {"pages-1.img": lying})
     store.materialize([pages], out)
     assert (out / "pages-1.img").read_bytes() == data
+
+
+def test_what_a_reference_matches_chunk_by_chunk():
+    """Reference.matches on made-up pages: by place, and by the counterparts a
+    page layout gives; the expected indices are written out here."""
+    from jupyter_ckpt.chunks import Reference
+    from jupyter_ckpt.pack_format import StoredFile
+
+    page = 4096
+    old_pages = [bytes([i]) * page for i in range(6)]  # six pages, each its own byte
+    old = memoryview(b"".join(old_pages))
+    stored = StoredFile("pages-1.img", len(old), page, [bytes([i]) * 32 for i in range(6)])
+    by_place = Reference(old, stored)
+
+    new = memoryview(b"".join([old_pages[0], b"x" * page, old_pages[2], old_pages[3], old_pages[5], b"y" * page]))
+    assert by_place.matches(new, 0, len(new), page).tolist() == [0, -1, 2, 3, -1, -1]
+    assert by_place.matches(new, 2 * page, 4 * page, page).tolist() == [2, 3]  # a block further on
+    longer = memoryview(bytes(new) + old_pages[0] * 3)  # past the reference's end: no counterpart
+    assert by_place.matches(longer, 0, len(longer), page).tolist() == [0, -1, 2, 3, -1, -1, -1, -1, -1]
+    assert by_place.matches(longer, 6 * page, 9 * page, page).tolist() == [-1, -1, -1]
+    half = memoryview(bytes(new) + b"z" * 100)  # a last piece shorter than a chunk is not matched
+    assert len(by_place.matches(half, 0, len(half), page)) == 6
+    assert by_place.matches(new, 0, page - 1, page).tolist() == []
+    # Not comparable: another chunk size, a block not on a chunk, a size not in words.
+    assert by_place.matches(new, 0, len(new), 2 * page).tolist() == [-1, -1, -1]
+    assert by_place.matches(new, 8, 8 + 2 * page, page).tolist() == [-1, -1]
+    odd = Reference(memoryview(b"a" * 60), StoredFile("core-1.img", 60, 12, [b"c" * 32] * 5))
+    assert odd.matches(memoryview(b"a" * 60), 0, 60, 12).tolist() == [-1] * 5
+
+    # By address: new page k is compared with old page counterparts[k].
+    counterparts = np.array([5, 1, -1, 0, 9, 2], np.int64)  # 9: past the reference's end
+    moved = memoryview(b"".join([old_pages[5], old_pages[1], old_pages[2], b"w" * page, old_pages[4], old_pages[2]]))
+    by_address = Reference(old, stored, counterparts)
+    assert by_address.matches(moved, 0, len(moved), page).tolist() == [5, 1, -1, -1, -1, 2]
+    assert by_address.matches(moved, 4 * page, 6 * page, page).tolist() == [-1, 2]
+    grown = memoryview(bytes(moved) + old_pages[3])  # more pages than counterparts given
+    assert by_address.matches(grown, 0, len(grown), page).tolist() == [5, 1, -1, -1, -1, 2, -1]
+
+
+def test_a_reference_finds_chunks_by_hash_wherever_they_are():
+    from jupyter_ckpt.chunks import Reference
+    from jupyter_ckpt.pack_format import StoredFile, chunk_hash
+
+    pieces = [bytes([i]) * 4096 for i in range(4)] + [b"tail"]
+    hashes = [chunk_hash(p) for p in pieces]
+    reference = Reference(memoryview(b"".join(pieces)), StoredFile("pages-1.img", 4 * 4096 + 4, 4096, hashes))
+    other = chunk_hash(b"not there")
+    # The same first 8 bytes as a hash it holds, another hash: not found.
+    twin = hashes[2][:8] + bytes(24)
+    assert reference.offsets_of([hashes[3], other, hashes[0], twin, hashes[4]]) == [3 * 4096, None, 0, None, 4 * 4096]
+    assert reference.offsets_of([]) == []
+    empty = Reference(memoryview(b""), StoredFile("pages-2.img", 0, 4096, []))
+    assert empty.offsets_of([hashes[0]]) == [None]
