@@ -438,3 +438,57 @@ def test_kept_images_are_trusted_without_hashing_only_as_they_were_kept(tmp_path
     assert not cache.unchanged_since_kept(core)
     # Another process (a server started again) hashes them: it kept nothing itself.
     assert not ImageCache(tmp_path / "images", 1 << 30).unchanged_since_kept(folder / "pages-1.img")
+
+
+def write_pagemap(path, pages_id: int, runs: list[tuple[int, int]]) -> None:
+    """A CRIU pagemap image: its pages image's id, then runs of present pages."""
+    import pycriu
+
+    entries = [{"pages_id": pages_id}]
+    entries += [{"vaddr": vaddr, "nr_pages": n, "flags": 4, "compat_nr_pages": 0} for vaddr, n in runs]
+    with open(path, "wb") as f:
+        pycriu.images.dump({"magic": "PAGEMAP", "entries": entries}, f)
+
+
+def test_memory_images_are_compared_with_the_kept_pages_at_the_same_addresses(store):
+    """Between two snapshots a process mapped two pages below its four, and
+    changed one; another process's pages image took the first one's name.
+    Only what is new is hashed; the manifests name each page's own hash."""
+    import blake3
+
+    def page(byte: int) -> bytes:
+        return bytes([byte]) * 4096
+
+    put_stats = []
+    put_files = store.chunks.put_files
+
+    def noting_put_files(*args):
+        files, stats = put_files(*args)
+        put_stats.append(stats)
+        return files, stats
+
+    store.chunks.put_files = noting_put_files
+    kernel_id, at = str(uuid.uuid4()), 0x7F0000010000
+    first = SnapshotRecord(id=new_snapshot_id(), kernel_id=kernel_id, trigger="auto", status="dumping")
+    images = store.create(first)
+    write_pagemap(images / "pagemap-7.img", 1, [(at, 4)])
+    (images / "pages-1.img").write_bytes(b"".join(page(i) for i in range(4)))
+    store.commit(first)
+
+    second = SnapshotRecord(id=new_snapshot_id(), kernel_id=kernel_id, trigger="auto", status="dumping")
+    images = store.create(second)
+    write_pagemap(images / "pagemap-7.img", 2, [(at - 2 * 4096, 6)])  # two pages mapped below
+    memory = [page(10), page(11), page(0), page(1), page(12), page(3)]  # and page 2 changed
+    (images / "pages-2.img").write_bytes(b"".join(memory))
+    write_pagemap(images / "pagemap-8.img", 1, [(at, 3)])  # another process, its pages now "pages-1"
+    other = [page(20), page(21), page(22)]
+    (images / "pages-1.img").write_bytes(b"".join(other))
+    store.commit(second)
+
+    # Hashed: the two new pages, the changed one, the other process's three,
+    # and the two pagemaps (smaller than a chunk).
+    assert put_stats[1].hashed_chunks == 2 + 1 + 3 + 2, put_stats[1]
+    _, files = store.read_manifest(second.id)
+    chunks = {f.name: f.chunks for f in files}
+    assert chunks["pages-2.img"] == [blake3.blake3(p).digest() for p in memory]
+    assert chunks["pages-1.img"] == [blake3.blake3(p).digest() for p in other]
