@@ -35,7 +35,7 @@ LOOP = """
 h <- 0
 for (i in 1:100) {
   h <- (h * 31 + i * i) %% 1000003
-  Sys.sleep(0.1)
+  Sys.sleep(0.05)
 }
 cat("result", h, "\\n")
 """
@@ -56,7 +56,7 @@ def expected_digest() -> str:
 async def test_r_kernel_snapshot_mid_loop_then_restore_and_fork(jp_fetch, jp_ws_fetch, start_kernel, r_kernel):
     kernel_id, sock = await start_kernel(r_kernel)
     run = await sock.send_execute(LOOP)
-    await asyncio.sleep(3)  # about step 30 of 100
+    await asyncio.sleep(1.5)  # about step 30 of 100
     snap = await snapshot(jp_fetch, kernel_id)
     await sock.finish(run, timeout=60)
     assert run.stdout.split() == ["result", expected_digest()]
