@@ -18,6 +18,8 @@ from jupyter_ckpt.page_layout import page_addresses, same_addresses
 from jupyter_ckpt.records import SnapshotRecord, new_snapshot_id
 from jupyter_ckpt.store import SnapshotStore
 
+from .test_store import note_put_stats
+
 pytestmark = pytest.mark.criu
 
 # 64 MiB of random pages; when "grow" appears, 8 MiB more are mapped (below
@@ -64,15 +66,7 @@ def test_page_addresses_and_their_counterparts():
 def test_a_snapshot_after_the_memory_map_changed_hashes_only_the_changed_pages(tmp_path, request):
     store = SnapshotStore(tmp_path / "store")
     request.addfinalizer(store.close)
-    stats = []  # each commit's PutStats (the real put_files, its result noted)
-    put_files = store.chunks.put_files
-
-    def noting_put_files(*args):
-        files, put = put_files(*args)
-        stats.append(put)
-        return files, put
-
-    store.chunks.put_files = noting_put_files
+    stats = note_put_stats(store)
     kernel_id = str(uuid.uuid4())
     proc = subprocess.Popen(
         [sys.executable, "-c", PROCESS, str(tmp_path)], stdin=subprocess.DEVNULL, start_new_session=True

@@ -370,6 +370,20 @@ def test_a_manifest_that_cannot_be_read(store):
     assert str(e.value) == f"no snapshot with id {unknown!r}"
 
 
+def note_put_stats(store) -> list:
+    """Each later put's PutStats, in order (the real put_files runs; its result is noted)."""
+    noted = []
+    put_files = store.chunks.put_files
+
+    def noting_put_files(*args):
+        files, stats = put_files(*args)
+        noted.append(stats)
+        return files, stats
+
+    store.chunks.put_files = noting_put_files
+    return noted
+
+
 def test_a_snapshot_is_compared_with_the_kernels_kept_images_and_stored_right(store):
     """The second snapshot of a kernel is compared with the first one's kept
     images; its manifest names exactly its own pages, also when the kept copy
@@ -386,15 +400,7 @@ def test_a_snapshot_is_compared_with_the_kernels_kept_images_and_stored_right(st
         (images / "inventory.img").write_bytes(b"inventory")
         return store.commit(record)
 
-    put_stats = []  # each commit's PutStats (the real put_files, its result noted)
-    put_files = store.chunks.put_files
-
-    def noting_put_files(*args):
-        files, stats = put_files(*args)
-        put_stats.append(stats)
-        return files, stats
-
-    store.chunks.put_files = noting_put_files
+    put_stats = note_put_stats(store)
 
     kernel_id = str(uuid.uuid4())
     first = np.random.default_rng(1).bytes(64 * 4096)
@@ -459,15 +465,7 @@ def test_memory_images_are_compared_with_the_kept_pages_at_the_same_addresses(st
     def page(byte: int) -> bytes:
         return bytes([byte]) * 4096
 
-    put_stats = []
-    put_files = store.chunks.put_files
-
-    def noting_put_files(*args):
-        files, stats = put_files(*args)
-        put_stats.append(stats)
-        return files, stats
-
-    store.chunks.put_files = noting_put_files
+    put_stats = note_put_stats(store)
     kernel_id, at = str(uuid.uuid4()), 0x7F0000010000
     first = SnapshotRecord(id=new_snapshot_id(), kernel_id=kernel_id, trigger="auto", status="dumping")
     images = store.create(first)
