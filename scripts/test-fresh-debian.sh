@@ -1,0 +1,89 @@
+#!/bin/sh
+# `make test` on a fresh Debian of another release than this machine's (default:
+# Debian 13, "trixie"), in a chroot made by debootstrap from this machine's
+# mirror: the README promises that set-up works on a fresh Debian 12 or 13.
+#
+# The chroot shares this machine's kernel and network namespace; that is all a
+# fresh machine of that release would not have from us. It holds a clone of this
+# repository's HEAD (commit first), nothing else of this machine; the chroot has
+# only what debootstrap's minimal variant installs, plus git and make (to clone
+# and to run make). Do not run other
+# tests at the same time: both suites would add the same tables to the network
+# namespace they share. About an hour on two cores. Run as root.
+#
+#   scripts/test-fresh-debian.sh [SUITE]      e.g. trixie (default), bookworm
+#   CHROOT_DIR=...                            where the chroot goes (removed first)
+#   KEEP_CHROOT=1                             keep it afterwards (to look inside)
+set -eu
+
+SUITE=${1:-trixie}
+ROOT=${CHROOT_DIR:-/var/tmp/jupyter-ckpt-$SUITE}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+
+say() { echo "test-fresh-debian: $*"; }
+die() { echo "test-fresh-debian: ERROR: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot, mounts)"
+
+mirror_uri() {
+    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+        awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' \
+            /etc/apt/sources.list.d/debian.sources
+    fi
+    if [ -f /etc/apt/sources.list ]; then
+        awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { print $i; exit } }' \
+            /etc/apt/sources.list
+    fi
+}
+MIRROR=$(mirror_uri | head -n 1)
+[ -n "$MIRROR" ] || die "cannot find a Debian mirror in /etc/apt/sources.list{,.d/debian.sources}"
+
+command -v debootstrap >/dev/null || {
+    say "installing debootstrap"
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >/dev/null
+}
+
+unmount_all() {
+    # Deepest first; a failed unmount leaves the chroot in place rather than
+    # letting rm -rf reach this machine's /dev or /sys through it.
+    for m in $(awk -v r="$ROOT" 'index($2, r "/") == 1 { print $2 }' /proc/self/mounts | sort -r); do
+        umount -l "$m" 2>/dev/null || true
+    done
+    ! awk -v r="$ROOT" 'index($2, r "/") == 1 { found = 1 } END { exit !found }' /proc/self/mounts
+}
+
+cleanup() {
+    unmount_all || { say "mounts under $ROOT remain; not removing it"; return; }
+    [ -n "${KEEP_CHROOT:-}" ] || rm -rf "$ROOT"
+}
+
+unmount_all || die "cannot unmount what an earlier run left under $ROOT"
+rm -rf "$ROOT"
+trap cleanup EXIT INT TERM
+
+say "debootstrap $SUITE from $MIRROR into $ROOT"
+debootstrap --variant=minbase --include=ca-certificates,git,make "$SUITE" "$ROOT" "$MIRROR" \
+    >"$ROOT.debootstrap.log" 2>&1 || { tail -n 30 "$ROOT.debootstrap.log"; die "debootstrap failed"; }
+rm -f "$ROOT.debootstrap.log"
+say "$(cat "$ROOT/etc/os-release" | sed -n 's/^PRETTY_NAME=//p')"
+
+# What a booted machine has mounted; /sys and /dev are this machine's (no
+# mount made inside reaches back: rslave).
+mount -t proc proc "$ROOT/proc"
+mount --rbind /sys "$ROOT/sys" && mount --make-rslave "$ROOT/sys"
+mount --rbind /dev "$ROOT/dev" && mount --make-rslave "$ROOT/dev"
+mount -t tmpfs -o mode=1777 shm "$ROOT/dev/shm"
+mount -t tmpfs -o mode=755 run "$ROOT/run"
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+echo "jupyter-ckpt-$SUITE" >"$ROOT/etc/hostname"
+
+git clone -q "$REPO" "$ROOT/root/jupyter-ckpt"
+say "make test in a clone of $(git -C "$REPO" rev-parse --short HEAD)"
+start=$(date +%s)
+status=0
+chroot "$ROOT" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    sh -c 'cd /root/jupyter-ckpt && make test' || status=$?
+say "make test on $SUITE: exit $status after $(( $(date +%s) - start )) s"
+exit $status
