@@ -7,9 +7,9 @@
 # fresh machine of that release would not have from us. It holds a clone of this
 # repository's HEAD (commit first), nothing else of this machine; the chroot has
 # only what debootstrap's minimal variant installs, plus git and make (to clone
-# and to run make). Do not run other
-# tests at the same time: both suites would add the same tables to the network
-# namespace they share. About an hour on two cores. Run as root.
+# and to run make). Do not run other tests at the same time: both suites would
+# add the same tables to the network namespace they share. About an hour on two
+# cores. Run as root.
 #
 #   scripts/test-fresh-debian.sh [SUITE]      e.g. trixie (default), bookworm
 #   CHROOT_DIR=...                            where the chroot goes (removed first)
