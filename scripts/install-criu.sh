@@ -64,16 +64,20 @@ mirror_uri() {
 URI=$(mirror_uri | head -n 1)
 [ -n "$URI" ] || die "cannot find a Debian mirror in /etc/apt/sources.list{,.d/debian.sources}"
 
-if [ ! -f "$SRC_LIST" ]; then
-    say "adding deb-src entries (sid, experimental) for $URI"
-    cat >"$SRC_LIST" <<EOF
+# Check-Valid-Until: no, for these source entries only: sid's and experimental's
+# Release files are valid for a week, and a mirror that lags behind (or a
+# snapshot of one) serves them expired; apt-get update then fails the whole
+# install. They are still checked against Debian's signing keys, and the source
+# taken must still be >= MIN_VERSION.
+say "deb-src entries (sid, experimental) for $URI in $SRC_LIST"
+cat >"$SRC_LIST" <<EOF
 Types: deb-src
 URIs: $URI
 Suites: sid experimental
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+Check-Valid-Until: no
 EOF
-fi
 
 say "installing build dependencies"
 apt-get update -q >/dev/null

@@ -11,6 +11,7 @@ kernels, a real server and real CRIU.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -214,18 +215,18 @@ async def test_snapshot_mid_computation_then_fork_and_restore(jp_fetch, jp_ws_fe
     kernel_id, sock = await start_kernel()
     run = await start_workload(sock, WORKLOADS[workload])
     snap = await snapshot(jp_fetch, kernel_id)
+    # A fork finishes the same loop from where the snapshot caught it; it is
+    # made while the original still runs its loop (as it would be in use).
+    forked = await connect(jp_ws_fetch, (await fork(jp_fetch, snap["id"]))["kernel_id"])
     uninterrupted = await finished_digest(sock, run)
+    forked_result = asyncio.ensure_future(forked.value("result", timeout=180))  # once its loop is done
     await sock.execute("marker = 'set after the snapshot'")
 
-    # A fork finishes the same loop from where the snapshot caught it.
-    forked = await connect(jp_ws_fetch, (await fork(jp_fetch, snap["id"]))["kernel_id"])
-    assert await forked.value("result", timeout=180) == repr(uninterrupted)
-    assert await forked.value("'marker' in globals()") == "False"
-
-    # A restore in place too, and it did not start the loop over.
+    # A restore in place too (while the fork runs), and it did not start the loop over.
     run.stdout, run.status, run.idle = "", None, False
     await restore(jp_fetch, snap["id"])
     assert await finished_digest(sock, run) == uninterrupted
+    assert await forked_result == repr(uninterrupted)
     assert "progress 5\n" not in run.stdout
     assert await sock.value("'marker' in globals()") == "False"
     # Each kernel's semaphores and shared memory live in a /dev/shm of its own.
