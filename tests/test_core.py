@@ -37,7 +37,7 @@ import hashlib, time
 h = hashlib.sha256()
 for i in range(100):
     h.update(str(i * i).encode())
-    time.sleep(0.1)
+    time.sleep(0.05)
     if i % 10 == 9:
         print("progress", i + 1, flush=True)
 print("result", h.hexdigest(), flush=True)
