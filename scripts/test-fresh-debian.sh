@@ -44,21 +44,13 @@ command -v debootstrap >/dev/null || {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >/dev/null
 }
 
-unmount_all() {
-    # Deepest first; a failed unmount leaves the chroot in place rather than
-    # letting rm -rf reach this machine's /dev or /sys through it.
-    for m in $(awk -v r="$ROOT" 'index($2, r "/") == 1 { print $2 }' /proc/self/mounts | sort -r); do
-        umount -l "$m" 2>/dev/null || true
-    done
-    ! awk -v r="$ROOT" 'index($2, r "/") == 1 { found = 1 } END { exit !found }' /proc/self/mounts
-}
-
+# The chroot's mounts live in a mount namespace of their own (unshare), gone
+# when it ends: nothing is left mounted here, and rm -rf cannot reach this
+# machine's /dev or /sys through the chroot.
 cleanup() {
-    unmount_all || { say "mounts under $ROOT remain; not removing it"; return; }
     [ -n "${KEEP_CHROOT:-}" ] || rm -rf "$ROOT"
 }
 
-unmount_all || die "cannot unmount what an earlier run left under $ROOT"
 rm -rf "$ROOT"
 trap cleanup EXIT INT TERM
 
@@ -68,22 +60,30 @@ debootstrap --variant=minbase --include=ca-certificates,git,make "$SUITE" "$ROOT
 rm -f "$ROOT.debootstrap.log"
 say "$(cat "$ROOT/etc/os-release" | sed -n 's/^PRETTY_NAME=//p')"
 
-# What a booted machine has mounted; /sys and /dev are this machine's (no
-# mount made inside reaches back: rslave).
-mount -t proc proc "$ROOT/proc"
-mount --rbind /sys "$ROOT/sys" && mount --make-rslave "$ROOT/sys"
-mount --rbind /dev "$ROOT/dev" && mount --make-rslave "$ROOT/dev"
-mount -t tmpfs -o mode=1777 shm "$ROOT/dev/shm"
-mount -t tmpfs -o mode=755 run "$ROOT/run"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 echo "jupyter-ckpt-$SUITE" >"$ROOT/etc/hostname"
-
 git clone -q "$REPO" "$ROOT/root/jupyter-ckpt"
 say "make test in a clone of $(git -C "$REPO" rev-parse --short HEAD)"
 start=$(date +%s)
 status=0
-chroot "$ROOT" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
-    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    sh -c 'cd /root/jupyter-ckpt && make test' || status=$?
+# What a booted machine has mounted, and the chroot's root as the root of its
+# mount namespace (pivot_root): CRIU reads the mount tree and cannot make sense
+# of mounts outside its root. /sys and /dev are this machine's.
+ROOT="$ROOT" unshare --mount --propagation private sh -eu -c '
+    mount --bind "$ROOT" "$ROOT"
+    mount -t proc proc "$ROOT/proc"
+    mount --rbind /sys "$ROOT/sys"
+    mount --rbind /dev "$ROOT/dev"
+    mount -t tmpfs -o mode=1777 shm "$ROOT/dev/shm"
+    mount -t tmpfs -o mode=755 run "$ROOT/run"
+    mkdir -p "$ROOT/.old-root"
+    cd "$ROOT"
+    pivot_root . .old-root
+    umount -l /.old-root
+    rmdir /.old-root
+    exec /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        sh -c "cd /root/jupyter-ckpt && make test"
+' || status=$?
 say "make test on $SUITE: exit $status after $(( $(date +%s) - start )) s"
 exit $status
