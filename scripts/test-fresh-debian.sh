@@ -62,6 +62,21 @@ say "$(cat "$ROOT/etc/os-release" | sed -n 's/^PRETTY_NAME=//p')"
 
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 echo "jupyter-ckpt-$SUITE" >"$ROOT/etc/hostname"
+# This machine's network, as a fresh machine on it would have it: certificate
+# authorities added locally (a proxy's, say), pip's system-wide settings and
+# npm's, and the variables that point tools at them.
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+    cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+    chroot "$ROOT" update-ca-certificates >/dev/null
+fi
+[ ! -f /etc/pip.conf ] || cp /etc/pip.conf "$ROOT/etc/pip.conf"
+[ ! -f "$HOME/.npmrc" ] || cp "$HOME/.npmrc" "$ROOT/root/.npmrc"
+NETWORK_ENV=""
+for v in SSL_CERT_FILE SSL_CERT_DIR REQUESTS_CA_BUNDLE CURL_CA_BUNDLE PIP_CERT PIP_INDEX_URL PIP_DEFAULT_TIMEOUT \
+    NODE_EXTRA_CA_CERTS GIT_SSL_CAINFO http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+    eval "value=\${$v-}"
+    [ -z "$value" ] || NETWORK_ENV="$NETWORK_ENV $v=$value"
+done
 git clone -q "$REPO" "$ROOT/root/jupyter-ckpt"
 say "make test in a clone of $(git -C "$REPO" rev-parse --short HEAD)"
 start=$(date +%s)
@@ -82,8 +97,8 @@ ROOT="$ROOT" unshare --mount --propagation private sh -eu -c '
     umount -l /.old-root
     rmdir /.old-root
     exec /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
-        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@" \
         sh -c "cd /root/jupyter-ckpt && make test"
-' || status=$?
+' sh $NETWORK_ENV || status=$?
 say "make test on $SUITE: exit $status after $(( $(date +%s) - start )) s"
 exit $status
