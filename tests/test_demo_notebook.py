@@ -21,7 +21,7 @@ async def test_demo_notebook_story(jp_fetch, start_kernel):
     kernel_id, sock = await start_kernel()
     await sock.execute(setup)
     run = await sock.send_execute(loop.replace("time.sleep(0.25)", "time.sleep(0.02)"))
-    await sock.wait_until(lambda: "step  50/200" in run.stdout, timeout=60)
+    await sock.wait_until(lambda: "step 150/200" in run.stdout, timeout=120)  # 50 steps left
     snap = await snapshot(jp_fetch, kernel_id, label="mid-loop")
     await sock.finish(run, timeout=120)
     final = run.stdout.split("final checksum")[1]
@@ -29,6 +29,6 @@ async def test_demo_notebook_story(jp_fetch, start_kernel):
     await restore(jp_fetch, snap["id"])
     await sock.finish(run, timeout=120)
     assert run.stdout.split("final checksum")[1] == final
-    assert "step  10/200" not in run.stdout
+    assert "step  10/200" not in run.stdout and "step 200/200" in run.stdout
     out = (await sock.execute(check)).stdout
     assert "next square: 1" in out
