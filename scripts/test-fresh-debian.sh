@@ -1,7 +1,9 @@
 #!/bin/sh
-# `make test` on a fresh Debian of another release than this machine's (default:
-# Debian 13, "trixie"), in a chroot made by debootstrap from this machine's
-# mirror: the README promises that set-up works on a fresh Debian 12 or 13.
+# `make test`, then `make lab` (scripts/check-make-lab.sh), then both again
+# (quick when nothing changed), on a fresh Debian of another release than this
+# machine's (default: Debian 13, "trixie"), in a chroot made by debootstrap from
+# this machine's mirror: the README promises that set-up works on a fresh
+# Debian 12 or 13.
 #
 # The chroot shares this machine's kernel and network namespace; that is all a
 # fresh machine of that release would not have from us. It holds a clone of this
@@ -98,7 +100,7 @@ ROOT="$ROOT" unshare --mount --propagation private sh -eu -c '
     rmdir /.old-root
     exec /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@" \
-        sh -c "cd /root/jupyter-ckpt && make test"
+        sh -c "cd /root/jupyter-ckpt && make test && scripts/check-make-lab.sh && scripts/time-make-again.sh"
 ' sh $NETWORK_ENV || status=$?
-say "make test on $SUITE: exit $status after $(( $(date +%s) - start )) s"
+say "make test, make lab and both again on $SUITE: exit $status after $(( $(date +%s) - start )) s"
 exit $status
