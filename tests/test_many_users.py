@@ -100,6 +100,10 @@ class UserServers:
         # The kernels too: the helper started them, they are not the servers' children.
         for user in {s.user for s in self.servers}:
             end_processes_of(user)
+        # Their forks' namespaces, empty now (Server.kill found processes in them).
+        from jupyter_ckpt import forknet
+
+        forknet.remove_stale()
 
 
 @pytest.fixture
