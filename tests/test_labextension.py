@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_jupyterlab_lists_the_extension_enabled():
     out = subprocess.run([sys.executable, "-m", "jupyterlab.labextensions", "list"], capture_output=True, text=True)
     listing = out.stdout + out.stderr
-    line = next((entry for entry in listing.splitlines() if "jupyter-ckpt" in entry), "")
+    # The extension's own line ("jupyter-ckpt v0.1.0 enabled OK"), not a path
+    # that happens to hold the name (a checkout in a folder named jupyter-ckpt).
+    line = next((entry for entry in listing.splitlines() if entry.split()[:1] == ["jupyter-ckpt"]), "")
     assert "enabled" in line and "OK" in line, listing
 
 
