@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -31,6 +32,7 @@ async def execute(client, code: str, timeout: float = 600) -> dict:
 
 
 async def run(gib: float, runs: int, store_dir: str) -> dict:
+    os.makedirs(store_dir, exist_ok=True)
     KernelProvisionerFactory.instance().default_provisioner_name = "ckpt-provisioner"
     kernels = AsyncMultiKernelManager(connection_dir=store_dir)
     kernel_id = await kernels.start_kernel(kernel_name="python3")
@@ -95,7 +97,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
-        result = asyncio.run(run(args.gib, args.runs, args.store or tmp))
+        # The store inside the temporary folder: its key (beside the store) goes with it.
+        result = asyncio.run(run(args.gib, args.runs, args.store or f"{tmp}/store"))
     m = result["median"]
     gib = result["gib"]
     print(f"\nkernel holding {gib:g} GiB of float64, median of {args.runs} runs")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 
 from jupyter_client.multikernelmanager import AsyncMultiKernelManager
@@ -25,6 +26,7 @@ from jupyter_ckpt.store import SnapshotStore
 
 
 async def run(gib: float, store_dir: str) -> None:
+    os.makedirs(store_dir, exist_ok=True)
     KernelProvisionerFactory.instance().default_provisioner_name = "ckpt-provisioner"
     kernels = AsyncMultiKernelManager(connection_dir=store_dir)
     kernel_id = await kernels.start_kernel(kernel_name="python3")
@@ -72,7 +74,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ckpt-bench-") as tmp:
-        asyncio.run(run(args.gib, tmp))
+        asyncio.run(run(args.gib, f"{tmp}/store"))  # its key (beside the store) goes with the folder
 
 
 if __name__ == "__main__":
