@@ -125,7 +125,25 @@ async def training_loop(bench: Bench, gib: float, interval: float, snapshots: in
 
 
 def report(result: dict) -> str:
-    small, large = result["size"]
+    lines = []
+    if result["size"]:
+        lines += size_report(*result["size"])
+    t = result.get("training")
+    if t:
+        lines += [
+            "",
+            f"training loop, {t['gib']:g} GiB, 5 % of its pages written per {t['interval_s']:g} s, a snapshot every "
+            f"{t['interval_s']:g} s ({t['snapshots']}): {t['steps_per_s']:.0f} steps/s against "
+            f"{t['steps_per_s_without_snapshots']:.0f} without snapshots (before and after: "
+            + ", ".join(f"{r:.0f}" for r in t["steps_per_s_without_snapshots_before_and_after"])
+            + f"; lost {100 * t['lost']:.1f} %); per snapshot (medians): freeze {t['freeze_s']:.2f} s, durable "
+            f"{t['durable_s']:.2f} s, new in the store {t['new_stored_bytes'] / 2**20:.0f} MiB; the store grew "
+            f"{t['store_growth_bytes'] / 2**20:.0f} MiB in all",
+        ]
+    return "\n".join(lines)
+
+
+def size_report(small: dict, large: dict) -> list[str]:
     lines = [
         "| kernel | freeze s (s/GiB) | raw CRIU freeze s (s/GiB) | durable s (s/GiB) | restore until it answers s (s/GiB) |",
         "| --- | --- | --- | --- | --- |",
@@ -138,25 +156,14 @@ def report(result: dict) -> str:
             f"{r['restore_s']:.2f} ({r['restore_s'] / g:.2f}) |"
         )
     ratio = (large["freeze_s"] / large["gib"]) / (small["freeze_s"] / small["gib"])
-    lines += ["", f"freeze per GiB, {large['gib']:g} GiB against 1 GiB: {ratio:.2f} x (goal: at most 1.2 x)"]
-    t = result.get("training")
-    if t:
-        lines += [
-            "",
-            f"training loop, {t['gib']:g} GiB, 5 % of its pages written per {t['interval_s']:g} s, a snapshot every "
-            f"{t['interval_s']:g} s ({t['snapshots']}): {t['steps_per_s']:.0f} steps/s against "
-            f"{t['steps_per_s_without_snapshots']:.0f} without snapshots (lost {100 * t['lost']:.1f} %); per snapshot "
-            f"(medians): freeze {t['freeze_s']:.2f} s, durable {t['durable_s']:.2f} s, new in the store "
-            f"{t['new_stored_bytes'] / 2**20:.0f} MiB; the store grew {t['store_growth_bytes'] / 2**20:.0f} MiB in all",
-        ]
-    return "\n".join(lines)
+    return [*lines, "", f"freeze per GiB, {large['gib']:g} GiB against 1 GiB: {ratio:.2f} x (goal: at most 1.2 x)"]
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict:
     bench = Bench(work, shutil.which("criu") or "/usr/local/sbin/criu")
     try:
         result: dict = {"size": []}
-        for gib in (1.0, args.gib):
+        for gib in (1.0, args.gib) if args.gib else ():
             print(f"numpy {gib:g} GiB ...", flush=True)
             result["size"].append(await size_row(bench, gib))
         if args.snapshots:
@@ -169,7 +176,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gib", type=float, default=8)
+    parser.add_argument("--gib", type=float, default=8, help="the large kernel (0: no size rows)")
     parser.add_argument("--train-gib", type=float, default=2)
     parser.add_argument("--interval", type=float, default=60, help="seconds between snapshots of the loop")
     parser.add_argument("--snapshots", type=int, default=4, help="of the loop (0: no training loop row)")
