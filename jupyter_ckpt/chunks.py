@@ -294,8 +294,11 @@ class ChunkStore:
             return map_file(Path(path))
         return self.fs.open(path, "rb")
 
-    def read_file(self, stored: StoredFile, reference: Reference | None = None) -> Iterator[memoryview]:
-        """The file's bytes, chunk by chunk, each checked against its hash;
+    def read_file(
+        self, stored: StoredFile, reference: Reference | None = None, check_chunks: bool = True
+    ) -> Iterator[memoryview]:
+        """The file's bytes, chunk by chunk, each checked against its hash
+        unless ``check_chunks`` is false (the caller checks the whole file);
         those ``reference`` holds (checked as a whole) are taken from it."""
         with FrameReader(self._open_pack) as frames:
             batch = 2048
@@ -334,7 +337,7 @@ class ChunkStore:
                             f"{stored.name}: chunk {n} cannot be read from pack {name}: {e}"
                         ) from None
                     data = frame[start : start + size]
-                    if chunk_hash(data) != h:
+                    if check_chunks and chunk_hash(data) != h:
                         raise SnapshotNotRestorable(
                             f"{stored.name}: chunk {n} is corrupt (its content does not match its hash)"
                         )
@@ -345,11 +348,16 @@ class ChunkStore:
         the chunks ``references`` (by file name) hold from them."""
         for stored in files:
             target = dest / stored.name
+            reference = (references or {}).get(stored.name)
+            # With the file's digest (signed in the manifest) checked below, one
+            # BLAKE3 of the whole file on every core replaces one per chunk in
+            # this thread (about 0.9 s per GiB).
+            check_chunks = not stored.digest
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.fchmod(fd, 0o600)
                 written, pending = 0, []
-                for data in self.read_file(stored, (references or {}).get(stored.name)):
+                for data in self.read_file(stored, reference, check_chunks):
                     pending.append(data)
                     if len(pending) == IOV_MAX:
                         written += write_all(fd, pending)
@@ -359,9 +367,12 @@ class ChunkStore:
                 os.close(fd)
             if written != stored.size:
                 raise SnapshotNotRestorable(f"{stored.name}: {written} bytes read, {stored.size} expected")
-            # Each chunk was checked; the whole, against the digest taken from
-            # the bytes CRIU wrote (what a reference lent included).
+            # The whole, against the digest taken from the bytes CRIU wrote
+            # (what a reference lent included).
             if stored.digest and file_digest(map_file(target)) != stored.digest:
+                # Name the corrupt chunk where one is (a second pass, checking each).
+                for _ in self.read_file(stored, reference):
+                    pass
                 raise SnapshotNotRestorable(f"{stored.name}: the assembled file does not match its digest")
 
     # -- gc ---------------------------------------------------------------------------
