@@ -33,7 +33,7 @@ $(STAMPS)/system: scripts/install-system.sh
 # CRIU built from Debian's source package; redone when the script changes or
 # the binary is gone.
 criu: $(STAMPS)/criu
-$(STAMPS)/criu: scripts/install-criu.sh $(wildcard patches/criu/*.patch) $(STAMPS)/system $(if $(wildcard $(CRIU) $(PYCRIU)/pycriu/version.py),,FORCE)
+$(STAMPS)/criu: scripts/install-criu.sh scripts/debian-mirror.sh $(wildcard patches/criu/*.patch) $(STAMPS)/system $(if $(wildcard $(CRIU) $(PYCRIU)/pycriu/version.py),,FORCE)
 	./scripts/install-criu.sh
 	@mkdir -p $(STAMPS) && touch $@
 

@@ -51,16 +51,7 @@ fi
 
 # Debian's source lists: reuse the mirror this machine already uses for its
 # binary packages; add only deb-src entries for the suites that carry CRIU >= 4.2.
-mirror_uri() {
-    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
-        awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' \
-            /etc/apt/sources.list.d/debian.sources
-    fi
-    if [ -f /etc/apt/sources.list ]; then
-        awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { print $i; exit } }' \
-            /etc/apt/sources.list
-    fi
-}
+. "$(dirname "$0")/debian-mirror.sh"
 URI=$(mirror_uri | head -n 1)
 [ -n "$URI" ] || die "cannot find a Debian mirror in /etc/apt/sources.list{,.d/debian.sources}"
 

@@ -27,16 +27,7 @@ die() { echo "test-fresh-debian: ERROR: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, chroot, mounts)"
 
-mirror_uri() {
-    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
-        awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' \
-            /etc/apt/sources.list.d/debian.sources
-    fi
-    if [ -f /etc/apt/sources.list ]; then
-        awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { print $i; exit } }' \
-            /etc/apt/sources.list
-    fi
-}
+. "$(dirname "$0")/debian-mirror.sh"
 MIRROR=$(mirror_uri | head -n 1)
 [ -n "$MIRROR" ] || die "cannot find a Debian mirror in /etc/apt/sources.list{,.d/debian.sources}"
 
