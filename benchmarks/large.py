@@ -92,6 +92,8 @@ async def training_loop(bench: Bench, gib: float, interval: float, snapshots: in
         for k in range(1, snapshots + 1):  # every interval, as auto-backup's schedule
             await asyncio.sleep(max(0.0, started + k * interval - asyncio.get_running_loop().time()))
             record = await bench.manager.snapshot(kernel_id, label="auto", trigger="auto")
+            if asyncio.get_running_loop().time() - started >= seconds:
+                raise RuntimeError("a snapshot ended after the loop did: its figures would not be mid-loop")
             taken.append(record)
             print(
                 f"  snapshot: freeze {record.freeze_seconds:.2f} s, durable {record.total_seconds:.2f} s, "

@@ -41,11 +41,13 @@ command -v debootstrap >/dev/null || {
 # when it ends: nothing is left mounted here, and rm -rf cannot reach this
 # machine's /dev or /sys through the chroot.
 cleanup() {
-    [ -n "${KEEP_CHROOT:-}" ] || rm -rf "$ROOT"
+    [ -n "${KEEP_CHROOT:-}" ] || rm -rf --one-file-system "$ROOT"
 }
 
-rm -rf "$ROOT"
-trap cleanup EXIT INT TERM
+# --one-file-system: whatever a killed debootstrap left mounted in it stays.
+rm -rf --one-file-system "$ROOT"
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 say "debootstrap $SUITE from $MIRROR into $ROOT"
 debootstrap --variant=minbase --include=ca-certificates,git,make "$SUITE" "$ROOT" "$MIRROR" \
@@ -64,11 +66,11 @@ if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
 fi
 [ ! -f /etc/pip.conf ] || cp /etc/pip.conf "$ROOT/etc/pip.conf"
 [ ! -f "$HOME/.npmrc" ] || cp "$HOME/.npmrc" "$ROOT/root/.npmrc"
-NETWORK_ENV=""
+set --  # as arguments, each whole (a no_proxy list may hold spaces)
 for v in SSL_CERT_FILE SSL_CERT_DIR REQUESTS_CA_BUNDLE CURL_CA_BUNDLE PIP_CERT PIP_INDEX_URL PIP_DEFAULT_TIMEOUT \
     NODE_EXTRA_CA_CERTS GIT_SSL_CAINFO http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
     eval "value=\${$v-}"
-    [ -z "$value" ] || NETWORK_ENV="$NETWORK_ENV $v=$value"
+    [ -z "$value" ] || set -- "$@" "$v=$value"
 done
 git clone -q "$REPO" "$ROOT/root/jupyter-ckpt"
 say "make test in a clone of $(git -C "$REPO" rev-parse --short HEAD)"
@@ -92,6 +94,6 @@ ROOT="$ROOT" unshare --mount --propagation private sh -eu -c '
     exec /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@" \
         sh -c "cd /root/jupyter-ckpt && make test && scripts/check-make-lab.sh && scripts/time-make-again.sh"
-' sh $NETWORK_ENV || status=$?
+' sh "$@" || status=$?
 say "make test, make lab and both again on $SUITE: exit $status after $(( $(date +%s) - start )) s"
 exit $status
