@@ -52,7 +52,7 @@ def scaled_sum(args):
 
 SETUP = f"""
 import hashlib, os, sys, tempfile, time
-_work_dir = tempfile.mkdtemp(prefix="ckpt-work-")
+_work_dir = tempfile.mkdtemp(prefix="ckpt-work-", dir=os.getcwd())  # in the test's folder, removed with it
 with open(os.path.join(_work_dir, "ckpt_work.py"), "w") as _f:
     _f.write({WORK_MODULE!r})
 sys.path.insert(0, _work_dir)
