@@ -227,6 +227,9 @@ class Bench:
                 "--tcp-established",
                 "--network-lock",
                 "nftables",
+                # The kernel's mount namespace (its own /dev/shm) holds the host's mounts.
+                "--ext-mount-map",
+                "auto",
                 "-o",
                 "dump.log",
                 "-v4",
@@ -261,6 +264,10 @@ class Bench:
                 str(images),
                 "-d",
                 "--tcp-close",
+                "--root",
+                "/",
+                "--ext-mount-map",
+                "auto",
                 "-o",
                 "restore.log",
                 "-v4",
@@ -303,6 +310,10 @@ class Bench:
                     str(images),
                     "-d",
                     "--tcp-close",
+                    "--root",
+                    "/",
+                    "--ext-mount-map",
+                    "auto",
                     "--lazy-pages",
                     "-o",
                     "restore-lazy.log",
@@ -480,7 +491,10 @@ async def run_suite(args: argparse.Namespace, work: Path) -> dict:
     print(f"repeated: {name} ...", flush=True)
     repeated = await measure_repeated(bench, name, runs)
     print("hibernation ...", flush=True)
-    hibernation = hibernation_bench.measure(work / "hibernation", *((0.25, 2) if args.quick else (1.0, 5)))
+    # (it runs its own event loop: in a thread of its own)
+    hibernation = await asyncio.to_thread(
+        hibernation_bench.measure, work / "hibernation", *((0.25, 2) if args.quick else (1.0, 5))
+    )
     kishu = None
     if not args.no_kishu and not args.quick:
         kishu = kishu_bench.measure(work / "kishu", WORKLOADS["numpy 1 GiB"])

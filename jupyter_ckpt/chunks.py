@@ -129,6 +129,11 @@ class Reference:
         ]
 
 
+def _row_tuples(rows: np.ndarray) -> list[tuple[int, int, int, int, int]]:
+    """Rows of chunk_index as (pack, offset, length, start, size)."""
+    return list(zip(*(rows[f].tolist() for f in ("pack", "offset", "length", "start", "size")), strict=True))
+
+
 def is_local(fs: Any) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
@@ -306,42 +311,63 @@ class ChunkStore:
                 hashes = stored.chunks[first : first + batch]
                 at = reference.offsets_of(hashes) if reference is not None else [None] * len(hashes)
                 read = [k for k, a in enumerate(at) if a is None]  # from the packs
-                wanted = [hashes[k] for k in read]
-                found, rows = self.index.locate(wanted)
-                if not found.all():
-                    self.sync_index()  # written by another server sharing the store, or a cold cache
-                    found, rows = self.index.locate(wanted)
-                if not found.all():
-                    n = read[int(np.argmin(found))]
-                    raise SnapshotNotRestorable(
-                        f"{stored.name}: chunk {first + n} ({hashes[n].hex()[:16]}) is missing from the store"
-                    )
-                where = dict(
-                    zip(
-                        read,
-                        zip(*(rows[f].tolist() for f in ("pack", "offset", "length", "start", "size")), strict=True),
-                        strict=True,
-                    )
-                )
-                for n, h in enumerate(hashes, start=first):
+                rows = self._locate(stored, [first + k for k in read])
+                where = dict(zip(read, _row_tuples(rows), strict=True))
+                for n in range(first, first + len(hashes)):
                     if at[n - first] is not None:
                         offset = at[n - first]
                         yield reference.data[offset : offset + reference.stored.chunk_size]  # type: ignore[union-attr]
                         continue
-                    pack, offset, length, start, size = where[n - first]
-                    name = self.index.pack_name(pack)
-                    try:
-                        frame = frames.get(name, offset, length)
-                    except (OSError, zstandard.ZstdError) as e:
-                        raise SnapshotNotRestorable(
-                            f"{stored.name}: chunk {n} cannot be read from pack {name}: {e}"
-                        ) from None
-                    data = frame[start : start + size]
-                    if check_chunks and chunk_hash(data) != h:
-                        raise SnapshotNotRestorable(
-                            f"{stored.name}: chunk {n} is corrupt (its content does not match its hash)"
-                        )
-                    yield data
+                    yield self._read_chunk(frames, stored, n, where[n - first], check_chunks)
+
+    def _locate(self, stored: StoredFile, numbers: list[int]) -> np.ndarray:
+        """Where chunks ``numbers`` of ``stored`` are (rows of chunk_index);
+        SnapshotNotRestorable naming the first one the store lacks."""
+        wanted = [stored.chunks[n] for n in numbers]
+        found, rows = self.index.locate(wanted)
+        if not found.all():
+            self.sync_index()  # written by another server sharing the store, or a cold cache
+            found, rows = self.index.locate(wanted)
+        if not found.all():
+            n = numbers[int(np.argmin(found))]
+            raise SnapshotNotRestorable(
+                f"{stored.name}: chunk {n} ({stored.chunks[n].hex()[:16]}) is missing from the store"
+            )
+        return rows
+
+    def _read_chunk(self, frames: FrameReader, stored: StoredFile, n: int, row: tuple, check: bool) -> memoryview:
+        pack, offset, length, start, size = row
+        name = self.index.pack_name(pack)
+        try:
+            frame = frames.get(name, offset, length)
+        except (OSError, zstandard.ZstdError) as e:
+            raise SnapshotNotRestorable(f"{stored.name}: chunk {n} cannot be read from pack {name}: {e}") from None
+        data = frame[start : start + size]
+        if check and chunk_hash(data) != stored.chunks[n]:
+            raise SnapshotNotRestorable(f"{stored.name}: chunk {n} is corrupt (its content does not match its hash)")
+        return data
+
+    def locate_all(self, stored: StoredFile) -> tuple[list[str], np.ndarray]:
+        """The packs ``stored``'s chunks are in, and for each chunk its pack
+        (an index of that list), frame offset and length, start and size."""
+        rows = self._locate(stored, list(range(len(stored.chunks))))
+        numbers, packs = np.unique(rows["pack"], return_inverse=True)
+        table = np.zeros(
+            len(rows), [("pack", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("start", "<u4"), ("size", "<u4")]
+        )
+        table["pack"] = packs
+        for field in ("offset", "length", "start", "size"):
+            table[field] = rows[field]
+        return [self.index.pack_name(int(p)) for p in numbers], table
+
+    def read_chunks(self, stored: StoredFile, numbers: np.ndarray) -> Iterator[tuple[int, memoryview]]:
+        """Chunks ``numbers`` (ascending) of ``stored``, each checked against its hash."""
+        with FrameReader(self._open_pack) as frames:
+            for first in range(0, len(numbers), 2048):
+                batch = numbers[first : first + 2048].tolist()
+                rows = self._locate(stored, batch)
+                for n, row in zip(batch, _row_tuples(rows), strict=True):
+                    yield n, self._read_chunk(frames, stored, n, row, True)
 
     def materialize(self, files: list[StoredFile], dest: Path, references: dict[str, Reference] | None = None) -> None:
         """Write verified copies of ``files`` into ``dest`` (private), taking

@@ -74,8 +74,13 @@ class LazyPages:
     images: on first touch (userfaultfd) and in the background until all of it
     is back, when the daemon exits. The images must stay until then."""
 
-    def __init__(self, criu_path: str, images_dir: Path, work_dir: Path, log_level: int):
+    def __init__(
+        self, criu_path: str, images_dir: Path, work_dir: Path, log_level: int, page_server: int | None = None
+    ):
+        """``page_server``: a connected socket to take the lazy pages from
+        (store_page_server) instead of the images' pages files."""
         self.work_dir = work_dir
+        remote = ["--page-server", "--ps-socket", str(page_server)] if page_server is not None else []
         self.process = subprocess.Popen(
             [
                 criu_path,
@@ -87,10 +92,12 @@ class LazyPages:
                 "-o",
                 LAZY_PAGES_LOG,
                 f"-v{log_level}",
+                *remote,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            pass_fds=() if page_server is None else (page_server,),
             start_new_session=True,  # a server stopping with Ctrl-C must not cut a kernel's memory short
         )
         deadline = time.monotonic() + 10
@@ -330,6 +337,7 @@ class CriuEngine:
         lazy: bool = False,
         listener_moves: Mapping[int, tuple[str, int]] = {},
         owner: tuple[int, int, list[int]] | None = None,
+        page_server: int | None = None,
     ) -> RestoreResult:
         """Restore the tree dumped in ``images_dir`` as a child of this process.
 
@@ -342,13 +350,14 @@ class CriuEngine:
         restored files with these file-system credentials (patches/criu/0003).
         ``lazy`` (where health().lazy_pages): the tree runs before its memory is
         all back; the result's ``lazy_pages`` brings in the rest, and the
-        images must stay until its ``wait()`` returns.
+        images must stay until its ``wait()`` returns. ``page_server`` (with
+        ``lazy``): a socket the lazy pages come from (store_page_server).
         """
         import pycriu
 
         self.require()
         started = time.monotonic()
-        lazy_pages = LazyPages(self.criu_path, images_dir, work_dir, self.log_level) if lazy else None
+        lazy_pages = LazyPages(self.criu_path, images_dir, work_dir, self.log_level, page_server) if lazy else None
         with self._rpc(images_dir, work_dir, RESTORE_LOG) as c:
             c.opts.lazy_pages = lazy
             # Connections inside the tree come back established; those to

@@ -184,9 +184,11 @@ def restore_tree(
     lazy: bool = False,
     listener_moves: dict[int, tuple[str, int]] | None = None,
     owner: tuple[int, int, list[int]] | None = None,
+    page_server: int | None = None,
 ) -> RestoredTree:
     """Restore the tree dumped in ``images`` (blocking), its stdout and stderr
-    re-attached to fresh pipes copied to the server's output."""
+    re-attached to fresh pipes copied to the server's output. ``page_server``:
+    where the lazy pages come from (store_page_server), not the images."""
     stdio = KernelStdio()
     try:
         inherit = {key: stdio.write_fds[name] for name, key in stdio_keys.items() if name in stdio.write_fds}
@@ -199,6 +201,7 @@ def restore_tree(
                 lazy=lazy,
                 listener_moves=listener_moves or {},
                 **({"owner": owner} if owner is not None else {}),
+                **({"page_server": page_server} if page_server is not None else {}),
             )
     finally:
         stdio.close_write_ends()

@@ -31,10 +31,23 @@ from .reconnect import client_connections, kernel_ports, wait_until_answering
 from .records import SnapshotRecord
 from .recovery import start_time
 from .store import SnapshotStore
+from .store_page_server import ServingMemory
 
 
 class KernelPutBack(RestoreFailed):
     """A restore failed and the kernel's previous state was restored instead."""
+
+
+@dataclass
+class PreviousState:
+    """What a restore replaced, saved to be put back should it fail."""
+
+    images: Path
+    stdio_keys: dict[str, str]
+    netns: Path | None
+    restored_from: str | None
+    network: Any
+    lineage: str | None = None  # the snapshot the kernel last came from or saved (claims.lineage)
 
 
 @dataclass
@@ -58,14 +71,33 @@ async def verified_images(store: SnapshotStore, record: SnapshotRecord, work: Pa
     """The snapshot's images in ``work``, every byte verified, every file they
     need checked against this machine (SnapshotIncompatible if one differs),
     and what the engine would refuse refused now, before a kernel is touched."""
+    images, _ = await _images(store, record, work, engine, serve_memory=False)
+    return images
+
+
+async def _images(
+    store: SnapshotStore, record: SnapshotRecord, work: Path, engine: CriuEngine, serve_memory: bool
+) -> tuple[Path, ServingMemory | None]:
+    """``verified_images``; with ``serve_memory``, a snapshot with no kept
+    images leaves its lazy pages in the store, served to CRIU as the kernel
+    touches them (each checked then) instead of written out first."""
     images = work / "images"
     images.mkdir(mode=0o700)
-    await asyncio.to_thread(store.materialize, record.id, images)
-    problems = await asyncio.to_thread(differences, images)
-    if problems:
-        raise SnapshotIncompatible(record.id, problems)
-    await asyncio.to_thread(engine.check_restorable, images)
-    return images
+    serving = None
+    if serve_memory:
+        serving = await asyncio.to_thread(store.materialize_serving_memory, record.id, images, work)
+    else:
+        await asyncio.to_thread(store.materialize, record.id, images)
+    try:
+        problems = await asyncio.to_thread(differences, images)
+        if problems:
+            raise SnapshotIncompatible(record.id, problems)
+        await asyncio.to_thread(engine.check_restorable, images)
+    except BaseException:
+        if serving is not None:
+            serving.restored(None)
+        raise
+    return images, serving
 
 
 class RestoreInPlace(Flow):
@@ -103,6 +135,8 @@ class RestoreInPlace(Flow):
         started_again = started_again or hibernated
         km, prov = self.kernels.require(kernel_id)
         lazy_pages: LazyPages | None = None
+        serving: ServingMemory | None = None
+        previous: PreviousState | None = None
         # What the kernel's state before the restore is, as a snapshot, should
         # the server die before the restore ends (see recovery.py).
         before = SnapshotRecord(
@@ -121,8 +155,16 @@ class RestoreInPlace(Flow):
             started = time.monotonic()
             work = self.store.new_scratch_dir("restore-")
             try:
-                # Every byte is verified before the running kernel is touched.
-                await verified_images(self.store, record, work, self.engine)
+                # Every byte is verified before the running kernel is touched;
+                # or, memory served from the store, before it reaches the kernel
+                # (a damaged chunk then puts the kernel back: _memory_back).
+                serve_memory = (
+                    not started_again
+                    and self.lazy_restore
+                    and isinstance(self.engine, CriuEngine)  # not yet through the helper
+                    and self.engine.health().lazy_pages
+                )
+                _, serving = await _images(self.store, record, work, self.engine, serve_memory)
                 prepared = time.monotonic() - started
                 # The snapshot's listeners go where this kernel listens (a
                 # fork's namespace address, or another kernel's ports).
@@ -132,7 +174,7 @@ class RestoreInPlace(Flow):
                 self.claims.reconnecting(kernel_id)
                 try:
                     with prov.swapping():
-                        saved_seconds, seconds, lazy_pages = await asyncio.to_thread(
+                        saved_seconds, seconds, lazy_pages, previous = await asyncio.to_thread(
                             self._replace_processes,
                             prov,
                             record,
@@ -140,6 +182,7 @@ class RestoreInPlace(Flow):
                             None if started_again else before,
                             moves,
                             hibernated,
+                            serving,
                         )
                 except KernelPutBack as e:
                     await self._wait_until_answering(km, kernel_id, clients)
@@ -155,11 +198,15 @@ class RestoreInPlace(Flow):
                 await self._wait_until_answering(km, kernel_id, clients, 2.0 if hibernated else 10.0)
             finally:
                 if lazy_pages is None:
+                    if serving is not None:
+                        serving.stop()
                     self.journal.end("restore", kernel_id)
                     shutil.rmtree(work, ignore_errors=True)
                 else:  # the kernel runs; its images and the kernel stay claimed until its memory is back
                     claim.release_after(
-                        asyncio.create_task(self._memory_back(kernel_id, prov, record, lazy_pages, work, started))
+                        asyncio.create_task(
+                            self._memory_back(kernel_id, prov, record, lazy_pages, work, started, serving, previous)
+                        )
                     )
         outcome = RestoreOutcome(
             record.id,
@@ -192,10 +239,18 @@ class RestoreInPlace(Flow):
         lazy_pages: LazyPages,
         work: Path,
         started: float,
+        serving: ServingMemory | None = None,
+        previous: PreviousState | None = None,
     ) -> None:
         """Wait until a lazily restored kernel has all of its memory back, then
-        release its images (the caller's claim ends with this task)."""
+        release its images (the caller's claim ends with this task). Memory
+        served from the store that fails its check puts the kernel back as it
+        was before the restore (``previous``)."""
         try:
+            if serving is not None and not await asyncio.to_thread(serving.succeeded):
+                assert previous is not None  # served only where the replaced state was saved
+                await self._put_back(kernel_id, prov, record, serving, previous, work)
+                return
             await asyncio.to_thread(lazy_pages.wait)
             self.log.info(
                 "jupyter_ckpt: kernel %s has all its memory back, %.3f s after the restore began",
@@ -209,8 +264,56 @@ class RestoreInPlace(Flow):
             self.log.error("jupyter_ckpt: kernel %s: %s", kernel_id, message)
             self.events.snapshot("restore_failed", record.as_kernel(kernel_id), message=message)
         finally:
+            if serving is not None:
+                serving.stop()
+            lazy_pages.kill()
             self.journal.end("restore", kernel_id)
             shutil.rmtree(work, ignore_errors=True)
+
+    async def _put_back(
+        self,
+        kernel_id: str,
+        prov: CheckpointableProvisioner,
+        record: SnapshotRecord,
+        serving: ServingMemory,
+        previous: PreviousState,
+        work: Path,
+    ) -> None:
+        """The restored tree waits, stopped, on a page that failed its check:
+        replace it with the state it replaced."""
+        reason = serving.reason()
+        km, _ = self.kernels.require(kernel_id)
+        clients = client_connections(km.ip, kernel_ports(km))
+        self.claims.reconnecting(kernel_id)
+        try:
+            with prov.swapping():
+                await asyncio.to_thread(self._swap_back, prov, previous, work)
+        except (CheckpointError, OSError) as e:
+            self.claims.reconnected(kernel_id)
+            message = (
+                f"restoring snapshot {record.id} failed while its memory came back ({reason}), and so did "
+                f"bringing back the kernel's previous state ({e}): the kernel has stopped"
+            )
+        else:
+            if previous.lineage is None:
+                self.claims.lineage.pop(kernel_id, None)
+            else:
+                self.claims.lineage[kernel_id] = previous.lineage
+            await self._wait_until_answering(km, kernel_id, clients)
+            message = (
+                f"restoring snapshot {record.id} failed while its memory came back: {reason}. "
+                "The kernel was put back as it was before the restore."
+            )
+        finally:
+            serving.handled()
+        self.log.error("jupyter_ckpt: kernel %s: %s", kernel_id, message)
+        self.events.snapshot("restore_failed", record.as_kernel(kernel_id), message=message)
+
+    def _swap_back(self, prov: CheckpointableProvisioner, previous: PreviousState, work: Path) -> None:
+        prov.kill_tree()
+        prov.reap_old()
+        back = restore_tree(self.engine, previous.images, work, previous.stdio_keys, previous.netns)
+        prov.adopt(back.pid, back.stdio, previous.restored_from, previous.network)
 
     def _replace_processes(
         self,
@@ -220,13 +323,15 @@ class RestoreInPlace(Flow):
         before: SnapshotRecord | None,
         moves: dict[int, tuple[str, int]],
         hibernated: bool = False,
-    ) -> tuple[float, float, LazyPages | None]:
+        serving: ServingMemory | None = None,
+    ) -> tuple[float, float, LazyPages | None, PreviousState | None]:
         """Blocking: runs in a worker thread while the provisioner reports 'alive'.
         ``work`` holds the snapshot's verified images in ``images/``; CRIU's logs
         and the replaced state go there too (unless ``before`` is None: a kernel
         started just to be restored into has no state to keep). Returns the
-        seconds saving the current state and restoring took, and, for a lazy
-        restore, what brings the rest of the memory back."""
+        seconds saving the current state and restoring took, for a lazy
+        restore what brings the rest of the memory back, and the state saved.
+        ``serving``: where the lazy pages come from, if not the images."""
         assert prov.tree is not None
         current = prov.tree
         kernel_id = prov.kernel_id
@@ -260,9 +365,26 @@ class RestoreInPlace(Flow):
         prov.stop_processes()
         netns = current.network.path if current.network else None
         lazy = self.lazy_restore and self.engine.health().lazy_pages
+        previous = (
+            PreviousState(
+                rollback,
+                dict(current.stdio.keys),
+                netns,
+                current.restored_from,
+                current.network,
+                self.claims.lineage.get(kernel_id),
+            )
+            if before is not None
+            else None
+        )
+        page_server = serving.page_server if serving is not None else None
         try:
-            tree = restore_tree(self.engine, work / "images", work, record.stdio_keys, netns, lazy, moves)
+            tree = restore_tree(
+                self.engine, work / "images", work, record.stdio_keys, netns, lazy, moves, page_server=page_server
+            )
         except (CheckpointError, OSError) as failure:  # CRIU's, a refusal of the helper's, or its connection
+            if serving is not None:
+                serving.restored(None)
             if before is None:
                 raise RestoreFailed(f"restoring snapshot {record.id} failed: {failure}") from None
             try:
@@ -276,8 +398,10 @@ class RestoreInPlace(Flow):
             raise KernelPutBack(
                 f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
             ) from None
+        if serving is not None:
+            serving.restored(tree.pid)
         prov.adopt(tree.pid, tree.stdio, record.id, current.network)
         if tree.lazy_pages is not None and tree.lazy_pages.process is not None:  # the helper keeps its own
             daemon = tree.lazy_pages.process.pid
             self.journal.update("restore", kernel_id, lazy_pages={"pid": daemon, "started": start_time(daemon)})
-        return saved_seconds, tree.seconds, tree.lazy_pages
+        return saved_seconds, tree.seconds, tree.lazy_pages, previous

@@ -35,13 +35,14 @@ from typing import Any
 
 import fsspec
 
-from . import manifest
+from . import manifest, store_page_server
 from .chunks import ChunkStore, Reference, StoredFile, is_local
 from .errors import CheckpointError, QuotaExceeded, SnapshotNotFound, SnapshotNotRestorable
 from .image_cache import ImageCache
 from .page_layout import page_addresses, same_addresses
 from .private_files import load_or_create_key, private_dir, write_private_atomic
 from .records import SNAPSHOT_ID, SnapshotRecord, check_snapshot_id
+from .store_page_server import ServingMemory
 
 # Images of the latest snapshots kept next to the store, for quick restores.
 DEFAULT_IMAGE_CACHE_BYTES = 8 << 30
@@ -401,6 +402,25 @@ class SnapshotStore:
             with self.gate.shared():  # an older snapshot: the latest's kept images hold most of it
                 self.chunks.materialize(files, dest, self._kept_references(record.kernel_id))
         return record
+
+    def materialize_serving_memory(self, snapshot_id: str, dest: Path, work: Path) -> ServingMemory | None:
+        """For a lazy restore of a snapshot with no kept images: write into
+        ``dest`` the images CRIU reads itself (checked), and start serving the
+        rest of its memory from the store's chunks (store_page_server), with
+        its plan in ``work``. None where the images are kept, the store is not
+        on a local disk, or the snapshot has no memory to serve: then
+        ``materialize`` it."""
+        if not self.chunks.local:
+            self.materialize(snapshot_id, dest)
+            return None
+        record, files = self.read_manifest(snapshot_id)
+        files = [f for f in files if f.name != NOTEBOOK_FILE]
+        if self.kept_images.link(record, files, dest):
+            return None
+        with self.gate.shared():  # the serving process maps the packs before gc may replace them
+            if not store_page_server.prepare(self.chunks, files, dest, work):
+                return None  # all written
+            return ServingMemory(work)
 
     # -- space --------------------------------------------------------------------
 

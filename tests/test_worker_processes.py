@@ -50,9 +50,14 @@ def scaled_sum(args):
         shm.close()
 """
 
-SETUP = f"""
-import hashlib, os, sys, tempfile, time
-_work_dir = tempfile.mkdtemp(prefix="ckpt-work-", dir=os.getcwd())  # in the test's folder, removed with it
+
+def setup(folder: Path) -> str:
+    """The kernel's first cell: WORK_MODULE written into ``folder`` (the test's
+    own, removed with it) and imported, and the loop's helpers."""
+    return f"""
+import hashlib, os, sys, time
+_work_dir = {str(folder)!r}
+os.makedirs(_work_dir, exist_ok=True)
 with open(os.path.join(_work_dir, "ckpt_work.py"), "w") as _f:
     _f.write({WORK_MODULE!r})
 sys.path.insert(0, _work_dir)
@@ -63,6 +68,7 @@ def step_done(step):
     if step % 5 == 4:
         print("progress", step + 1, flush=True)
 """
+
 
 FINISH = """
 result = hashlib.sha256(repr(out).encode()).hexdigest()
@@ -191,8 +197,8 @@ WORKLOADS = {
 }
 
 
-async def start_workload(sock: KernelSocket, cell: str):
-    await sock.execute(SETUP)
+async def start_workload(sock: KernelSocket, cell: str, folder: Path):
+    await sock.execute(setup(folder))
     run = await sock.send_execute(cell)
     await sock.wait_until(lambda: "progress 10" in run.stdout or run.idle, timeout=120)
     assert "progress 10" in run.stdout, run.stderr or run.error
@@ -210,10 +216,10 @@ def host_shm() -> set[str]:
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
-async def test_snapshot_mid_computation_then_fork_and_restore(jp_fetch, jp_ws_fetch, start_kernel, workload):
+async def test_snapshot_mid_computation_then_fork_and_restore(jp_fetch, jp_ws_fetch, start_kernel, workload, tmp_path):
     shm_before = host_shm()
     kernel_id, sock = await start_kernel()
-    run = await start_workload(sock, WORKLOADS[workload])
+    run = await start_workload(sock, WORKLOADS[workload], tmp_path / "work")
     snap = await snapshot(jp_fetch, kernel_id)
     # A fork finishes the same loop from where the snapshot caught it; it is
     # made while the original still runs its loop (as it would be in use).
@@ -323,13 +329,13 @@ async def test_a_refused_snapshot_names_the_process_the_resource_and_what_to_do(
 
 
 @pytest.mark.slow
-async def test_a_kernel_with_a_process_pool_moves_to_another_server_mid_computation(two_servers):  # noqa: F811
+async def test_a_kernel_with_a_process_pool_moves_to_another_server_mid_computation(two_servers, tmp_path):  # noqa: F811
 
     a = two_servers.start("a")
     b = two_servers.start("b", elsewhere=True)
     kernel_id = a.call("POST", "/api/kernels", {"name": "python3"})["id"]
     client = a.client(kernel_id)
-    value(client, SETUP)
+    value(client, setup(tmp_path / "work"))
     execute_started(client, WORKLOADS["joblib, loky backend, memmapped array, reused executor"])
     wait_for_output(client, "progress 10\n")  # mid-computation (40 steps)
     snap = take(a, kernel_id)

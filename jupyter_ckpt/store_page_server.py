@@ -1,0 +1,331 @@
+"""A lazy restore's memory served straight from the store's chunks.
+
+A snapshot with no kept images (an older one, or one over the kept-image
+budget) is reassembled from chunks before CRIU can read it: for a kernel of
+1 GiB, writing its pages file is most of the restore. CRIU's lazy restore can
+take the memory from a page server instead (`criu lazy-pages --page-server`,
+the post-copy migration protocol of criu/page-xfer.c): for each page fault,
+then in the background until all is back, `criu lazy-pages` asks for a run of
+pages of a process and reads back a header and the pages.
+
+``prepare`` writes the images CRIU reads itself (every file but the lazy runs
+of the pages files, which stay holes) and a plan: where each lazy page's chunk
+is. ``serve`` (its own process, so that the kernel's memory does not depend on
+the server staying up) answers CRIU from the plan, every chunk checked against
+its hash before it is sent; a chunk that does not match ends the serving, and
+the daemon's failure stops the kernel (its memory cannot come back).
+
+Local stores only: the packs are mapped when the serving starts, so a pack
+that gc replaces meanwhile stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .chunks import ChunkStore
+from .errors import SnapshotNotRestorable
+from .pack_format import PAGE_CHUNK, RAW_FRAME, StoredFile, chunk_hash
+from .pack_reader import FrameReader, write_all
+
+PAGE = 4096
+PE_LAZY = 1 << 1  # CRIU's pagemap flags
+PE_PRESENT = 1 << 2
+
+# struct page_server_iov { u32 cmd; u64 nr_pages; u64 vaddr; u64 dst_id; } (x86-64 padding)
+_IOV = struct.Struct("<I4xQQQ")
+PS_IOV_GET = 7
+PS_IOV_ADD_F = 6
+PS_IOV_CLOSE = 0x1023
+PS_IOV_FORCE_CLOSE = 0x1024
+PS_CMD_BITS = 16
+
+PLAN = "store-pages-plan.json"
+SERVE_LOG = "store-pages.log"
+
+
+@dataclass
+class LazyFile:
+    """The lazy runs of one process's pages file: for each, its first address,
+    its length in pages and the index of its first page in the file."""
+
+    pid: int
+    stored: StoredFile
+    runs: np.ndarray  # (n, 3) uint64: vaddr, nr_pages, first page
+
+
+def lazy_runs(images: Path) -> dict[str, tuple[int, np.ndarray]]:
+    """For each pages file of ``images``: the pid its pagemap belongs to and
+    its lazy runs (vaddr, nr_pages, first page in the file)."""
+    import pycriu
+
+    found = {}
+    for pagemap in images.glob("pagemap-*.img"):
+        pid = pagemap.name[len("pagemap-") : -len(".img")]
+        if not pid.isdigit():
+            continue  # shared memory (pagemap-shmem-*): restored as it is read, never lazily
+        with open(pagemap, "rb") as f:
+            head, *entries = pycriu.images.load(f)["entries"]
+        runs, page = [], 0
+        for e in entries:
+            flags, n = int(e.get("flags", 0)), int(e["nr_pages"])
+            if not flags & PE_PRESENT:
+                continue
+            if flags & PE_LAZY:
+                runs.append((int(e["vaddr"]), n, page))
+            page += n
+        found[f"pages-{int(head['pages_id'])}.img"] = (int(pid), np.array(runs, np.uint64).reshape(-1, 3))
+    return found
+
+
+def prepare(chunks: ChunkStore, files: list[StoredFile], dest: Path, plan_dir: Path) -> int:
+    """Write ``files`` into ``dest`` for a lazy restore whose lazy pages come
+    from ``serve``: the other files whole (checked against their digests), the
+    pages files with only their pages that are not lazy (each checked against
+    its hash) and holes where the lazy ones go. Writes the plan into
+    ``plan_dir``; returns the bytes left to ``serve``."""
+    pages = [f for f in files if f.name.startswith("pages-")]
+    chunks.materialize([f for f in files if not f.name.startswith("pages-")], dest)
+    layout = lazy_runs(dest)
+    plan: dict[str, object] = {"root": chunks.root, "files": []}
+    lazy_bytes = 0
+    for stored in pages:
+        if stored.chunk_size != PAGE_CHUNK or stored.name not in layout:
+            chunks.materialize([stored], dest)  # no lazy runs: written whole
+            continue
+        pid, runs = layout[stored.name]
+        lazy = np.zeros(len(stored.chunks), bool)
+        for _vaddr, n, first in runs.tolist():
+            lazy[first : first + n] = True
+        if lazy.sum() * PAGE_CHUNK > stored.size:
+            raise SnapshotNotRestorable(f"{stored.name}: its pagemap names more pages than it holds")
+        _write_eager_pages(chunks, stored, lazy, dest / stored.name)
+        packs, rows = chunks.locate_all(stored)
+        hashes = np.frombuffer(b"".join(stored.chunks), np.uint8).reshape(-1, 32)
+        base = plan_dir / f"store-pages-{pid}"
+        np.save(f"{base}-runs.npy", runs)
+        np.save(f"{base}-rows.npy", rows)
+        np.save(f"{base}-hashes.npy", hashes)
+        plan["files"].append({"pid": pid, "name": stored.name, "base": str(base), "packs": packs})  # type: ignore[attr-defined]
+        lazy_bytes += int(lazy.sum()) * PAGE_CHUNK
+    (plan_dir / PLAN).write_text(json.dumps(plan))
+    return lazy_bytes
+
+
+def _write_eager_pages(chunks: ChunkStore, stored: StoredFile, lazy: np.ndarray, target: Path) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, stored.size)  # the lazy runs stay holes
+        for first, data in chunks.read_chunks(stored, np.flatnonzero(~lazy)):
+            os.lseek(fd, first * PAGE_CHUNK, os.SEEK_SET)
+            write_all(fd, [data])
+    finally:
+        os.close(fd)
+
+
+class PlanServer:
+    """Answers `criu lazy-pages` from a plan (see ``prepare``)."""
+
+    def __init__(self, plan_dir: Path):
+        plan = json.loads((plan_dir / PLAN).read_text())
+        root = Path(plan["root"]) / "packs"
+        # Mapped now, while the caller keeps gc away: a pack replaced later stays readable.
+        self.packs = {name: _map_pack(root / f"{name}.pack") for f in plan["files"] for name in f["packs"]}
+        self.files: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, list[str], str]] = {}
+        for f in plan["files"]:
+            base = f["base"]
+            self.files[int(f["pid"])] = (
+                np.load(f"{base}-runs.npy"),
+                np.load(f"{base}-rows.npy"),
+                np.load(f"{base}-hashes.npy"),
+                f["packs"],
+                f["name"],
+            )
+        for _, rows, _, packs, name in self.files.values():
+            # Packs cut short are found now, before anything is restored.
+            sizes = np.array([len(self.packs[p]) for p in packs], np.uint64)
+            ends = rows["offset"] + (rows["length"] & ~np.uint32(RAW_FRAME)).astype(np.uint64)
+            if len(rows) and (ends > sizes[rows["pack"]]).any():
+                raise SnapshotNotRestorable(f"{name}: a pack it needs is shorter than its index says")
+        self.frames = FrameReader(self.packs.__getitem__)
+
+    def pages(self, pid: int, vaddr: int, nr_pages: int) -> tuple[int, list[memoryview]]:
+        """Up to ``nr_pages`` pages from ``vaddr`` (those of one run), checked."""
+        if pid not in self.files:
+            raise SnapshotNotRestorable(f"no memory of process {pid} in this snapshot")
+        runs, rows, hashes, packs, name = self.files[pid]
+        starts = runs[:, 0]
+        at = int(np.searchsorted(starts, np.uint64(vaddr), side="right")) - 1
+        if at < 0 or vaddr >= int(starts[at]) + int(runs[at, 1]) * PAGE:
+            raise SnapshotNotRestorable(f"process {pid} has no lazy page at {vaddr:#x}")
+        run_vaddr, run_pages, run_first = (int(x) for x in runs[at])
+        skip = (vaddr - run_vaddr) // PAGE
+        count = min(nr_pages, run_pages - skip)
+        out = []
+        for n in range(run_first + skip, run_first + skip + count):
+            pack, offset, length, start, size = (int(rows[f][n]) for f in ("pack", "offset", "length", "start", "size"))
+            frame = self.frames.get(packs[pack], offset, length)
+            data = frame[start : start + size]
+            if size != PAGE or chunk_hash(data) != hashes[n].tobytes():
+                raise SnapshotNotRestorable(f"{name}: chunk {n} is corrupt (its content does not match its hash)")
+            out.append(data)
+        return count, out
+
+    def serve(self, sock: socket.socket) -> None:
+        """Until CRIU says it has all it needs (it then waits for our answer)."""
+        while True:
+            header = _recv_exactly(sock, _IOV.size)
+            if header is None:
+                return  # CRIU went away
+            cmd, nr_pages, vaddr, pid = _IOV.unpack(header)
+            if cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
+                sock.sendall(struct.pack("<i", 0))
+                return
+            if cmd != PS_IOV_GET:
+                raise SnapshotNotRestorable(f"unexpected page server request {cmd:#x}")
+            count, pages = self.pages(pid, vaddr, nr_pages)
+            sock.sendall(b"".join([_IOV.pack(PS_IOV_ADD_F | (PE_PRESENT << PS_CMD_BITS), count, vaddr, pid), *pages]))
+
+
+class ServingMemory:
+    """The serving process of a plan, seen from the restore.
+
+    Its stdout says "ready" once the packs are mapped, then "failed" if a
+    chunk does not match; the tree pipe gets the restored tree's root, then
+    "handled" once the restore has stopped that tree. Until then the serving
+    process holds the connection without answering: the process that waits
+    for the page stays stopped (with the connection closed, CRIU would let it
+    run on a page of zeros). Should the server go away first, the serving
+    process kills the tree's root itself."""
+
+    def __init__(self, plan_dir: Path):
+        self.log = plan_dir / SERVE_LOG
+        ours, self.criu_socket = socket.socketpair()
+        tree_r, self._tree_w = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(plan_dir), str(ours.fileno()), str(tree_r)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(ours.fileno(), tree_r),
+                start_new_session=True,  # the kernel's memory must not depend on the server staying up
+            )
+        except BaseException:
+            self.criu_socket.close()
+            os.close(self._tree_w)
+            raise
+        finally:
+            ours.close()
+            os.close(tree_r)
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != b"ready":  # refused before anything was restored
+            self.restored(None)
+            raise SnapshotNotRestorable(self.reason() or "serving the kernel's memory from the store did not start")
+
+    @property
+    def page_server(self) -> int:
+        """The socket for `criu lazy-pages` (engine.restore's page_server)."""
+        return self.criu_socket.fileno()
+
+    def restored(self, pid: int | None) -> None:
+        """After the restore: the tree's root (None: the restore failed, and
+        the serving ends)."""
+        self.criu_socket.close()  # criu lazy-pages holds its own
+        self._tell(f"{pid or 0}\n")
+        if pid is None:
+            self.stop()
+
+    def succeeded(self) -> bool:
+        """Blocking: True once all of the memory was served, False when a
+        chunk did not match (the tree waits, stopped; see ``handled``)."""
+        assert self.process.stdout is not None
+        failed = self.process.stdout.readline().strip() == b"failed"
+        if not failed:
+            self.process.wait()
+        return not failed and self.process.returncode == 0
+
+    def handled(self) -> None:
+        """The tree that waited is gone: the serving process may end."""
+        self._tell("handled\n")
+        self.stop()
+
+    def reason(self) -> str:
+        try:
+            return self.log.read_text().strip() or "serving the kernel's memory from the store failed"
+        except OSError:
+            return "serving the kernel's memory from the store failed"
+
+    def stop(self) -> None:
+        if self._tree_w >= 0:
+            os.close(self._tree_w)  # a serving process that failed ends on this
+            self._tree_w = -1
+        try:
+            self.process.wait(timeout=5)  # it ends once CRIU's connection or the tree pipe does
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def _tell(self, line: str) -> None:
+        if self._tree_w < 0:
+            return
+        try:
+            os.write(self._tree_w, line.encode())
+        except OSError:
+            pass  # it ended already (its log says why)
+
+
+def _map_pack(path: Path) -> memoryview:
+    with open(path, "rb") as f:
+        return memoryview(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            return None
+        data += more
+    return data
+
+
+def main(argv: list[str]) -> int:
+    """``python -m jupyter_ckpt.store_page_server PLAN_DIR SOCKET_FD TREE_FD``
+    (see ServingMemory)."""
+    plan_dir, sock, tree_fd = Path(argv[0]), socket.socket(fileno=int(argv[1])), int(argv[2])
+    try:
+        server = PlanServer(plan_dir)
+        print("ready", flush=True)
+        server.serve(sock)
+        return 0
+    except Exception as e:
+        (plan_dir / SERVE_LOG).write_text(f"serving the kernel's memory from the store failed: {e}\n")
+        print("failed", flush=True)
+        with os.fdopen(tree_fd) as tree:
+            root, rest = tree.readline().strip(), tree.read()  # until the restore is done with the tree
+        if "handled" not in rest and root.isdigit() and int(root) > 0:
+            try:  # the server went away: nobody else will stop it
+                os.kill(int(root), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return 1
+    finally:
+        sock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
