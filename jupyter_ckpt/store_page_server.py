@@ -313,8 +313,11 @@ def main(argv: list[str]) -> int:
         server.serve(sock)
         return 0
     except Exception as e:
-        (plan_dir / SERVE_LOG).write_text(f"serving the kernel's memory from the store failed: {e}\n")
-        print("failed", flush=True)
+        try:
+            (plan_dir / SERVE_LOG).write_text(f"serving the kernel's memory from the store failed: {e}\n")
+            print("failed", flush=True)
+        except OSError:
+            pass  # the server and its folder are gone: below, the tree is stopped all the same
         with os.fdopen(tree_fd) as tree:
             root, rest = tree.readline().strip(), tree.read()  # until the restore is done with the tree
         if "handled" not in rest and root.isdigit() and int(root) > 0:

@@ -43,6 +43,18 @@ while True:
 """
 
 
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def wait_until(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true"
+        time.sleep(0.01)
+
+
 def wait_for(path, timeout=30):
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -127,10 +139,10 @@ def test_a_damaged_chunk_ends_the_serving_and_names_the_chunk(stored, tmp_path):
         (tmp_path / "ask-0").touch()  # reads all of its memory
         assert not serving.succeeded()
         assert f"{pages.name}: chunk {n} is corrupt" in serving.reason()
-        # The process waits for that page, stopped: it never runs on without it.
-        time.sleep(0.5)
+        # The process waits for that page (in the kernel's userfaultfd), stopped:
+        # it never runs on without it.
+        wait_until(lambda: read_text(f"/proc/{result.pid}/wchan") == "handle_userfault")
         assert not (tmp_path / "digest-0").exists()
-        assert open(f"/proc/{result.pid}/stat").read().split(")")[1].split()[0] in "SD"
     finally:
         os.kill(result.pid, 9)
         os.waitpid(result.pid, 0)
@@ -150,6 +162,7 @@ def test_the_serving_process_stops_the_tree_when_the_server_goes_away(stored, tm
     result, serving, _, _ = restore_from_store(store, files, tmp_path)
     (tmp_path / "ask-0").touch()
     assert not serving.succeeded()
+    wait_until(lambda: read_text(f"/proc/{result.pid}/wchan") == "handle_userfault")
     os.close(serving._tree_w)  # as when the server's process ends
     serving._tree_w = -1
     _, status = os.waitpid(result.pid, 0)
