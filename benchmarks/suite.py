@@ -416,8 +416,8 @@ async def measure_workload(bench: Bench, name: str, code: str, check: str, gib: 
             row.update(bench.raw_restore(kernel_id, raw))
             row.update(await bench.raw_lazy_restore(client, raw, check))
             row["raw_lazy_ok"] = row.pop("raw_lazy_check") == expected
-        except RuntimeError as e:
-            row["raw_error"] = str(e)[:200]
+        except (RuntimeError, TimeoutError) as e:  # the baseline failed: reported, the run goes on
+            row["raw_error"] = f"{type(e).__name__}: {e}"[:200]
         finally:
             shutil.rmtree(raw, ignore_errors=True)
         rows.append(row)

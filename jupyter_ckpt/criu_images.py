@@ -153,7 +153,7 @@ def prune_absent_mounts(images_dir: Path) -> list[str]:
         return len(gone)
 
     for path in images_dir.glob("mountpoints-*.img"):
-        _edit_image(path, prune)
+        edit_image(path, prune)
     return pruned
 
 
@@ -163,11 +163,11 @@ _TCP_LISTEN = 10
 
 
 def _edit_files_image(images_dir: Path, edit: Callable[[list[dict]], int]) -> int:
-    """Apply ``edit`` to the entries of ``files.img`` (see _edit_image)."""
-    return _edit_image(images_dir / "files.img", edit)
+    """Apply ``edit`` to the entries of ``files.img`` (see edit_image)."""
+    return edit_image(images_dir / "files.img", edit)
 
 
-def _edit_image(path: Path, edit: Callable[[list[dict]], int]) -> int:
+def edit_image(path: Path, edit: Callable[[list[dict]], int]) -> int:
     """Apply ``edit`` to the entries of the image at ``path``; it returns how
     many it changed, and the image is rewritten (atomically, so a hard link to
     the old file keeps it) only if that is not 0."""

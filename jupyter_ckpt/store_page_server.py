@@ -29,15 +29,15 @@ import socket
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .chunks import ChunkStore
+from .criu_images import edit_image
 from .errors import SnapshotNotRestorable
 from .pack_format import PAGE_CHUNK, RAW_FRAME, StoredFile, chunk_hash
-from .pack_reader import FrameReader, write_all
+from .pack_reader import FrameReader
 
 PAGE = 4096
 PE_LAZY = 1 << 1  # CRIU's pagemap flags
@@ -55,46 +55,71 @@ PLAN = "store-pages-plan.json"
 SERVE_LOG = "store-pages.log"
 
 
-@dataclass
-class LazyFile:
-    """The lazy runs of one process's pages file: for each, its first address,
-    its length in pages and the index of its first page in the file."""
-
-    pid: int
-    stored: StoredFile
-    runs: np.ndarray  # (n, 3) uint64: vaddr, nr_pages, first page
+# Runs shorter than this are written out and restored by CRIU itself, not
+# served: the interpreter's own pages (small mappings, touched first thing
+# after the restore) would otherwise cost a round trip each before the kernel
+# answers; a kernel's data is in large mappings.
+LAZY_RUN_MIN_BYTES = 2 << 20
 
 
-def lazy_runs(images: Path) -> dict[str, tuple[int, np.ndarray]]:
-    """For each pages file of ``images``: the pid its pagemap belongs to and
-    its lazy runs (vaddr, nr_pages, first page in the file)."""
-    import pycriu
-
+def lazy_runs(images: Path) -> dict[str, tuple[int, np.ndarray, int]]:
+    """For each pages file of ``images``: the pid its pagemap belongs to, the
+    runs left to the serving process (vaddr, nr_pages, first page in the file)
+    and its page count."""
     found = {}
     for pagemap in images.glob("pagemap-*.img"):
         pid = pagemap.name[len("pagemap-") : -len(".img")]
-        if not pid.isdigit():
-            continue  # shared memory (pagemap-shmem-*): restored as it is read, never lazily
-        with open(pagemap, "rb") as f:
-            head, *entries = pycriu.images.load(f)["entries"]
-        runs, page = [], 0
-        for e in entries:
+        if pid.isdigit():  # not shared memory (pagemap-shmem-*): restored as it is read, never lazily
+            name, runs, count = _keep_large_runs_lazy(pagemap)
+            found[name] = (int(pid), runs, count)
+    return found
+
+
+def _keep_large_runs_lazy(pagemap: Path) -> tuple[str, np.ndarray, int]:
+    """Make CRIU's lazy runs shorter than LAZY_RUN_MIN_BYTES eager in
+    ``pagemap``; its pages file's name, the runs left lazy and its page count."""
+    runs: list[tuple[int, int, int]] = []
+    layout = {"name": "", "count": 0}
+
+    def edit(entries: list[dict]) -> int:
+        head, *rest = entries
+        # Lazy entries, merged where one goes on where the previous ended (CRIU
+        # cuts a mapping's pages into entries of at most a pipe's worth).
+        merged: list[tuple[int, int, int, list[dict]]] = []  # vaddr, pages, first page, entries
+        page = 0
+        for e in rest:
             flags, n = int(e.get("flags", 0)), int(e["nr_pages"])
             if not flags & PE_PRESENT:
                 continue
             if flags & PE_LAZY:
-                runs.append((int(e["vaddr"]), n, page))
+                vaddr = int(e["vaddr"])
+                if merged and merged[-1][0] + merged[-1][1] * PAGE == vaddr and merged[-1][2] + merged[-1][1] == page:
+                    start, count, first, members = merged[-1]
+                    merged[-1] = (start, count + n, first, [*members, e])
+                else:
+                    merged.append((vaddr, n, page, [e]))
             page += n
-        found[f"pages-{int(head['pages_id'])}.img"] = (int(pid), np.array(runs, np.uint64).reshape(-1, 3))
-    return found
+        changed = 0
+        for start, count, first, members in merged:
+            if count * PAGE >= LAZY_RUN_MIN_BYTES:
+                runs.append((start, count, first))
+                continue
+            for e in members:
+                e["flags"] = int(e["flags"]) & ~PE_LAZY
+                changed += 1
+        layout["name"], layout["count"] = f"pages-{int(head['pages_id'])}.img", page
+        return changed
+
+    edit_image(pagemap, edit)
+    return str(layout["name"]), np.array(runs, np.uint64).reshape(-1, 3), int(layout["count"])
 
 
 def prepare(chunks: ChunkStore, files: list[StoredFile], dest: Path, plan_dir: Path) -> int:
     """Write ``files`` into ``dest`` for a lazy restore whose lazy pages come
-    from ``serve``: the other files whole (checked against their digests), the
-    pages files with only their pages that are not lazy (each checked against
-    its hash) and holes where the lazy ones go. Writes the plan into
-    ``plan_dir``; returns the bytes left to ``serve``."""
+    from the serving process: the other files whole (checked against their
+    digests), the pages files with only their pages that are not lazy (each
+    checked against its hash) and holes where the lazy ones go. Writes the
+    plan into ``plan_dir``; returns the bytes left to the serving process."""
     pages = [f for f in files if f.name.startswith("pages-")]
     chunks.materialize([f for f in files if not f.name.startswith("pages-")], dest)
     layout = lazy_runs(dest)
@@ -104,12 +129,12 @@ def prepare(chunks: ChunkStore, files: list[StoredFile], dest: Path, plan_dir: P
         if stored.chunk_size != PAGE_CHUNK or stored.name not in layout:
             chunks.materialize([stored], dest)  # no lazy runs: written whole
             continue
-        pid, runs = layout[stored.name]
-        lazy = np.zeros(len(stored.chunks), bool)
+        pid, runs, count = layout[stored.name]
+        if count * PAGE_CHUNK != stored.size or len(stored.chunks) != count:
+            raise SnapshotNotRestorable(f"{stored.name}: its pagemap does not lay out its {stored.size} bytes")
+        lazy = np.zeros(count, bool)
         for _vaddr, n, first in runs.tolist():
             lazy[first : first + n] = True
-        if lazy.sum() * PAGE_CHUNK > stored.size:
-            raise SnapshotNotRestorable(f"{stored.name}: its pagemap names more pages than it holds")
         _write_eager_pages(chunks, stored, lazy, dest / stored.name)
         packs, rows = chunks.locate_all(stored)
         hashes = np.frombuffer(b"".join(stored.chunks), np.uint8).reshape(-1, 32)
@@ -127,9 +152,8 @@ def _write_eager_pages(chunks: ChunkStore, stored: StoredFile, lazy: np.ndarray,
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, stored.size)  # the lazy runs stay holes
-        for first, data in chunks.read_chunks(stored, np.flatnonzero(~lazy)):
-            os.lseek(fd, first * PAGE_CHUNK, os.SEEK_SET)
-            write_all(fd, [data])
+        for n, data in chunks.read_chunks(stored, np.flatnonzero(~lazy)):
+            os.pwrite(fd, data, n * PAGE_CHUNK)
     finally:
         os.close(fd)
 
@@ -165,20 +189,29 @@ class PlanServer:
         if pid not in self.files:
             raise SnapshotNotRestorable(f"no memory of process {pid} in this snapshot")
         runs, rows, hashes, packs, name = self.files[pid]
-        starts = runs[:, 0]
-        at = int(np.searchsorted(starts, np.uint64(vaddr), side="right")) - 1
-        if at < 0 or vaddr >= int(starts[at]) + int(runs[at, 1]) * PAGE:
+        run_starts = runs[:, 0]  # in address order, as the pagemap lists them
+        at = int(np.searchsorted(run_starts, np.uint64(vaddr), side="right")) - 1
+        if at < 0 or vaddr >= int(run_starts[at]) + int(runs[at, 1]) * PAGE:
             raise SnapshotNotRestorable(f"process {pid} has no lazy page at {vaddr:#x}")
         run_vaddr, run_pages, run_first = (int(x) for x in runs[at])
         skip = (vaddr - run_vaddr) // PAGE
         count = min(nr_pages, run_pages - skip)
-        out = []
-        for n in range(run_first + skip, run_first + skip + count):
-            pack, offset, length, start, size = (int(rows[f][n]) for f in ("pack", "offset", "length", "start", "size"))
-            frame = self.frames.get(packs[pack], offset, length)
-            data = frame[start : start + size]
-            if size != PAGE or chunk_hash(data) != hashes[n].tobytes():
-                raise SnapshotNotRestorable(f"{name}: chunk {n} is corrupt (its content does not match its hash)")
+        first = run_first + skip
+        rows = rows[first : first + count]  # field by field: numpy scalars one by one cost more than the hashing
+        numbers, offsets, lengths = rows["pack"].tolist(), rows["offset"].tolist(), rows["length"].tolist()
+        starts, sizes = rows["start"].tolist(), rows["size"].tolist()
+        expected = hashes[first : first + count].tobytes()
+        out: list[memoryview] = []
+        where, frame = None, memoryview(b"")
+        for i in range(count):
+            if (numbers[i], offsets[i]) != where:
+                where = (numbers[i], offsets[i])
+                frame = self.frames.get(packs[numbers[i]], offsets[i], lengths[i])
+            data = frame[starts[i] : starts[i] + sizes[i]]
+            if sizes[i] != PAGE or chunk_hash(data) != expected[32 * i : 32 * i + 32]:
+                raise SnapshotNotRestorable(
+                    f"{name}: chunk {first + i} is corrupt (its content does not match its hash)"
+                )
             out.append(data)
         return count, out
 
