@@ -110,6 +110,13 @@ class Server:
         return self._connect(client.bench_kernel_id)
 
     def stop(self) -> None:
+        # Its kernels first: they run in sessions of their own and would
+        # outlive a server that did not stop them (seen: a run left seven).
+        try:
+            for kernel in self.call("GET", "/api/kernels"):
+                self.call("DELETE", f"/api/kernels/{kernel['id']}")
+        except OSError:
+            pass
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout=20)
