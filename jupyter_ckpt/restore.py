@@ -95,7 +95,7 @@ async def _images(
         await asyncio.to_thread(engine.check_restorable, images)
     except BaseException:
         if serving is not None:
-            serving.restored(None)
+            await asyncio.to_thread(serving.restored, None)
         raise
     return images, serving
 
@@ -199,7 +199,7 @@ class RestoreInPlace(Flow):
             finally:
                 if lazy_pages is None:
                     if serving is not None:
-                        serving.stop()
+                        await asyncio.to_thread(serving.stop)
                     self.journal.end("restore", kernel_id)
                     shutil.rmtree(work, ignore_errors=True)
                 else:  # the kernel runs; its images and the kernel stay claimed until its memory is back
@@ -265,7 +265,7 @@ class RestoreInPlace(Flow):
             self.events.snapshot("restore_failed", record.as_kernel(kernel_id), message=message)
         finally:
             if serving is not None:
-                serving.stop()
+                await asyncio.to_thread(serving.stop)
             lazy_pages.kill()
             self.journal.end("restore", kernel_id)
             shutil.rmtree(work, ignore_errors=True)
@@ -287,7 +287,7 @@ class RestoreInPlace(Flow):
         self.claims.reconnecting(kernel_id)
         try:
             with prov.swapping():
-                await asyncio.to_thread(self._swap_back, prov, previous, work)
+                await asyncio.to_thread(self._swap_back, prov, serving, previous, work)
         except (CheckpointError, OSError) as e:
             self.claims.reconnected(kernel_id)
             message = (
@@ -305,13 +305,16 @@ class RestoreInPlace(Flow):
                 "The kernel was put back as it was before the restore."
             )
         finally:
-            serving.handled()
+            await asyncio.to_thread(serving.handled)  # (done already, unless stopping the tree failed)
         self.log.error("jupyter_ckpt: kernel %s: %s", kernel_id, message)
         self.events.snapshot("restore_failed", record.as_kernel(kernel_id), message=message)
 
-    def _swap_back(self, prov: CheckpointableProvisioner, previous: PreviousState, work: Path) -> None:
+    def _swap_back(
+        self, prov: CheckpointableProvisioner, serving: ServingMemory, previous: PreviousState, work: Path
+    ) -> None:
         prov.kill_tree()
         prov.reap_old()
+        serving.handled()  # only once the tree that waited on it is gone
         back = restore_tree(self.engine, previous.images, work, previous.stdio_keys, previous.netns)
         prov.adopt(back.pid, back.stdio, previous.restored_from, previous.network)
 
@@ -364,7 +367,8 @@ class RestoreInPlace(Flow):
         )
         prov.stop_processes()
         netns = current.network.path if current.network else None
-        lazy = self.lazy_restore and self.engine.health().lazy_pages
+        # Memory served from the store is only ever restored lazily: its pages files have holes.
+        lazy = serving is not None or (self.lazy_restore and self.engine.health().lazy_pages)
         previous = (
             PreviousState(
                 rollback,

@@ -408,8 +408,8 @@ class SnapshotStore:
         ``dest`` the images CRIU reads itself (checked), and start serving the
         rest of its memory from the store's chunks (store_page_server), with
         its plan in ``work``. None where the images are kept, the store is not
-        on a local disk, or the snapshot has no memory to serve: then
-        ``materialize`` it."""
+        on a local disk, or the snapshot has no memory to serve: the images are
+        then all in ``dest``, as ``materialize`` leaves them."""
         if not self.chunks.local:
             self.materialize(snapshot_id, dest)
             return None

@@ -10,26 +10,28 @@ pages of a process and reads back a header and the pages.
 
 ``prepare`` writes the images CRIU reads itself (every file but the lazy runs
 of the pages files, which stay holes) and a plan: where each lazy page's chunk
-is. ``serve`` (its own process, so that the kernel's memory does not depend on
-the server staying up) answers CRIU from the plan, every chunk checked against
-its hash before it is sent; a chunk that does not match ends the serving, and
-the daemon's failure stops the kernel (its memory cannot come back).
+is. A serving process of its own (``ServingMemory``; the kernel's memory must
+not depend on the server staying up) answers CRIU from the plan, every chunk
+checked against its hash before it is sent. A chunk that does not match is
+never answered: the process waiting for it stays stopped until the restore
+has put the kernel back (see ``ServingMemory``).
 
-Local stores only: the packs are mapped when the serving starts, so a pack
-that gc replaces meanwhile stays readable.
+Local stores only: the packs are opened when the serving starts, while gc
+waits, so a pack that gc replaces meanwhile stays readable.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -52,7 +54,8 @@ PS_IOV_FORCE_CLOSE = 0x1024
 PS_CMD_BITS = 16
 
 PLAN = "store-pages-plan.json"
-SERVE_LOG = "store-pages.log"
+SERVE_LOG = "store-pages.log"  # why the serving failed
+SERVE_ERRORS = "store-pages-errors.log"  # the serving process's stderr (a crash's traceback)
 
 
 # Runs shorter than this are written out and restored by CRIU itself, not
@@ -126,8 +129,8 @@ def prepare(chunks: ChunkStore, files: list[StoredFile], dest: Path, plan_dir: P
     plan: dict[str, object] = {"root": chunks.root, "files": []}
     lazy_bytes = 0
     for stored in pages:
-        if stored.chunk_size != PAGE_CHUNK or stored.name not in layout:
-            chunks.materialize([stored], dest)  # no lazy runs: written whole
+        if stored.name not in layout:
+            chunks.materialize([stored], dest)  # no lazy runs (shared memory): written whole
             continue
         pid, runs, count = layout[stored.name]
         if count * PAGE_CHUNK != stored.size or len(stored.chunks) != count:
@@ -158,37 +161,52 @@ def _write_eager_pages(chunks: ChunkStore, stored: StoredFile, lazy: np.ndarray,
         os.close(fd)
 
 
+class ServedFile(NamedTuple):
+    """One process's pages file, as the plan describes it."""
+
+    runs: np.ndarray  # (n, 3) uint64: vaddr, nr_pages, first page in the file; in address order
+    rows: np.ndarray  # per page: its pack (index into packs), frame offset and length, start, size
+    hashes: np.ndarray  # (pages, 32) uint8: each page's BLAKE3
+    packs: list[str]
+    name: str
+
+
 class PlanServer:
     """Answers `criu lazy-pages` from a plan (see ``prepare``)."""
 
     def __init__(self, plan_dir: Path):
         plan = json.loads((plan_dir / PLAN).read_text())
         root = Path(plan["root"]) / "packs"
-        # Mapped now, while the caller keeps gc away: a pack replaced later stays readable.
-        self.packs = {name: _map_pack(root / f"{name}.pack") for f in plan["files"] for name in f["packs"]}
-        self.files: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, list[str], str]] = {}
+        # Opened now, while the caller keeps gc away: a pack replaced later stays
+        # readable. Read with pread, not mapped: a page is copied before it is
+        # checked, and a disk error is an error, not a SIGBUS.
+        self.packs: dict[str, BinaryIO] = {}
+        self.files: dict[int, ServedFile] = {}
         for f in plan["files"]:
+            for name in f["packs"]:
+                if name not in self.packs:
+                    self.packs[name] = open(root / f"{name}.pack", "rb", buffering=0)  # noqa: SIM115 (kept open)
             base = f["base"]
-            self.files[int(f["pid"])] = (
+            served = ServedFile(
                 np.load(f"{base}-runs.npy"),
                 np.load(f"{base}-rows.npy"),
                 np.load(f"{base}-hashes.npy"),
                 f["packs"],
                 f["name"],
             )
-        for _, rows, _, packs, name in self.files.values():
             # Packs cut short are found now, before anything is restored.
-            sizes = np.array([len(self.packs[p]) for p in packs], np.uint64)
-            ends = rows["offset"] + (rows["length"] & ~np.uint32(RAW_FRAME)).astype(np.uint64)
-            if len(rows) and (ends > sizes[rows["pack"]]).any():
-                raise SnapshotNotRestorable(f"{name}: a pack it needs is shorter than its index says")
+            sizes = np.array([os.fstat(self.packs[p].fileno()).st_size for p in served.packs], np.uint64)
+            ends = served.rows["offset"] + (served.rows["length"] & ~np.uint32(RAW_FRAME)).astype(np.uint64)
+            if len(served.rows) and (ends > sizes[served.rows["pack"]]).any():
+                raise SnapshotNotRestorable(f"{served.name}: a pack it needs is shorter than its index says")
+            self.files[int(f["pid"])] = served
         self.frames = FrameReader(self.packs.__getitem__)
 
     def pages(self, pid: int, vaddr: int, nr_pages: int) -> tuple[int, list[memoryview]]:
         """Up to ``nr_pages`` pages from ``vaddr`` (those of one run), checked."""
         if pid not in self.files:
             raise SnapshotNotRestorable(f"no memory of process {pid} in this snapshot")
-        runs, rows, hashes, packs, name = self.files[pid]
+        runs, rows, hashes, packs, name = self.files[pid]  # pid: as CRIU's images name the process
         run_starts = runs[:, 0]  # in address order, as the pagemap lists them
         at = int(np.searchsorted(run_starts, np.uint64(vaddr), side="right")) - 1
         if at < 0 or vaddr >= int(run_starts[at]) + int(runs[at, 1]) * PAGE:
@@ -227,45 +245,53 @@ class PlanServer:
                 return
             if cmd != PS_IOV_GET:
                 raise SnapshotNotRestorable(f"unexpected page server request {cmd:#x}")
-            count, pages = self.pages(pid, vaddr, nr_pages)
+            count, pages = self.pages(pid, vaddr, nr_pages)  # (the whole answer checked before any of it is sent)
             sock.sendall(b"".join([_IOV.pack(PS_IOV_ADD_F | (PE_PRESENT << PS_CMD_BITS), count, vaddr, pid), *pages]))
 
 
 class ServingMemory:
     """The serving process of a plan, seen from the restore.
 
-    Its stdout says "ready" once the packs are mapped, then "failed" if a
-    chunk does not match; the tree pipe gets the restored tree's root, then
-    "handled" once the restore has stopped that tree. Until then the serving
-    process holds the connection without answering: the process that waits
-    for the page stays stopped (with the connection closed, CRIU would let it
-    run on a page of zeros). Should the server go away first, the serving
-    process kills the tree's root itself."""
+    Between the two, a tree pipe (the restore writes) and the process's
+    stdout (it writes):
+
+    - stdout: "ready" once the packs are open (else the restore is refused);
+      later "failed" if a chunk does not match, or the process ends: with
+      status 0 once CRIU has all of the memory.
+    - tree pipe: the restored tree's root pid ("0": the restore failed),
+      then "handled" once the restore has stopped that tree.
+
+    A page that fails its check is never answered, and the connection stays
+    open (this side holds the serving end too, should the serving process
+    die): the process waiting for the page stays stopped. With the
+    connection closed, CRIU would let it run on over a page of zeros. Should
+    the server go away instead, the serving process kills the tree's root."""
 
     def __init__(self, plan_dir: Path):
-        self.log = plan_dir / SERVE_LOG
-        ours, self.criu_socket = socket.socketpair()
+        self.log, self.errors = plan_dir / SERVE_LOG, plan_dir / SERVE_ERRORS
+        self._ours, self.criu_socket = socket.socketpair()
         tree_r, self._tree_w = os.pipe()
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(plan_dir), str(ours.fileno()), str(tree_r)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                pass_fds=(ours.fileno(), tree_r),
-                start_new_session=True,  # the kernel's memory must not depend on the server staying up
-            )
+            with open(self.errors, "wb") as errors:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", __name__, str(plan_dir), str(self._ours.fileno()), str(tree_r)],
+                    cwd=plan_dir,  # private: nothing there to import in place of the real modules
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=errors,
+                    pass_fds=(self._ours.fileno(), tree_r),
+                    start_new_session=True,  # the kernel's memory must not depend on the server staying up
+                )
         except BaseException:
-            self.criu_socket.close()
+            self._close_sockets()
             os.close(self._tree_w)
             raise
         finally:
-            ours.close()
             os.close(tree_r)
         assert self.process.stdout is not None
         if self.process.stdout.readline().strip() != b"ready":  # refused before anything was restored
             self.restored(None)
-            raise SnapshotNotRestorable(self.reason() or "serving the kernel's memory from the store did not start")
+            raise SnapshotNotRestorable(self.reason())
 
     @property
     def page_server(self) -> int:
@@ -281,8 +307,9 @@ class ServingMemory:
             self.stop()
 
     def succeeded(self) -> bool:
-        """Blocking: True once all of the memory was served, False when a
-        chunk did not match (the tree waits, stopped; see ``handled``)."""
+        """Blocking: True once all of the memory was served; False when a
+        chunk did not match or the serving process died (the tree waits,
+        stopped: see ``handled``)."""
         assert self.process.stdout is not None
         failed = self.process.stdout.readline().strip() == b"failed"
         if not failed:
@@ -290,27 +317,40 @@ class ServingMemory:
         return not failed and self.process.returncode == 0
 
     def handled(self) -> None:
-        """The tree that waited is gone: the serving process may end."""
+        """The tree that waited is gone: the serving may end."""
         self._tell("handled\n")
         self.stop()
 
     def reason(self) -> str:
-        try:
-            return self.log.read_text().strip() or "serving the kernel's memory from the store failed"
-        except OSError:
-            return "serving the kernel's memory from the store failed"
+        for path in (self.log, self.errors):
+            try:
+                lines = path.read_text(errors="replace").strip().splitlines()
+            except OSError:
+                continue
+            if lines:
+                return lines[-1]
+        if self.process.poll() not in (None, 0, 1):
+            return f"serving the kernel's memory from the store ended (status {self.process.returncode})"
+        return "serving the kernel's memory from the store failed"
 
     def stop(self) -> None:
+        """Blocking (up to a few seconds): end the serving."""
+        self.criu_socket.close()  # with no restore to serve, its connection ends here
         if self._tree_w >= 0:
             os.close(self._tree_w)  # a serving process that failed ends on this
             self._tree_w = -1
         try:
-            self.process.wait(timeout=5)  # it ends once CRIU's connection or the tree pipe does
+            self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._close_sockets()
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+    def _close_sockets(self) -> None:
+        self.criu_socket.close()
+        self._ours.close()  # CRIU sees the connection end only now
 
     def _tell(self, line: str) -> None:
         if self._tree_w < 0:
@@ -321,9 +361,12 @@ class ServingMemory:
             pass  # it ended already (its log says why)
 
 
-def _map_pack(path: Path) -> memoryview:
-    with open(path, "rb") as f:
-        return memoryview(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except OSError:
+        pass
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
@@ -346,6 +389,9 @@ def main(argv: list[str]) -> int:
         server.serve(sock)
         return 0
     except Exception as e:
+        # CRIU's later requests are read and dropped: with its socket full,
+        # criu lazy-pages would give up (and the waiting process run on zeros).
+        threading.Thread(target=_drain, args=(sock,), daemon=True).start()
         try:
             (plan_dir / SERVE_LOG).write_text(f"serving the kernel's memory from the store failed: {e}\n")
             print("failed", flush=True)

@@ -3,10 +3,14 @@ memory back before it runs again (real server, kernel and CRIU)."""
 
 from __future__ import annotations
 
+import re
+import shutil
+
 import numpy as np
 import pytest
 
 from .client import api, restore, snapshot
+from .test_store_integrity import flip_byte, kept_images, largest_pack
 
 pytestmark = pytest.mark.criu
 
@@ -30,3 +34,22 @@ async def test_a_restore_that_is_not_lazy(jp_fetch, start_kernel):
     assert out["lazy"] is False
     expected = round(float(np.random.default_rng(5).random(2_000_000).sum()))
     assert await sock.value("x, round(float(a.sum()))") == f"('then', {expected})"
+
+
+async def test_a_damaged_pack_is_refused_before_the_kernel_is_touched(jp_fetch, start_kernel, store_root):
+    """Not lazy, the images are all written out and checked before the kernel
+    is touched: one flipped byte is refused (the lazy case is in
+    test_store_integrity)."""
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; x = 1; a = np.random.default_rng(0).random(2_000_000)")
+    snap = await snapshot(jp_fetch, kernel_id)
+    await sock.execute("x = 2")
+    flip_byte(largest_pack(store_root))
+    shutil.rmtree(kept_images(store_root, snap))  # else the restore would not need the packs
+
+    status, body = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"}
+    )
+    assert status == 409
+    assert re.search(r"pages-\d+\.img: chunk \d+ is corrupt", body["message"]), body
+    assert await sock.value("x") == "2"  # never touched

@@ -6,6 +6,7 @@ chunk checked; a damaged chunk ends the serving with its name."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -87,12 +88,13 @@ def stored(tmp_path, request):
     return store, files, (tmp_path / "digest").read_text()
 
 
-def restore_from_store(store, files, tmp_path):
+def restore_from_store(store, files, tmp_path, before_restore=lambda serving: None):
     images, work = tmp_path / "images", tmp_path / "work"
     images.mkdir()
     work.mkdir()
     lazy_bytes = store_page_server.prepare(store.chunks, files, images, work)
     serving = store_page_server.ServingMemory(work)
+    before_restore(serving)
     result = None
     try:
         result = CriuEngine().restore(images, work_dir=work, lazy=True, page_server=serving.page_server)
@@ -169,3 +171,29 @@ def test_the_serving_process_stops_the_tree_when_the_server_goes_away(stored, tm
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
     assert serving.process.wait(timeout=10) == 1
     assert not (tmp_path / "digest-0").exists()
+
+
+def test_the_waiting_process_stays_stopped_when_the_serving_process_dies(stored, tmp_path):
+    """Killed (out of memory, say) while the memory comes back, the serving
+    process leaves the connection open behind it (the restore holds its end
+    too): the process waiting for a page stays stopped, where CRIU, its
+    connection closed, would let it run on over zeros."""
+    store, files, _ = stored
+    # Stopped before the restore, it serves nothing; then it dies.
+    result, serving, _, _ = restore_from_store(
+        store, files, tmp_path, lambda serving: os.kill(serving.process.pid, signal.SIGSTOP)
+    )
+    try:
+        serving.process.kill()
+        (tmp_path / "ask-0").touch()
+        assert not serving.succeeded()
+        wait_until(lambda: read_text(f"/proc/{result.pid}/wchan") == "handle_userfault")
+        assert result.lazy_pages.process.poll() is None  # criu lazy-pages still waits too
+        assert not (tmp_path / "digest-0").exists()
+        assert "status -9" in serving.reason()
+    finally:
+        os.kill(result.pid, 9)
+        os.waitpid(result.pid, 0)
+    serving.handled()
+    with pytest.raises(RestoreFailed):
+        result.lazy_pages.wait()

@@ -55,7 +55,7 @@ def setup(folder: Path) -> str:
     """The kernel's first cell: WORK_MODULE written into ``folder`` (the test's
     own, removed with it) and imported, and the loop's helpers."""
     return f"""
-import hashlib, os, sys, time
+import hashlib, os, sys, tempfile, time
 _work_dir = {str(folder)!r}
 os.makedirs(_work_dir, exist_ok=True)
 with open(os.path.join(_work_dir, "ckpt_work.py"), "w") as _f:
