@@ -220,17 +220,34 @@ class PlanServer:
         starts, sizes = rows["start"].tolist(), rows["size"].tolist()
         expected = hashes[first : first + count].tobytes()
         out: list[memoryview] = []
-        where, frame = None, memoryview(b"")
-        for i in range(count):
-            if (numbers[i], offsets[i]) != where:
-                where = (numbers[i], offsets[i])
-                frame = self.frames.get(packs[numbers[i]], offsets[i], lengths[i])
-            data = frame[starts[i] : starts[i] + sizes[i]]
-            if sizes[i] != PAGE or chunk_hash(data) != expected[32 * i : 32 * i + 32]:
-                raise SnapshotNotRestorable(
-                    f"{name}: chunk {first + i} is corrupt (its content does not match its hash)"
-                )
-            out.append(data)
+        i = 0
+        while i < count:
+            pack, offset, length = packs[numbers[i]], offsets[i], lengths[i]
+            if length & RAW_FRAME:
+                # Stored as is: read just the pages asked for, one read for those
+                # that follow each other in the frame (a fault asks for one).
+                end = i + 1
+                while (
+                    end < count
+                    and (numbers[end], offsets[end]) == (numbers[i], offset)
+                    and starts[end] == starts[end - 1] + sizes[end - 1]
+                ):
+                    end += 1
+                span = starts[end - 1] + sizes[end - 1] - starts[i]
+                data = memoryview(os.pread(self.packs[pack].fileno(), span, offset + starts[i]))
+                if len(data) != span:
+                    raise SnapshotNotRestorable(f"{name}: pack {pack} ends before chunk {first + i}")
+                pieces = [data[starts[k] - starts[i] : starts[k] - starts[i] + sizes[k]] for k in range(i, end)]
+            else:
+                frame = self.frames.get(pack, offset, length)  # decompressed whole, the last few kept
+                end, pieces = i + 1, [frame[starts[i] : starts[i] + sizes[i]]]
+            for k, piece in enumerate(pieces, start=i):
+                if sizes[k] != PAGE or chunk_hash(piece) != expected[32 * k : 32 * k + 32]:
+                    raise SnapshotNotRestorable(
+                        f"{name}: chunk {first + k} is corrupt (its content does not match its hash)"
+                    )
+            out += pieces
+            i = end
         return count, out
 
     def serve(self, sock: socket.socket) -> None:
