@@ -20,6 +20,8 @@ from jupyter_ckpt.errors import RestoreFailed
 from jupyter_ckpt.records import SnapshotRecord, new_snapshot_id
 from jupyter_ckpt.store import SnapshotStore
 
+from .test_page_layout import wait_for
+
 pytestmark = pytest.mark.criu
 
 MIB = 48
@@ -53,13 +55,6 @@ def wait_until(condition, timeout=30):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "the condition did not come true"
-        time.sleep(0.01)
-
-
-def wait_for(path, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.01)
 
 
@@ -112,6 +107,16 @@ def flip(store, packs, row):
         f.write(bytes([byte[0] ^ 1]))
 
 
+def stop_and_hand_back(result, serving):
+    """What the restore does with a tree that waits on a failed page: kill it,
+    then let the serving end; criu lazy-pages then fails."""
+    os.kill(result.pid, 9)
+    os.waitpid(result.pid, 0)
+    serving.handled()
+    with pytest.raises(RestoreFailed):
+        result.lazy_pages.wait()
+
+
 def test_a_lazy_restore_takes_its_memory_from_the_stores_chunks(stored, tmp_path):
     store, files, digest = stored
     result, serving, lazy_bytes, _ = restore_from_store(store, files, tmp_path)
@@ -146,11 +151,7 @@ def test_a_damaged_chunk_ends_the_serving_and_names_the_chunk(stored, tmp_path):
         wait_until(lambda: read_text(f"/proc/{result.pid}/wchan") == "handle_userfault")
         assert not (tmp_path / "digest-0").exists()
     finally:
-        os.kill(result.pid, 9)
-        os.waitpid(result.pid, 0)
-    serving.handled()
-    with pytest.raises(RestoreFailed):
-        result.lazy_pages.wait()
+        stop_and_hand_back(result, serving)
     assert serving.process.returncode == 1
 
 
@@ -192,8 +193,4 @@ def test_the_waiting_process_stays_stopped_when_the_serving_process_dies(stored,
         assert not (tmp_path / "digest-0").exists()
         assert "status -9" in serving.reason()
     finally:
-        os.kill(result.pid, 9)
-        os.waitpid(result.pid, 0)
-    serving.handled()
-    with pytest.raises(RestoreFailed):
-        result.lazy_pages.wait()
+        stop_and_hand_back(result, serving)
