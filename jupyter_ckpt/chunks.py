@@ -290,8 +290,11 @@ class ChunkStore:
 
     # -- read -------------------------------------------------------------------------
 
+    def pack_path(self, pack: str) -> str:
+        return f"{self.root}/packs/{pack}.pack"
+
     def _open_pack(self, pack: str) -> Any:
-        path = f"{self.root}/packs/{pack}.pack"
+        path = self.pack_path(pack)
         if self.local:
             # Frames stored as is are read without a copy. (Packs are only
             # ever replaced whole, never truncated in place: a mapped pack

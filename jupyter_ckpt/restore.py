@@ -302,7 +302,8 @@ class RestoreInPlace(Flow):
             await self._wait_until_answering(km, kernel_id, clients)
             message = (
                 f"restoring snapshot {record.id} failed while its memory came back: {reason}. "
-                "The kernel was put back as it was before the restore."
+                "The kernel was put back as it was before the restore; this snapshot is damaged, "
+                "restore another one"
             )
         finally:
             await asyncio.to_thread(serving.handled)  # (done already, unless stopping the tree failed)
@@ -315,6 +316,10 @@ class RestoreInPlace(Flow):
         prov.kill_tree()
         prov.reap_old()
         serving.handled()  # only once the tree that waited on it is gone
+        self._bring_back(prov, previous, work)
+
+    def _bring_back(self, prov: CheckpointableProvisioner, previous: PreviousState, work: Path) -> None:
+        """Restore the state a restore replaced, as the kernel's processes (blocking)."""
         back = restore_tree(self.engine, previous.images, work, previous.stdio_keys, previous.netns)
         prov.adopt(back.pid, back.stdio, previous.restored_from, previous.network)
 
@@ -391,14 +396,14 @@ class RestoreInPlace(Flow):
                 serving.restored(None)
             if before is None:
                 raise RestoreFailed(f"restoring snapshot {record.id} failed: {failure}") from None
+            assert previous is not None
             try:
-                back = restore_tree(self.engine, rollback, work, current.stdio.keys, netns)
+                self._bring_back(prov, previous, work)
             except (CheckpointError, OSError) as second:
                 raise RestoreFailed(
                     f"restoring snapshot {record.id} failed ({failure}), and so did bringing back the "
                     f"kernel's previous state ({second}): the kernel has stopped"
                 ) from None
-            prov.adopt(back.pid, back.stdio, current.restored_from, current.network)
             raise KernelPutBack(
                 f"restoring snapshot {record.id} failed: {failure}. The kernel was put back as it was before."
             ) from None

@@ -40,10 +40,9 @@ from .criu_images import edit_image
 from .errors import SnapshotNotRestorable
 from .pack_format import PAGE_CHUNK, RAW_FRAME, StoredFile, chunk_hash
 from .pack_reader import FrameReader
+from .page_layout import PAGE, PE_PRESENT
 
-PAGE = 4096
-PE_LAZY = 1 << 1  # CRIU's pagemap flags
-PE_PRESENT = 1 << 2
+PE_LAZY = 1 << 1  # CRIU's pagemap flag (PE_PRESENT: page_layout)
 
 # struct page_server_iov { u32 cmd; u64 nr_pages; u64 vaddr; u64 dst_id; } (x86-64 padding)
 _IOV = struct.Struct("<I4xQQQ")
@@ -126,7 +125,7 @@ def prepare(chunks: ChunkStore, files: list[StoredFile], dest: Path, plan_dir: P
     pages = [f for f in files if f.name.startswith("pages-")]
     chunks.materialize([f for f in files if not f.name.startswith("pages-")], dest)
     layout = lazy_runs(dest)
-    plan: dict[str, object] = {"root": chunks.root, "files": []}
+    plan: dict[str, object] = {"files": []}
     lazy_bytes = 0
     for stored in pages:
         if stored.name not in layout:
@@ -145,7 +144,8 @@ def prepare(chunks: ChunkStore, files: list[StoredFile], dest: Path, plan_dir: P
         np.save(f"{base}-runs.npy", runs)
         np.save(f"{base}-rows.npy", rows)
         np.save(f"{base}-hashes.npy", hashes)
-        plan["files"].append({"pid": pid, "name": stored.name, "base": str(base), "packs": packs})  # type: ignore[attr-defined]
+        paths = {name: chunks.pack_path(name) for name in packs}
+        plan["files"].append({"pid": pid, "name": stored.name, "base": str(base), "packs": packs, "paths": paths})  # type: ignore[attr-defined]
         lazy_bytes += int(lazy.sum()) * PAGE_CHUNK
     (plan_dir / PLAN).write_text(json.dumps(plan))
     return lazy_bytes
@@ -176,7 +176,6 @@ class PlanServer:
 
     def __init__(self, plan_dir: Path):
         plan = json.loads((plan_dir / PLAN).read_text())
-        root = Path(plan["root"]) / "packs"
         # Opened now, while the caller keeps gc away: a pack replaced later stays
         # readable. Read with pread, not mapped: a page is copied before it is
         # checked, and a disk error is an error, not a SIGBUS.
@@ -185,7 +184,7 @@ class PlanServer:
         for f in plan["files"]:
             for name in f["packs"]:
                 if name not in self.packs:
-                    self.packs[name] = open(root / f"{name}.pack", "rb", buffering=0)  # noqa: SIM115 (kept open)
+                    self.packs[name] = open(f["paths"][name], "rb", buffering=0)  # noqa: SIM115 (kept open)
             base = f["base"]
             served = ServedFile(
                 np.load(f"{base}-runs.npy"),

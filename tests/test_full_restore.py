@@ -4,13 +4,12 @@ memory back before it runs again (real server, kernel and CRIU)."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import numpy as np
 import pytest
 
 from .client import api, restore, snapshot
-from .test_store_integrity import flip_byte, kept_images, largest_pack
+from .test_store_integrity import flip_byte, restore_a_damaged_snapshot
 
 pytestmark = pytest.mark.criu
 
@@ -40,16 +39,7 @@ async def test_a_damaged_pack_is_refused_before_the_kernel_is_touched(jp_fetch, 
     """Not lazy, the images are all written out and checked before the kernel
     is touched: one flipped byte is refused (the lazy case is in
     test_store_integrity)."""
-    kernel_id, sock = await start_kernel()
-    await sock.execute("import numpy as np; x = 1; a = np.random.default_rng(0).random(2_000_000)")
-    snap = await snapshot(jp_fetch, kernel_id)
-    await sock.execute("x = 2")
-    flip_byte(largest_pack(store_root))
-    shutil.rmtree(kept_images(store_root, snap))  # else the restore would not need the packs
-
-    status, body = await api(
-        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"}
-    )
+    status, body, sock, _ = await restore_a_damaged_snapshot(jp_fetch, start_kernel, store_root, flip_byte)
     assert status == 409
     assert re.search(r"pages-\d+\.img: chunk \d+ is corrupt", body["message"]), body
     assert await sock.value("x") == "2"  # never touched

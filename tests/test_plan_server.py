@@ -165,3 +165,17 @@ def test_a_pack_cut_short_is_refused_before_serving(planned, tmp_path):
             f.truncate(pack.stat().st_size // 2)
     with pytest.raises(SnapshotNotRestorable, match="shorter than its index says"):
         sps.PlanServer(plan)
+
+
+def test_an_unknown_request_and_a_pack_cut_short_while_serving_end_the_serving(planned, tmp_path):
+    _, _, plan, _, _, _ = planned
+    criu, thread, errors = serve_in_thread(plan)
+    criu.sendall(REQUEST.pack(3, 1, LAZY_AT, PID))  # PS_IOV_OPEN: a dump's request, never a restore's
+    thread.join(10)
+    assert "unexpected page server request 0x3" in str(errors[0])
+    server = sps.PlanServer(plan)  # the packs whole when it starts, then cut short
+    for pack in (tmp_path / "store" / "packs").glob("*.pack"):
+        with open(pack, "r+b") as f:
+            f.truncate(1)
+    with pytest.raises(SnapshotNotRestorable, match="ends before chunk 0"):
+        server.pages(PID, LAZY_AT, 1)

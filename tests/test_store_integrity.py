@@ -37,18 +37,26 @@ def kept_images(store_root, snap):
     return store_root / "state" / "images" / snap["kernel_id"] / snap["id"]
 
 
-@pytest.mark.parametrize("damage", [truncate, delete], ids=["truncated", "deleted"])
-async def test_damaged_pack_is_refused_and_kernel_untouched(jp_fetch, start_kernel, store_root, damage):
+async def restore_a_damaged_snapshot(jp_fetch, start_kernel, store_root, damage, after="x = 2"):
+    """A kernel snapshotted with x = 1 and 16 MB of random numbers, then
+    ``after`` run, ``damage`` done to the largest pack (the array's pages) and
+    the kept images removed (else the restore would not need the packs): the
+    restore's status and body, the kernel's socket and the snapshot."""
     kernel_id, sock = await start_kernel()
     await sock.execute("import numpy as np; x = 1; a = np.random.default_rng(0).random(2_000_000)")
     snap = await snapshot(jp_fetch, kernel_id)
-    await sock.execute("x = 2")
+    await sock.execute(after)
     damage(largest_pack(store_root))
-    shutil.rmtree(kept_images(store_root, snap))  # else the restore would not need the packs
-
+    shutil.rmtree(kept_images(store_root, snap))
     status, body = await api(
         jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"}
     )
+    return status, body, sock, snap
+
+
+@pytest.mark.parametrize("damage", [truncate, delete], ids=["truncated", "deleted"])
+async def test_damaged_pack_is_refused_and_kernel_untouched(jp_fetch, start_kernel, store_root, damage):
+    status, body, sock, _ = await restore_a_damaged_snapshot(jp_fetch, start_kernel, store_root, damage)
     assert status == 409
     assert "corrupt" in body["message"] or "cannot be read" in body["message"] or "missing" in body["message"]
     assert await sock.value("x") == "2"  # never touched
@@ -60,15 +68,8 @@ async def test_a_damaged_chunk_met_while_the_memory_comes_back_puts_the_kernel_b
     """The memory of a snapshot with no kept images comes from the store as
     the kernel runs (store_page_server), each chunk checked before CRIU gets
     it: one that fails puts the kernel back as it was before the restore."""
-    kernel_id, sock = await start_kernel()
-    await sock.execute("import numpy as np; x = 1; a = np.random.default_rng(0).random(2_000_000)")
-    snap = await snapshot(jp_fetch, kernel_id)
-    await sock.execute("x = 2; b = np.random.default_rng(1).random(1000)")
-    flip_byte(largest_pack(store_root))  # inside the array's pages (random: stored as is)
-    shutil.rmtree(kept_images(store_root, snap))
-
-    status, outcome = await api(
-        jp_fetch, "POST", "api", "ckpt", "snapshots", snap["id"], "restore", body={"mode": "replace"}
+    status, outcome, sock, snap = await restore_a_damaged_snapshot(
+        jp_fetch, start_kernel, store_root, flip_byte, after="x = 2; b = np.random.default_rng(1).random(1000)"
     )
     assert status == 200 and outcome["lazy"], outcome  # the kernel ran before its memory was all back
     failed = await events.wait_for_action("restore_failed", snapshot_id=snap["id"], timeout=60)
