@@ -61,6 +61,15 @@ class CheckpointApp(ExtensionApp):
         "store's deduplicated chunks, so that restoring them skips reassembling the images (checked "
         "against the manifest's digests first). 0 keeps none.",
     )
+    incremental_snapshots = Bool(
+        True,
+        config=True,
+        help="Save only the memory pages a kernel wrote since its previous snapshot (CRIU's dirty "
+        "tracking: soft-dirty, or userfaultfd write-protect where the Linux kernel lacks soft-dirty), "
+        "so the kernel is frozen for what changed, not for its size. Needs the previous snapshot's "
+        "kept images (image_cache_bytes); otherwise, and for kernels holding io_uring or a device "
+        "that writes memory by DMA, snapshots are full.",
+    )
     lazy_restore = Bool(
         True,
         config=True,
@@ -209,6 +218,7 @@ class CheckpointApp(ExtensionApp):
             contents_manager=self.serverapp.contents_manager,
             fork_outbound=self.fork_outbound,
             lazy_restore=self.lazy_restore,
+            incremental_snapshots=self.incremental_snapshots,
             max_import_bytes=self.max_import_bytes,
             # jupyter-collaboration's documents, where it is installed (notebooks.py)
             live_documents=lambda: self.serverapp.web_app.settings.get("jupyter_server_ydoc"),

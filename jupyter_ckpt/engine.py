@@ -6,9 +6,11 @@ use it directly. Every call blocks; the server runs them in a worker thread.
 
 from __future__ import annotations
 
+import array
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -19,6 +21,7 @@ from typing import Any
 
 from . import refusals
 from .criu_images import allow_resized_files, close_outside_connections, move_listeners, prune_absent_mounts
+from .dirty_tracking import DirtyTracking
 from .errors import CriuUnavailable, DumpFailed, RestoreFailed
 from .forknet import ForkNetwork
 
@@ -53,6 +56,9 @@ class CriuHealth:
     path: str | None = None
     reason: str = ""
     lazy_pages: bool = False  # userfaultfd as CRIU's lazy restore needs it (uffd-noncoop)
+    # What tells CRIU the pages written since the last dump (dirty_tracking.py):
+    # "soft-dirty", "userfaultfd" (write-protect, our patch 0004) or "none".
+    dirty_tracking: str = "none"
 
 
 @dataclass
@@ -60,6 +66,7 @@ class DumpResult:
     freeze_seconds: float  # how long the process tree was frozen
     total_seconds: float  # the whole dump, freeze included
     memory_bytes: int  # memory pages written to the images
+    parent_bytes: int = 0  # memory left in the parent images (not written since it was dumped)
 
 
 @dataclass
@@ -210,8 +217,14 @@ class CriuEngine:
                 path,
                 f"{path} lacks our restore patches 0002 and 0003 (scripts/install-criu.sh adds them)",
             )
-        uffd = subprocess.run([path, "check", "--feature", "uffd-noncoop"], capture_output=True, timeout=60)
-        return CriuHealth(True, version, path, lazy_pages=uffd.returncode == 0)
+
+        def has(feature: str) -> bool:
+            return (
+                subprocess.run([path, "check", "--feature", feature], capture_output=True, timeout=60).returncode == 0
+            )
+
+        dirty = "soft-dirty" if has("mem_dirty_track") else "userfaultfd" if has("uffd_wp_dirty_track") else "none"
+        return CriuHealth(True, version, path, lazy_pages=has("uffd-noncoop"), dirty_tracking=dirty)
 
     # -- dump and restore -------------------------------------------------------
 
@@ -241,9 +254,16 @@ class CriuEngine:
         images_dir: Path,
         *,
         external: tuple[str, ...] = (),
+        tracking: DirtyTracking | None = None,
+        parent: Path | None = None,
     ) -> DumpResult:
         """Dump the process tree rooted at ``pid`` into ``images_dir``; the tree
         resumes afterwards, and also when the dump fails.
+
+        ``tracking``: track the pages written from this dump on (and keep what
+        CRIU hands over for it); with ``parent``, the images of the dump the
+        tracking counts from, only the pages written since are saved, the rest
+        left as holes in ``parent`` (dirty_tracking.flatten fills them).
 
         Always leave-running: a dump that kills its tree keeps CRIU's nftables
         lock on the tree's TCP connections (it expects a restore of the same
@@ -281,9 +301,18 @@ class CriuEngine:
             netns = _foreign_netns(pid)
             if netns is not None:
                 c.opts.external.append(f"net[{netns}]:{NETNS_KEY}")
+            if tracking is not None and self.health().dirty_tracking != "none":
+                c.opts.track_mem = True
+                if parent is not None:
+                    c.opts.parent_img = str(parent)
             try:
-                c.dump()
+                if c.opts.track_mem:
+                    self._dump_tracking(c.opts, tracking)
+                else:
+                    c.dump()
             except BaseException as e:
+                if tracking is not None:
+                    tracking.counted_from = None  # some processes may have been reset, others not
                 # A criu that died half-way (killed, out of memory) leaves its
                 # network lock: the kernel's connections would hang for good.
                 remove_network_lock(images_dir / DUMP_LOG, pid)
@@ -307,8 +336,59 @@ class CriuEngine:
         total = time.monotonic() - started
         stats = _load_stats(images_dir / "stats-dump", "dump")
         freeze = (stats.get("freezing_time", 0) + stats.get("frozen_time", 0)) / 1e6
-        memory = stats.get("pages_written", 0) * os.sysconf("SC_PAGE_SIZE")
-        return DumpResult(freeze_seconds=freeze or total, total_seconds=total, memory_bytes=memory)
+        page = os.sysconf("SC_PAGE_SIZE")
+        return DumpResult(
+            freeze_seconds=freeze or total,
+            total_seconds=total,
+            memory_bytes=stats.get("pages_written", 0) * page,
+            parent_bytes=stats.get("pages_skipped_parent", 0) * page,
+        )
+
+    def _dump_tracking(self, opts: Any, tracking: DirtyTracking) -> None:
+        """A dump with dirty tracking, over a ``criu swrk`` of our own: CRIU
+        notifies its action scripts (pycriu cannot answer those) and hands over
+        each process's userfaultfd in a "dirty-track" notification; the ones
+        kept from the previous dump go back to it as inherit fds."""
+        import pycriu
+
+        req = pycriu.rpc.criu_req(type=pycriu.rpc.DUMP)
+        req.opts.MergeFrom(opts)
+        req.opts.notify_scripts = True
+        kept = tracking.pass_back()
+        for pid, fd in kept.items():
+            req.opts.inherit_fd.add(key=f"uffd-wp[{pid}]", fd=fd)
+        ours, criu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        handed: dict[int, int] = {}
+        with ours:
+            with criu_end:
+                swrk = subprocess.Popen(
+                    [self.criu_path or "criu", "swrk", str(criu_end.fileno())],
+                    pass_fds=[criu_end.fileno(), *kept.values()],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            try:
+                ours.send(req.SerializeToString())
+                while True:
+                    data, fds = _receive(ours)
+                    resp = pycriu.rpc.criu_resp()
+                    resp.ParseFromString(data)
+                    if resp.type != pycriu.rpc.NOTIFY:
+                        break
+                    if resp.notify.script == "dirty-track" and fds:
+                        handed[resp.notify.pid] = fds.pop(0)
+                    for fd in fds:
+                        os.close(fd)
+                    ours.send(pycriu.rpc.criu_req(type=pycriu.rpc.NOTIFY, notify_success=True).SerializeToString())
+            except OSError as e:
+                raise pycriu.CRIUExceptionInternal(pycriu.rpc.DUMP, str(e)) from None
+            finally:
+                swrk.wait()
+        for pid, fd in handed.items():
+            tracking.take(pid, fd)
+        if not data or not resp.success:
+            raise pycriu.CRIUExceptionExternal(pycriu.rpc.DUMP, resp.type, resp.cr_errno)
 
     def remove_network_lock(self, dump_log: Path, pid: int | None = None) -> bool:
         """Lift the network lock of a dump whose criu died (see the function)."""
@@ -481,6 +561,17 @@ def _find_criu() -> str | None:
         if os.path.exists(candidate):
             return candidate
     return None
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message of CRIU's and the fds it carries (close-on-exec)."""
+    size = len(sock.recv(1, socket.MSG_PEEK | socket.MSG_TRUNC))
+    data, ancillary, _, _ = sock.recvmsg(max(size, 1), socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
 
 
 def _load_stats(path: Path, kind: str) -> dict:

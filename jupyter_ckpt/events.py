@@ -36,6 +36,8 @@ class SnapshotEvents:
         for name in ("memory_bytes", "stored_bytes", "freeze_seconds"):
             if getattr(record, name):
                 data[name] = getattr(record, name)
+        if record.changed_bytes is not None:  # 0 too: an incremental snapshot of an unchanged kernel
+            data["changed_bytes"] = record.changed_bytes
         if message or record.error:
             data["message"] = message or record.error
         self.publish(data)

@@ -14,9 +14,10 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dirty_tracking import DirtyTracking
 from .engine import CriuEngine, LazyPages
 from .forknet import ForkNetwork
 
@@ -165,6 +166,7 @@ class KernelTree:
     stdio: KernelStdio
     restored_from: str | None = None  # snapshot id, after a restore
     network: ForkNetwork | None = None  # a fork's own network namespace
+    dirty: DirtyTracking = field(default_factory=DirtyTracking)  # pages written since its last snapshot
 
 
 @dataclass

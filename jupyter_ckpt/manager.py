@@ -57,6 +57,7 @@ class CheckpointManager:
         contents_manager: Any = None,
         fork_outbound: str = "nat",
         lazy_restore: bool = True,
+        incremental_snapshots: bool = True,
         max_import_bytes: int = bundle.DEFAULT_MAX_IMPORT_BYTES,
         live_documents: Callable[[], Any] | None = None,
     ):
@@ -76,7 +77,7 @@ class CheckpointManager:
         self._gc_task: asyncio.Task | None = None
         self._gc_wanted = False
         parts = FlowParts(self.kernels, engine, store, self.claims, self.events, self.journal, self.log)
-        self.snapshots = SnapshotFlow(parts, self.activity)
+        self.snapshots = SnapshotFlow(parts, self.activity, incremental=incremental_snapshots)
         self.in_place = RestoreInPlace(parts, lazy_restore=lazy_restore)
         self.forks = Fork(parts, outbound=fork_outbound)
         hibernated = RunningKernels(store.state / "hibernated-kernels.json")
@@ -92,6 +93,8 @@ class CheckpointManager:
             "previous_run": self.previous_run,
             "criu": {"available": health.available, "version": health.version, "reason": health.reason},
             "store": {"backend": self.store.backend},
+            # What the next snapshots use to save only the pages written since the last.
+            "dirty_tracking": health.dirty_tracking if self.snapshots.incremental else "off",
             "features": {
                 "snapshot": health.available,
                 "restore_replace": health.available,

@@ -214,7 +214,7 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
             info = await super().launch_kernel(prefix + list(cmd), **kwargs)
         finally:
             stdio.close_write_ends()
-        self.tree = KernelTree(init_pid=await self._namespace_init(self.process.pid), stdio=stdio)
+        self._set_tree(KernelTree(init_pid=await self._namespace_init(self.process.pid), stdio=stdio))
         return info
 
     async def _launch_through_helper(self, cmd: list[str], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -252,7 +252,7 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         self.process = RestoredProcess(pid)
         self.pid = self.pgid = pid
         self.cwd = cwd
-        self.tree = KernelTree(init_pid=pid, stdio=stdio)
+        self._set_tree(KernelTree(init_pid=pid, stdio=stdio))
         return self.connection_info
 
     async def _launch_fork(self, plan: LaunchPlan, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +270,7 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         self.process = ProcessOnDisk()
         self.pid = self.pgid = 0
         self.cwd = kwargs.get("cwd") or os.getcwd()
-        self.tree = KernelTree(init_pid=0, stdio=KernelStdio(pipes=False), restored_from=None, network=plan.network)
+        self._set_tree(KernelTree(init_pid=0, stdio=KernelStdio(pipes=False), restored_from=None, network=plan.network))
         self.hibernated = plan.snapshot_id
         info = {**self.connection_info, **plan.connection, "key": plan.connection["key"].encode()}
         if plan.network is not None:
@@ -342,6 +342,13 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
     # the server sees it alive (hibernation.py).
     hibernated: str | None = None
 
+    def _set_tree(self, tree: KernelTree) -> None:
+        """The kernel's processes are now ``tree``'s: the tracking of the old
+        ones' memory ends with them."""
+        if self.tree is not None:
+            self.tree.dirty.end()
+        self.tree = tree
+
     def hibernate(self, snapshot_id: str) -> None:
         """Stop the kernel's processes (blocking), which ``snapshot_id`` holds."""
         assert self.tree is not None and not self.hibernated
@@ -349,6 +356,7 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         self.kill_tree()
         self.reap_old()
         self.tree.init_pid = 0  # gone: its pid may be another process's from now on
+        self.tree.dirty.end()
 
     def stop_processes(self) -> None:
         """Before a restore replaces them (blocking): none to stop if hibernated."""
@@ -388,7 +396,7 @@ class CheckpointableProvisioner(LocalProvisioner):  # type:ignore[misc]
         """Take a restored tree (a child of this process) as this kernel's processes."""
         self.process = RestoredProcess(pid)
         self.pid = self.pgid = pid
-        self.tree = KernelTree(init_pid=pid, stdio=stdio, restored_from=snapshot_id, network=network)
+        self._set_tree(KernelTree(init_pid=pid, stdio=stdio, restored_from=snapshot_id, network=network))
         self.hibernated = None
 
     @property

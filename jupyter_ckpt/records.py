@@ -57,6 +57,9 @@ class SnapshotRecord:
     status: str = "pending"
     error: str | None = None
     memory_bytes: int = 0
+    # Of memory_bytes, what was written since the previous snapshot, the part
+    # dumped while frozen (dirty_tracking.py); None for a full dump.
+    changed_bytes: int | None = None
     stored_bytes: int = 0
     freeze_seconds: float | None = None
     total_seconds: float | None = None
@@ -136,6 +139,7 @@ _FIELD_KINDS: tuple[tuple[str, tuple[type, ...], bool], ...] = (
     ("status", (str,), False),
     ("error", (str,), True),
     ("memory_bytes", (int,), False),
+    ("changed_bytes", (int,), True),
     ("stored_bytes", (int,), False),
     ("freeze_seconds", (int, float), True),
     ("total_seconds", (int, float), True),

@@ -4,23 +4,27 @@ then stored while the kernel runs on. Also relabelling and deleting."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from .activity import ActivityTracker
 from .claims import Claim
+from .dirty_tracking import DirtyTracking, ParentMismatch, flatten, untracked_writer
 from .errors import CheckpointError, DumpFailed, InvalidRequest, KernelNotFound, OperationInProgress
 from .flow import Flow, FlowParts
+from .kernel_tree import KernelTree
 from .kernels import connection_info
 from .notebooks import document_bytes
 from .records import TRIGGERS, SnapshotRecord, new_snapshot_id, validate_label
 
 
 class SnapshotFlow(Flow):
-    def __init__(self, parts: FlowParts, activity: ActivityTracker):
+    def __init__(self, parts: FlowParts, activity: ActivityTracker, incremental: bool = True):
         super().__init__(parts)
         self.activity = activity
+        self.incremental = incremental  # dump only what changed since the last snapshot (dirty_tracking.py)
         self.running: dict[str, SnapshotRecord] = {}  # snapshots being taken, by id
         self.tasks: dict[str, asyncio.Task] = {}  # their background tasks
 
@@ -65,7 +69,7 @@ class SnapshotFlow(Flow):
             )
             images = await asyncio.to_thread(self.store.create, record)
             self.running[record.id] = record
-            task = asyncio.ensure_future(self._take(record, prov.tree.init_pid, images, claim.hand_over(), document))
+            task = asyncio.ensure_future(self._take(record, prov.tree, images, claim.hand_over(), document))
         self.tasks[record.id] = task
         task.add_done_callback(lambda _: self.tasks.pop(record.id, None))
         return record
@@ -93,10 +97,11 @@ class SnapshotFlow(Flow):
         return record
 
     async def _take(
-        self, record: SnapshotRecord, pid: int, images: Path, claim: Claim, document: tuple[str, bytes] | None
+        self, record: SnapshotRecord, tree: KernelTree, images: Path, claim: Claim, document: tuple[str, bytes] | None
     ) -> None:
         kernel_id = record.kernel_id
         started = time.monotonic()
+        parent = None
         with claim:
             try:
                 if document is None and record.path:
@@ -104,13 +109,22 @@ class SnapshotFlow(Flow):
                 record.status = "dumping"
                 await asyncio.to_thread(self.store.save, record)
                 self.events.snapshot("started", record)
+                tracking, parent = await asyncio.to_thread(self._dump_base, kernel_id, tree)
                 try:
-                    result = await asyncio.to_thread(self.engine.dump, pid, images)
+                    result = await asyncio.to_thread(
+                        self.engine.dump,
+                        tree.init_pid,
+                        images,
+                        **({"tracking": tracking, "parent": parent} if tracking else {}),
+                    )
                 except Exception as e:
                     raise DumpFailed(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}") from None
                 # The kernel runs again: chunking, hashing, compressing and storing
                 # happen while it does, not while it is frozen.
-                record.memory_bytes = result.memory_bytes
+                if parent is not None:
+                    await asyncio.to_thread(self._make_whole, images, parent, tracking)
+                record.memory_bytes = result.memory_bytes + result.parent_bytes
+                record.changed_bytes = result.memory_bytes if parent is not None else None
                 record.freeze_seconds = round(result.freeze_seconds, 4)
                 if document is not None:
                     await asyncio.to_thread(self.store.stage_notebook, record, document[1])
@@ -123,6 +137,9 @@ class SnapshotFlow(Flow):
                 except Exception as e:
                     raise DumpFailed(f"storing the snapshot failed: {e}") from None
                 self.claims.lineage[kernel_id] = done.id
+                if tracking is not None:  # the next dump builds on this one's kept images, if kept
+                    kept = await asyncio.to_thread(self.store.kept_images.latest, kernel_id)
+                    tracking.counted_from = done.id if kept and kept[0] == done.id else None
                 # Free the kernel before telling anyone the snapshot is complete.
                 self.running.pop(record.id, None)
                 claim.release()
@@ -143,6 +160,30 @@ class SnapshotFlow(Flow):
                 self.events.snapshot("failed", record, message=reason)
             finally:
                 self.running.pop(record.id, None)
+                if parent is not None:
+                    shutil.rmtree(parent, ignore_errors=True)
+
+    def _dump_base(self, kernel_id: str, tree: KernelTree) -> tuple[DirtyTracking | None, Path | None]:
+        """The tracking to dump with, and the images of the dump it counts
+        from (links to them), if there are any to build on (blocking)."""
+        if not self.incremental or self.engine.health().dirty_tracking == "none":
+            return None, None
+        why = untracked_writer(tree.init_pid)
+        if why is not None:
+            tree.dirty.end()
+            self.log.info("jupyter_ckpt: full snapshot of %s: its memory can change unseen (%s)", kernel_id, why)
+            return None, None
+        counted_from = tree.dirty.counted_from
+        tree.dirty.counted_from = None  # until this dump is kept in its turn
+        return tree.dirty, self.store.link_kept(kernel_id, counted_from) if counted_from else None
+
+    @staticmethod
+    def _make_whole(images: Path, parent: Path, tracking: DirtyTracking) -> None:
+        try:
+            flatten(images, parent)
+        except (OSError, ParentMismatch) as e:
+            tracking.end()  # the next dump is a full one
+            raise DumpFailed(f"the unchanged memory could not be taken from the previous snapshot: {e}") from None
 
     async def _parent_for(self, kernel_id: str) -> str | None:
         if kernel_id in self.claims.lineage:

@@ -206,6 +206,22 @@ class SnapshotStore:
         self._record_path(record.id).unlink(missing_ok=True)
         return done
 
+    def link_kept(self, kernel_id: str, snapshot_id: str) -> Path | None:
+        """Hard links to the kept images of ``snapshot_id``, if they are the
+        kernel's latest kept ones, in a scratch directory the caller removes:
+        an incremental dump's parent, which the cache may then drop meanwhile."""
+        kept = self.kept_images.latest(kernel_id)
+        if kept is None or kept[0] != snapshot_id:
+            return None
+        links = self.new_scratch_dir("parent-")
+        try:
+            for image in kept[1].iterdir():
+                os.link(image, links / image.name)
+        except OSError:  # dropped meanwhile
+            shutil.rmtree(links, ignore_errors=True)
+            return None
+        return links
+
     def _kept_references(self, kernel_id: str, images: Path | None = None) -> dict[str, Reference]:
         """The kernel's kept images of its previous snapshot, each checked
         against that snapshot's (verified) manifest, by file name: what the

@@ -120,6 +120,9 @@ rm -rf "$PYCRIU_SRC" && mkdir -p "$PYCRIU_SRC"
 cp -r lib/pyproject.toml lib/setup.py lib/setup.cfg lib/pycriu "$PYCRIU_SRC/"
 find "$PYCRIU_SRC" \( -name '*.o' -o -name '*.d' -o -name Makefile \) -delete
 
+# CRIU caches what it learnt of the kernel (kerndat) in /run; a cache the
+# previous build wrote may lack what this one checks for.
+rm -f /run/criu.kdat /run/criu.kdat.tmp
 "$PREFIX/sbin/criu" check || die "'criu check' fails with the freshly built criu $(installed_version)"
 patch_sums >"$PATCHES_STAMP"
 say "installed criu $(installed_version) to $PREFIX/sbin/criu"

@@ -1,0 +1,288 @@
+"""Snapshots that save only the pages written since the previous one
+(dirty_tracking.py, patches/criu/0004): CRIU's own images made whole again,
+restored for real, and the same through the server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jupyter_ckpt.dirty_tracking import PE_LAZY, PE_PARENT, DirtyTracking, ParentMismatch, flatten
+from jupyter_ckpt.engine import CriuEngine
+from jupyter_ckpt.page_layout import PAGE, PE_PRESENT
+
+from .client import api, restore, snapshot
+
+# A process holding 64 MiB of numpy data and a forked child holding 8 MiB of
+# its own; it obeys commands written to a file and answers in another (no
+# pipe or socket to the test, so CRIU dumps and restores it on its own).
+TARGET = r"""
+import hashlib, os, sys, time
+import numpy as np
+
+ask = sys.argv[1]
+data = np.ones((64 << 20) // 8)
+extra = []
+
+def answer(text):
+    with open(ask + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(ask + ".tmp", ask + ".answer")
+
+def digest():
+    h = hashlib.sha256(data.tobytes())
+    for e in extra:
+        h.update(e.tobytes())
+    return h.hexdigest()
+
+child = os.fork()
+if child == 0:  # the worker: its own memory, its own tracking
+    ask += ".child"
+    data = np.full((8 << 20) // 8, 3.0)
+while True:
+    time.sleep(0.02)
+    if not os.path.exists(ask):
+        continue
+    with open(ask) as f:
+        command = f.read()
+    os.unlink(ask)
+    if command == "digest":
+        answer(digest())
+        continue
+    if command == "churn":  # mappings made, freed, grown
+        extra = [np.full(50_000 * (i + 1), i, dtype=np.int64) for i in range(5)]
+        del extra[2]
+        extra[0] = np.resize(extra[0], 400_000)
+    else:
+        data.reshape(-1, 512)[: int(command), 0] += 1  # that many pages written
+    answer("done")
+"""
+
+criu = pytest.mark.criu
+
+
+class Target:
+    def __init__(self, folder: Path):
+        self.ask = folder / "ask"
+        script = folder / "target.py"
+        script.write_text(TARGET)
+        self.process = subprocess.Popen(
+            [sys.executable, str(script), str(self.ask)],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=folder,
+        )
+        self.pid = self.process.pid
+        self.command("0")
+        self.command("0", child=True)
+
+    def command(self, text: str, child: bool = False, timeout: float = 30) -> str:
+        ask = Path(f"{self.ask}.child") if child else self.ask
+        answer = Path(f"{ask}.answer")
+        ask.write_text(text)
+        deadline = time.monotonic() + timeout
+        while not answer.exists():
+            assert time.monotonic() < deadline, f"no answer to {text!r}"
+            time.sleep(0.01)
+        reply = answer.read_text()
+        answer.unlink()
+        return reply
+
+    def kill(self) -> None:
+        """Both processes, and until their pids are free for the restore."""
+        child = int(Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()[0])
+        os.killpg(self.pid, 9)
+        self.process.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}").exists():  # reaped by whoever adopted it
+            assert time.monotonic() < deadline, f"the worker {child} stays"
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def target(tmp_path):
+    t = Target(tmp_path)
+    yield t
+    try:
+        os.killpg(t.pid, 9)
+    except ProcessLookupError:
+        pass
+    t.process.wait()
+
+
+def dump(engine: CriuEngine, target: Target, folder: Path, tracking: DirtyTracking, parent: Path | None = None):
+    folder.mkdir()
+    return engine.dump(target.pid, folder, tracking=tracking, parent=parent)
+
+
+@criu
+def test_a_dump_after_the_first_saves_only_what_was_written_and_restores_whole(target, tmp_path):
+    engine = CriuEngine()
+    if engine.health().dirty_tracking == "none":
+        pytest.fail("no dirty tracking: patches/criu/0004 needs Linux 6.7 with userfaultfd write-protect")
+    tracking = DirtyTracking()
+    first = dump(engine, target, tmp_path / "1", tracking)
+    assert first.memory_bytes > 72 << 20 and first.parent_bytes == 0
+    if engine.health().dirty_tracking == "userfaultfd":
+        assert len(tracking.fds) == 2  # the process and its worker, each its own userfaultfd
+    kept = dict(tracking.fds)
+
+    unchanged = dump(engine, target, tmp_path / "2", tracking, parent=tmp_path / "1")
+    assert unchanged.memory_bytes < 8 << 20, "only the interpreters' own pages changed"
+    assert unchanged.parent_bytes > 70 << 20
+    assert tracking.fds == kept  # passed back, not made again
+    flatten(tmp_path / "2", tmp_path / "1")
+
+    target.command("1000")  # 1000 of the 16384 pages
+    target.command("100", child=True)
+    target.command("churn")
+    changed = dump(engine, target, tmp_path / "3", tracking, parent=tmp_path / "2")
+    assert 1100 * PAGE <= changed.memory_bytes < 1100 * PAGE + (20 << 20)  # + 8 MiB churned, interpreters
+    copied = flatten(tmp_path / "3", tmp_path / "2")
+    assert copied == changed.parent_bytes
+    assert not (tmp_path / "3" / "parent").exists()
+    for pagemap in (tmp_path / "3").glob("pagemap-*.img"):
+        assert not any(flags & PE_PARENT for _, _, flags in runs(pagemap))
+
+    expected = target.command("digest"), target.command("digest", child=True)
+    target.kill()
+    restored = subprocess.run(
+        [engine.criu_path, "restore", "-D", str(tmp_path / "3"), "-d", "-o", "restore.log", "-v4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert restored.returncode == 0, (tmp_path / "3" / "restore.log").read_text()[-2000:]
+    assert (target.command("digest"), target.command("digest", child=True)) == expected
+
+
+@criu
+def test_ending_the_tracking_makes_the_next_dump_a_full_one(target, tmp_path):
+    engine = CriuEngine()
+    tracking = DirtyTracking()
+    dump(engine, target, tmp_path / "1", tracking)
+    tracking.end()  # as when the kernel's processes are replaced
+    assert tracking.fds == {}
+    again = dump(engine, target, tmp_path / "2", tracking, parent=tmp_path / "1")
+    # All but the vDSO, which nothing writes (CRIU always takes it from the parent).
+    assert again.parent_bytes <= 2 * 4 * PAGE and again.memory_bytes > 72 << 20
+
+
+# -- flatten, on images written here (no CRIU) ----------------------------------------
+
+
+def write_pagemap(folder: Path, name: str, pages_id: int, runs: list[tuple[int, int, int]], pages: bytes) -> None:
+    import pycriu
+
+    folder.mkdir(exist_ok=True)
+    entries = [{"pages_id": pages_id}] + [
+        {"vaddr": v, "compat_nr_pages": 0, "nr_pages": n, "flags": f} for v, n, f in runs
+    ]
+    with open(folder / name, "wb") as f:
+        pycriu.images.dump({"magic": "PAGEMAP", "entries": entries}, f)
+    (folder / f"pages-{pages_id}.img").write_bytes(pages)
+
+
+def runs(pagemap: Path) -> list[tuple[int, int, int]]:
+    import pycriu
+
+    with open(pagemap, "rb") as f:
+        _, *entries = pycriu.images.load(f)["entries"]
+    return [(int(e["vaddr"]), int(e["nr_pages"]), int(e.get("flags", 0))) for e in entries]
+
+
+def pages(*marks: int) -> bytes:
+    return b"".join(bytes([m]) * PAGE for m in marks)
+
+
+A = 0x7F0000000000
+
+
+def test_flatten_takes_each_hole_from_the_parent_runs_that_hold_it(tmp_path):
+    lazy = PE_PRESENT | PE_LAZY
+    # The parent: pages 0-3 lazy, 4-5 eager, a gap, 8-9 lazy.
+    write_pagemap(
+        tmp_path / "old",
+        "pagemap-1.img",
+        1,
+        [(A, 4, lazy), (A + 4 * PAGE, 2, PE_PRESENT), (A + 8 * PAGE, 2, lazy)],
+        pages(10, 11, 12, 13, 14, 15, 18, 19),
+    )
+    # The new dump: page 0 written, 1-5 in the parent (across its two runs),
+    # 6 new, 8-9 in the parent.
+    write_pagemap(
+        tmp_path / "new",
+        "pagemap-1.img",
+        7,
+        [(A, 1, lazy), (A + PAGE, 5, PE_PARENT), (A + 6 * PAGE, 1, lazy), (A + 8 * PAGE, 2, PE_PARENT)],
+        pages(20, 26),
+    )
+    (tmp_path / "new" / "parent").symlink_to("../old")
+    assert flatten(tmp_path / "new", tmp_path / "old") == 7 * PAGE
+    assert runs(tmp_path / "new" / "pagemap-1.img") == [
+        (A, 1, lazy),
+        (A + PAGE, 3, lazy),
+        (A + 4 * PAGE, 2, PE_PRESENT),
+        (A + 6 * PAGE, 1, lazy),
+        (A + 8 * PAGE, 2, lazy),
+    ]
+    assert (tmp_path / "new" / "pages-7.img").read_bytes() == pages(20, 11, 12, 13, 14, 15, 26, 18, 19)
+    assert not (tmp_path / "new" / "parent").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["pagemap-1.img", "pages-7.img"]
+
+
+def test_flatten_refuses_a_parent_that_lacks_a_page(tmp_path):
+    write_pagemap(tmp_path / "old", "pagemap-1.img", 1, [(A, 2, PE_PRESENT)], pages(1, 2))
+    write_pagemap(tmp_path / "new", "pagemap-1.img", 2, [(A + PAGE, 2, PE_PARENT)], b"")
+    with pytest.raises(ParentMismatch, match=f"lack the page at {A + 2 * PAGE:#x}"):
+        flatten(tmp_path / "new", tmp_path / "old")
+    write_pagemap(tmp_path / "chain", "pagemap-1.img", 1, [(A, 1, PE_PARENT), (A + PAGE, 1, PE_PRESENT)], pages(2))
+    with pytest.raises(ParentMismatch, match="incremental themselves"):
+        flatten(tmp_path / "new", tmp_path / "chain")
+    shutil.rmtree(tmp_path / "old")
+    with pytest.raises(ParentMismatch, match="no such pagemap"):
+        flatten(tmp_path / "new", tmp_path / "old")
+
+
+def test_flatten_leaves_a_full_dump_as_it_is(tmp_path):
+    write_pagemap(tmp_path / "full", "pagemap-1.img", 1, [(A, 2, PE_PRESENT)], pages(1, 2))
+    before = (tmp_path / "full" / "pagemap-1.img").read_bytes()
+    assert flatten(tmp_path / "full", tmp_path / "nowhere") == 0
+    assert (tmp_path / "full" / "pagemap-1.img").read_bytes() == before
+
+
+# -- through the server ---------------------------------------------------------------
+
+GROW = "import numpy as np\ndata = np.ones((256 << 20) // 8)\n"
+
+
+@criu
+async def test_a_kernels_second_snapshot_copies_what_changed_and_restores(jp_fetch, start_kernel):
+    _, status = await api(jp_fetch, "GET", "api", "ckpt", "status")
+    assert status["dirty_tracking"] in ("userfaultfd", "soft-dirty")
+    kernel_id, sock = await start_kernel()
+    await sock.execute(GROW)
+    first = await snapshot(jp_fetch, kernel_id)
+    assert first["changed_bytes"] is None and first["memory_bytes"] > 256 << 20
+    await sock.execute("data[: 2048 * 512 : 512] += 1")  # 2048 pages written
+    second = await snapshot(jp_fetch, kernel_id)
+    assert second["changed_bytes"] < 32 << 20, second
+    assert abs(second["memory_bytes"] - first["memory_bytes"]) < 16 << 20
+    assert second["freeze_seconds"] < first["freeze_seconds"]
+
+    await sock.execute("data[:] = 0")
+    await restore(jp_fetch, second["id"])
+    assert await sock.value("float(data.sum())") == str(float((256 << 20) // 8 + 2048))
+    # A restored kernel is a new set of processes: nothing to count from.
+    after = await snapshot(jp_fetch, kernel_id)
+    assert after["changed_bytes"] is None
+    await restore(jp_fetch, first["id"])
+    assert await sock.value("float(data.sum())") == str(float((256 << 20) // 8))
