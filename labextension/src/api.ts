@@ -21,6 +21,11 @@ export interface ISnapshot {
   status: SnapshotStatus;
   error: string | null;
   memory_bytes: number;
+  /**
+   * Of memory_bytes, what the kernel wrote since its previous snapshot: the
+   * only part copied while it was frozen. null: a full snapshot.
+   */
+  changed_bytes: number | null;
   /** New bytes this snapshot added to the store. */
   stored_bytes: number;
   freeze_seconds: number | null;
@@ -46,6 +51,8 @@ export interface IServerStatus {
   version: string;
   criu: { available: boolean; version: string | null; reason: string };
   store: { backend: string };
+  /** What tells the pages a kernel wrote since its last snapshot (off, none: every snapshot is full). */
+  dirty_tracking: 'soft-dirty' | 'userfaultfd' | 'none' | 'off';
   /** What the server can do now: snapshot, restore_replace, restore_new, lazy_restore, ... */
   features: Record<string, boolean>;
   /** The kernels a previous server left when it stopped without warning (null while the server still mends them). */

@@ -256,8 +256,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
         Notification.update({
           id: note,
           message:
-            `Snapshot saved: ${formatBytes(done.memory_bytes)} of kernel memory, kernel frozen ` +
-            `${formatSeconds(done.freeze_seconds)}, ${formatBytes(done.stored_bytes)} new in the store.`,
+            `Snapshot saved: ${formatBytes(done.memory_bytes)} of kernel memory` +
+            (done.changed_bytes !== null && done.changed_bytes !== undefined
+              ? ` (${formatBytes(done.changed_bytes)} changed since the last snapshot)`
+              : '') +
+            `, kernel frozen ${formatSeconds(done.freeze_seconds)}, ` +
+            `${formatBytes(done.stored_bytes)} new in the store.`,
           type: 'success',
           autoClose: 6000
         });

@@ -24,6 +24,7 @@ export interface ISnapshotEvent {
   kernel_id?: string;
   status?: string;
   memory_bytes?: number;
+  changed_bytes?: number;
   stored_bytes?: number;
   freeze_seconds?: number;
   message?: string;
@@ -188,6 +189,7 @@ export class SnapshotsModel {
     if (known && event.status) {
       known.status = event.status as ISnapshot['status'];
       known.memory_bytes = event.memory_bytes ?? known.memory_bytes;
+      known.changed_bytes = event.changed_bytes ?? known.changed_bytes;
       known.stored_bytes = event.stored_bytes ?? known.stored_bytes;
       known.freeze_seconds = event.freeze_seconds ?? known.freeze_seconds;
       if (event.action === 'failed') {

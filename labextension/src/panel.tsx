@@ -115,7 +115,15 @@ function SnapshotRow(props: {
       </div>
       <div className="jp-ckpt-label">{s.label || <em>no label</em>}</div>
       <div className="jp-ckpt-facts">
-        <span title="kernel memory">{formatBytes(s.memory_bytes)}</span>
+        <span
+          title={
+            s.changed_bytes !== null && s.changed_bytes !== undefined
+              ? `kernel memory, ${formatBytes(s.changed_bytes)} of it changed since the previous snapshot (the part copied while frozen)`
+              : 'kernel memory'
+          }
+        >
+          {formatBytes(s.memory_bytes)}
+        </span>
         <span title="how long the kernel was frozen">
           frozen {formatSeconds(s.freeze_seconds)}
         </span>
