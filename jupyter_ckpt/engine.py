@@ -33,6 +33,7 @@ MIN_CRIU_VERSION = (4, 2)
 DEFAULT_RESIZABLE_FILES = ("*/history.sqlite", "*/history.sqlite-journal", "*/history.sqlite-wal")
 
 DUMP_LOG = "dump.log"
+DUMP_LOG_LEVEL = 3  # CRIU's info level: see CriuEngine.dump
 # CRIU's key for a kernel's network namespace when it is not the server's (a
 # fork's): dumped as external, handed back on restore as an open namespace file.
 NETNS_KEY = "jupyter-ckpt-netns"
@@ -229,7 +230,7 @@ class CriuEngine:
     # -- dump and restore -------------------------------------------------------
 
     @contextmanager
-    def _rpc(self, images_dir: Path, log_dir: Path, log_file: str) -> Iterator[Any]:
+    def _rpc(self, images_dir: Path, log_dir: Path, log_file: str, log_level: int | None = None) -> Iterator[Any]:
         """A CRIU RPC client with the images and log directories open for it."""
         import pycriu
 
@@ -242,7 +243,7 @@ class CriuEngine:
                 fds.append(os.open(log_dir, os.O_DIRECTORY))
                 c.opts.work_dir_fd = fds[1]
             c.opts.log_file = log_file
-            c.opts.log_level = self.log_level
+            c.opts.log_level = self.log_level if log_level is None else log_level
             yield c
         finally:
             for fd in fds:
@@ -270,11 +271,35 @@ class CriuEngine:
         images to lift it), so their peers, the server's ZMQ sockets among them,
         would never see them close. To stop a tree, dump it, then kill it.
         """
+        # CRIU's debug lines (one for every run of pages) are written while the
+        # tree is frozen: a dump logs at most CRIU's info level, and a refused
+        # one is run again with them, to explain it (a transient failure then
+        # passes). Some processes' tracking may have been reset by the first
+        # run and others not: the second is a full dump.
+        quiet = min(self.log_level, DUMP_LOG_LEVEL)
+        try:
+            return self._dump(pid, images_dir, external, tracking, parent, quiet)
+        except DumpFailed:
+            if quiet >= self.log_level:
+                raise
+        for image in images_dir.iterdir():
+            image.unlink()
+        return self._dump(pid, images_dir, external, tracking, None, self.log_level)
+
+    def _dump(
+        self,
+        pid: int,
+        images_dir: Path,
+        external: tuple[str, ...],
+        tracking: DirtyTracking | None,
+        parent: Path | None,
+        log_level: int,
+    ) -> DumpResult:
         import pycriu
 
         self.require()
         started = time.monotonic()
-        with self._rpc(images_dir, images_dir, DUMP_LOG) as c:
+        with self._rpc(images_dir, images_dir, DUMP_LOG, log_level) as c:
             c.opts.pid = pid
             c.opts.leave_running = True
             # The server's ZMQ connections to the kernel: dumped, then closed on

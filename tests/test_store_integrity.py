@@ -131,7 +131,7 @@ async def test_restore_uses_the_kept_images(jp_fetch, start_kernel, store_root):
     kernel_id, sock = await start_kernel()
     await sock.execute("x = 1")
     snap = await snapshot(jp_fetch, kernel_id)
-    # CRIU's log at the default level (4) is kept with the images.
+    # CRIU's log (for a dump, its info level: CriuEngine.dump) is kept with the images.
     log = store_root / "state" / "images" / kernel_id / snap["id"] / "dump.log"
     assert len(log.read_text().splitlines()) > 1000
     await sock.execute("x = 2")
