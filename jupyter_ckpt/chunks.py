@@ -65,6 +65,10 @@ class Reference:
     # (the page at the same address: page_layout), -1 for none; None: the
     # chunk at the same place.
     counterparts: np.ndarray | None = None
+    # For each chunk of the new file, whether it is a copy of its counterpart
+    # (an incremental dump made whole from this very file: dirty_tracking),
+    # so equal without comparing; None: compare them all.
+    copies: np.ndarray | None = None
 
     @classmethod
     def of(cls, path: Path, stored: StoredFile, known_intact: bool = False) -> Reference | None:
@@ -99,9 +103,15 @@ class Reference:
         candidates[: len(given)] = given
         candidates[candidates >= whole] = -1
         valid = np.flatnonzero(candidates >= 0)
+        found = np.full(count, -1, np.int64)
+        if self.copies is not None:
+            copied = np.zeros(count, bool)
+            marks = self.copies[base : base + count]
+            copied[: len(marks)] = marks
+            found[valid[copied[valid]]] = candidates[valid[copied[valid]]]
+            valid = valid[~copied[valid]]
         old = np.frombuffer(self.data, np.uint64, whole * step // 8).reshape(whole, step // 8)
         same = (new[valid] == old[candidates[valid]]).all(axis=1)
-        found = np.full(count, -1, np.int64)
         found[valid[same]] = candidates[valid[same]]
         return found
 

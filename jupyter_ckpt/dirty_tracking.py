@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .page_layout import PAGE, PE_PRESENT
 from .refusals import tree_pids
 
@@ -100,16 +102,18 @@ class ParentMismatch(Exception):
     """The parent images lack pages an incremental dump refers to them for."""
 
 
-def flatten(images: Path, parent: Path) -> int:
+def flatten(images: Path, parent: Path) -> dict[str, np.ndarray]:
     """Make the incremental dump in ``images`` whole: each run CRIU left in the
     ``parent`` images (PE_PARENT) is copied from there, so that every pagemap
     lists its pages as present, in address order, as a full dump does.
 
-    Returns the bytes copied from the parent. ``parent`` must be whole itself
-    (kept images always are). ParentMismatch if it lacks a page."""
+    Returns, for each pages file it rewrote, which of its pages were copied
+    from the parent's page at the same address (the store need not compare
+    those). ``parent`` must be whole itself (kept images always are).
+    ParentMismatch if it lacks a page."""
     import pycriu
 
-    copied = 0
+    copied: dict[str, np.ndarray] = {}
     for pagemap in sorted(images.glob("pagemap-*.img")):
         with open(pagemap, "rb") as f:
             image = pycriu.images.load(f)
@@ -126,6 +130,7 @@ def flatten(images: Path, parent: Path) -> int:
         runs = _ParentRuns(parent_entries)
         whole = new_pages.with_suffix(".whole")
         out_entries = []
+        from_parent = []  # (pages, copied from the parent) in file order
         with open(new_pages, "rb") as new, open(old_pages, "rb") as old, open(whole, "wb") as out:
             copy = _Copier(out.fileno())
             at_new = 0
@@ -135,11 +140,12 @@ def flatten(images: Path, parent: Path) -> int:
                     copy(new.fileno(), at_new, n * PAGE)
                     at_new += n * PAGE
                     out_entries.append({**e, "flags": flags & ~PE_PARENT})
+                    from_parent.append((n, False))
                 elif flags & PE_PARENT:
                     for piece_start, piece_n, offset, piece_flags in runs.cover(pagemap.name, start, n):
                         copy(old.fileno(), offset, piece_n * PAGE)
-                        copied += piece_n * PAGE
                         out_entries.append({**e, "vaddr": piece_start, "nr_pages": piece_n, "flags": piece_flags})
+                        from_parent.append((piece_n, True))
                 else:
                     out_entries.append(e)
             copy.flush()
@@ -149,6 +155,8 @@ def flatten(images: Path, parent: Path) -> int:
             pycriu.images.dump(image, f)
         os.replace(whole, new_pages)
         os.replace(tmp, pagemap)
+        runs_of = np.array(from_parent, np.int64).reshape(-1, 2)  # pages, copied (0/1)
+        copied[new_pages.name] = np.repeat(runs_of[:, 1].astype(bool), runs_of[:, 0])
     link = images / "parent"
     if link.is_symlink():
         link.unlink()

@@ -109,7 +109,7 @@ class SnapshotFlow(Flow):
                 record.status = "dumping"
                 await asyncio.to_thread(self.store.save, record)
                 self.events.snapshot("started", record)
-                tracking, parent = await asyncio.to_thread(self._dump_base, kernel_id, tree)
+                tracking, parent, counted_from = await asyncio.to_thread(self._dump_base, kernel_id, tree)
                 try:
                     result = await asyncio.to_thread(
                         self.engine.dump,
@@ -121,10 +121,12 @@ class SnapshotFlow(Flow):
                     raise DumpFailed(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}") from None
                 # The kernel runs again: chunking, hashing, compressing and storing
                 # happen while it does, not while it is frozen.
+                copies = None
                 if parent is not None:
-                    await asyncio.to_thread(self._make_whole, images, parent, tracking)
+                    copies = counted_from, await asyncio.to_thread(self._make_whole, images, parent, tracking)
                 record.memory_bytes = result.memory_bytes + result.parent_bytes
-                record.changed_bytes = result.memory_bytes if parent is not None else None
+                # None for a full dump (also one made instead: CriuEngine.dump)
+                record.changed_bytes = result.memory_bytes if result.parent_bytes else None
                 record.freeze_seconds = round(result.freeze_seconds, 4)
                 if document is not None:
                     await asyncio.to_thread(self.store.stage_notebook, record, document[1])
@@ -133,7 +135,7 @@ class SnapshotFlow(Flow):
                 await asyncio.to_thread(self.store.save, record)
                 self.events.snapshot("storing", record)
                 try:
-                    done = await asyncio.to_thread(self.store.commit, record, started)
+                    done = await asyncio.to_thread(self.store.commit, record, started, copies)
                 except Exception as e:
                     raise DumpFailed(f"storing the snapshot failed: {e}") from None
                 self.claims.lineage[kernel_id] = done.id
@@ -163,24 +165,26 @@ class SnapshotFlow(Flow):
                 if parent is not None:
                     shutil.rmtree(parent, ignore_errors=True)
 
-    def _dump_base(self, kernel_id: str, tree: KernelTree) -> tuple[DirtyTracking | None, Path | None]:
-        """The tracking to dump with, and the images of the dump it counts
-        from (links to them), if there are any to build on (blocking)."""
+    def _dump_base(self, kernel_id: str, tree: KernelTree) -> tuple[DirtyTracking | None, Path | None, str | None]:
+        """The tracking to dump with, the images of the dump it counts from
+        (links to them) if there are any to build on, and that dump's snapshot
+        id (blocking)."""
         if not self.incremental or self.engine.health().dirty_tracking == "none":
-            return None, None
+            return None, None, None
         why = untracked_writer(tree.init_pid)
         if why is not None:
             tree.dirty.end()
             self.log.info("jupyter_ckpt: full snapshot of %s: its memory can change unseen (%s)", kernel_id, why)
-            return None, None
+            return None, None, None
         counted_from = tree.dirty.counted_from
         tree.dirty.counted_from = None  # until this dump is kept in its turn
-        return tree.dirty, self.store.link_kept(kernel_id, counted_from) if counted_from else None
+        parent = self.store.link_kept(kernel_id, counted_from) if counted_from else None
+        return tree.dirty, parent, counted_from
 
     @staticmethod
-    def _make_whole(images: Path, parent: Path, tracking: DirtyTracking) -> None:
+    def _make_whole(images: Path, parent: Path, tracking: DirtyTracking) -> dict[str, Any]:
         try:
-            flatten(images, parent)
+            return flatten(images, parent)
         except (OSError, ParentMismatch) as e:
             tracking.end()  # the next dump is a full one
             raise DumpFailed(f"the unchanged memory could not be taken from the previous snapshot: {e}") from None

@@ -188,15 +188,20 @@ class SnapshotStore:
             raise SnapshotNotRestorable(f"the notebook of snapshot {snapshot_id} is larger than notebooks are kept")
         return b"".join(bytes(chunk) for chunk in self.read_chunks(stored))
 
-    def commit(self, record: SnapshotRecord, started: float | None = None) -> SnapshotRecord:
+    def commit(
+        self, record: SnapshotRecord, started: float | None = None, copies: tuple[str, dict[str, Any]] | None = None
+    ) -> SnapshotRecord:
         """Chunk, compress and store the staged images, then write the manifest.
 
         Returns the complete record; ``record`` itself is left as it was, so
         nobody sees "complete" before the manifest is durably written.
-        ``started`` (time.monotonic()) sets the record's total_seconds."""
+        ``started`` (time.monotonic()) sets the record's total_seconds.
+        ``copies``: a snapshot id and, by pages file, which pages were copied
+        from that snapshot's kept images (dirty_tracking.flatten)."""
         staging = self.staging_dir(record.id)
         with self.gate.shared():  # until the manifest refers to the chunks: gc would take them
-            files, stats = self.chunks.put_files(staging, self._kept_references(record.kernel_id, staging))
+            references = self._kept_references(record.kernel_id, staging, copies)
+            files, stats = self.chunks.put_files(staging, references)
             done = SnapshotRecord.from_json({**record.to_json(), "status": "complete", "error": None})
             done.stored_bytes = stats.new_bytes
             if started is not None:
@@ -222,7 +227,9 @@ class SnapshotStore:
             return None
         return links
 
-    def _kept_references(self, kernel_id: str, images: Path | None = None) -> dict[str, Reference]:
+    def _kept_references(
+        self, kernel_id: str, images: Path | None = None, copies: tuple[str, dict[str, Any]] | None = None
+    ) -> dict[str, Reference]:
         """The kernel's kept images of its previous snapshot, each checked
         against that snapshot's (verified) manifest, by file name: what the
         files of ``images`` are compared with before anything is hashed. A
@@ -245,12 +252,19 @@ class SnapshotStore:
         if images is None:
             return references
         old_layout = {pagemap: (name, at) for name, (pagemap, at) in page_addresses(folder).items()}
+        copied = copies[1] if copies is not None and copies[0] == snapshot_id else {}
         by_address = {}
         for name, (pagemap, addresses) in page_addresses(images).items():
             old_name, old_addresses = old_layout.get(pagemap, ("", None))
             if old_addresses is not None and old_name in references:
                 old = references[old_name]
-                by_address[name] = Reference(old.data, old.stored, same_addresses(addresses, old_addresses))
+                marks = copied.get(name)
+                by_address[name] = Reference(
+                    old.data,
+                    old.stored,
+                    same_addresses(addresses, old_addresses),
+                    marks if marks is not None and len(marks) == len(addresses) else None,
+                )
         return {**references, **by_address}
 
     def commit_imported(self, record: SnapshotRecord, directory: Path, expected: list[StoredFile]) -> SnapshotRecord:

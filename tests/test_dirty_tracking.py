@@ -147,7 +147,7 @@ def test_a_dump_after_the_first_saves_only_what_was_written_and_restores_whole(t
     changed = dump(engine, target, tmp_path / "3", tracking, parent=tmp_path / "2")
     assert 1100 * PAGE <= changed.memory_bytes < 1100 * PAGE + (20 << 20)  # + 8 MiB churned, interpreters
     copied = flatten(tmp_path / "3", tmp_path / "2")
-    assert copied == changed.parent_bytes
+    assert sum(int(marks.sum()) for marks in copied.values()) * PAGE == changed.parent_bytes
     assert not (tmp_path / "3" / "parent").exists()
     for pagemap in (tmp_path / "3").glob("pagemap-*.img"):
         assert not any(flags & PE_PARENT for _, _, flags in runs(pagemap))
@@ -226,7 +226,8 @@ def test_flatten_takes_each_hole_from_the_parent_runs_that_hold_it(tmp_path):
         pages(20, 26),
     )
     (tmp_path / "new" / "parent").symlink_to("../old")
-    assert flatten(tmp_path / "new", tmp_path / "old") == 7 * PAGE
+    copied = flatten(tmp_path / "new", tmp_path / "old")
+    assert copied["pages-7.img"].tolist() == [False, True, True, True, True, True, False, True, True]
     assert runs(tmp_path / "new" / "pagemap-1.img") == [
         (A, 1, lazy),
         (A + PAGE, 3, lazy),
@@ -255,7 +256,7 @@ def test_flatten_refuses_a_parent_that_lacks_a_page(tmp_path):
 def test_flatten_leaves_a_full_dump_as_it_is(tmp_path):
     write_pagemap(tmp_path / "full", "pagemap-1.img", 1, [(A, 2, PE_PRESENT)], pages(1, 2))
     before = (tmp_path / "full" / "pagemap-1.img").read_bytes()
-    assert flatten(tmp_path / "full", tmp_path / "nowhere") == 0
+    assert flatten(tmp_path / "full", tmp_path / "nowhere") == {}
     assert (tmp_path / "full" / "pagemap-1.img").read_bytes() == before
 
 
