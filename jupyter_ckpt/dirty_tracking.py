@@ -153,7 +153,10 @@ def flatten(images: Path, parent: Path) -> dict[str, np.ndarray]:
         tmp = pagemap.with_suffix(".whole")
         with open(tmp, "wb") as f:
             pycriu.images.dump(image, f)
-        os.replace(whole, new_pages)
+        # Not a rename over the old file: ext4 would then start writing the new
+        # one out at once (auto_da_alloc), a second for a GiB.
+        new_pages.unlink()
+        os.rename(whole, new_pages)
         os.replace(tmp, pagemap)
         runs_of = np.array(from_parent, np.int64).reshape(-1, 2)  # pages, copied (0/1)
         copied[new_pages.name] = np.repeat(runs_of[:, 1].astype(bool), runs_of[:, 0])

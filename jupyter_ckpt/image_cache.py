@@ -96,6 +96,23 @@ class ImageCache:
             return False
         return True
 
+    def link_all(self, kernel_id: str, snapshot_id: str, dest: Path) -> bool:
+        """Hard-link every kept image of ``snapshot_id`` into ``dest``, if they
+        are the kernel's latest kept ones; False if not (or dropped meanwhile).
+        Nothing is checked: the caller reads them as they are."""
+        kept = self.latest(kernel_id)
+        if kept is None or kept[0] != snapshot_id:
+            return False
+        try:
+            for image in kept[1].iterdir():
+                unchanged = self.unchanged_since_kept(image)
+                os.link(image, dest / image.name)
+                if unchanged:  # a link changes only the file's change time
+                    self._as_kept[image] = _identity(image)
+        except OSError:
+            return False
+        return True
+
     def latest(self, kernel_id: str) -> tuple[str, Path] | None:
         """The snapshot id and folder of the images kept for ``kernel_id``."""
         if not KERNEL_ID.match(kernel_id or ""):

@@ -215,14 +215,8 @@ class SnapshotStore:
         """Hard links to the kept images of ``snapshot_id``, if they are the
         kernel's latest kept ones, in a scratch directory the caller removes:
         an incremental dump's parent, which the cache may then drop meanwhile."""
-        kept = self.kept_images.latest(kernel_id)
-        if kept is None or kept[0] != snapshot_id:
-            return None
         links = self.new_scratch_dir("parent-")
-        try:
-            for image in kept[1].iterdir():
-                os.link(image, links / image.name)
-        except OSError:  # dropped meanwhile
+        if not self.kept_images.link_all(kernel_id, snapshot_id, links):
             shutil.rmtree(links, ignore_errors=True)
             return None
         return links
