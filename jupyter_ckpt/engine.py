@@ -277,6 +277,8 @@ class CriuEngine:
         # passes). Some processes' tracking may have been reset by the first
         # run and others not: the second is a full dump.
         quiet = min(self.log_level, DUMP_LOG_LEVEL)
+        if tracking is not None:
+            tracking.counted_from = None  # from now on it counts from this dump, which its caller names
         try:
             return self._dump(pid, images_dir, external, tracking, parent, quiet)
         except DumpFailed:
@@ -336,8 +338,6 @@ class CriuEngine:
                 else:
                     c.dump()
             except BaseException as e:
-                if tracking is not None:
-                    tracking.counted_from = None  # some processes may have been reset, others not
                 # A criu that died half-way (killed, out of memory) leaves its
                 # network lock: the kernel's connections would hang for good.
                 remove_network_lock(images_dir / DUMP_LOG, pid)

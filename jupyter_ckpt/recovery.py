@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .dirty_tracking import ParentMismatch, flatten
 from .engine import CriuEngine
 from .errors import CheckpointError
 from .forknet import for_address
@@ -270,6 +271,17 @@ class PreviousRun:
         if not (previous / "inventory.img").is_file() or not isinstance(entry.get("record"), dict):
             return None
         record = SnapshotRecord.from_json({**entry["record"], "id": new_snapshot_id(), "status": "dumping"})
+        if (previous / "parent").is_symlink():  # saved as the pages written since a kept snapshot
+            try:
+                flatten(previous, (previous / "parent").resolve())
+            except (OSError, ParentMismatch) as e:
+                return {
+                    "kernel_id": kernel_id,
+                    "lost": True,
+                    "snapshot_id": None,
+                    "message": f"restoring snapshot {entry.get('snapshot_id')} was cut short; its state before "
+                    f"could not be made whole ({e})",
+                }
         staging = self.store.create(record)
         staging.rmdir()
         previous.rename(staging)

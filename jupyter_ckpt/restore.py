@@ -24,7 +24,7 @@ from .errors import (
     WakeGaveWay,
 )
 from .flow import Flow, FlowParts
-from .kernel_tree import restore_tree
+from .kernel_tree import KernelTree, restore_tree
 from .kernels import connection_info, listener_moves
 from .provisioner import CheckpointableProvisioner, LaunchPlan
 from .reconnect import client_connections, kernel_ports, wait_until_answering
@@ -323,6 +323,20 @@ class RestoreInPlace(Flow):
         back = restore_tree(self.engine, previous.images, work, previous.stdio_keys, previous.netns)
         prov.adopt(back.pid, back.stdio, previous.restored_from, previous.network)
 
+    def _previous_parent(self, kernel_id: str, tree: KernelTree, work: Path) -> Path | None:
+        """Links to the kept images the kernel's dirty tracking counts from, in
+        ``work``, if there are any: the state a restore replaces is then saved
+        as the pages written since. Put back, it is restored through CRIU's
+        link to its parent; recovery makes it whole before storing it."""
+        if tree.dirty.counted_from is None or self.engine.health().dirty_tracking == "none":
+            return None
+        links = work / "previous-parent"
+        links.mkdir(mode=0o700)
+        if self.store.kept_images.link_all(kernel_id, tree.dirty.counted_from, links):
+            return links
+        shutil.rmtree(links, ignore_errors=True)
+        return None
+
     def _replace_processes(
         self,
         prov: CheckpointableProvisioner,
@@ -347,8 +361,11 @@ class RestoreInPlace(Flow):
         started = time.monotonic()
         if before is not None:
             rollback.mkdir(mode=0o700)
+            parent = self._previous_parent(kernel_id, current, work)
             try:
-                self.engine.dump(current.init_pid, rollback)
+                self.engine.dump(
+                    current.init_pid, rollback, **({"tracking": current.dirty, "parent": parent} if parent else {})
+                )
             except DumpFailed as e:
                 raise RestoreFailed(
                     f"nothing was changed: the kernel's current state could not be saved first ({e})"

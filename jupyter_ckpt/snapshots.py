@@ -177,7 +177,6 @@ class SnapshotFlow(Flow):
             self.log.info("jupyter_ckpt: full snapshot of %s: its memory can change unseen (%s)", kernel_id, why)
             return None, None, None
         counted_from = tree.dirty.counted_from
-        tree.dirty.counted_from = None  # until this dump is kept in its turn
         parent = self.store.link_kept(kernel_id, counted_from) if counted_from else None
         return tree.dirty, parent, counted_from
 

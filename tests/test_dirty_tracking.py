@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jupyter_ckpt.dirty_tracking import PE_LAZY, PE_PARENT, DirtyTracking, ParentMismatch, flatten
@@ -287,3 +288,33 @@ async def test_a_kernels_second_snapshot_copies_what_changed_and_restores(jp_fet
     assert after["changed_bytes"] is None
     await restore(jp_fetch, first["id"])
     assert await sock.value("float(data.sum())") == str(float((256 << 20) // 8))
+
+
+@criu
+async def test_a_restore_that_fails_puts_back_the_state_saved_as_what_changed(
+    jp_fetch, start_kernel, store_root, events
+):
+    """The state a restore replaces is saved as the pages written since the
+    kernel's latest kept snapshot; when the restore fails after the kernel's
+    processes are gone, that state comes back through CRIU's parent link."""
+    from .test_store_integrity import flip_byte, largest_pack
+
+    kernel_id, sock = await start_kernel()
+    await sock.execute("import numpy as np; x = 1; a = np.random.default_rng(0).random(2_000_000)")
+    older = await snapshot(jp_fetch, kernel_id)  # no kept images once a later one is kept
+    await sock.execute("x = 3")
+    latest = await snapshot(jp_fetch, kernel_id)
+    assert latest["changed_bytes"] is not None  # tracking counts from it
+    await sock.execute("x = 2; b = np.random.default_rng(1).random(1000); a[::512] += 1")
+    flip_byte(largest_pack(store_root))  # the older snapshot's memory, served from the store, is damaged
+    status, outcome = await api(
+        jp_fetch, "POST", "api", "ckpt", "snapshots", older["id"], "restore", body={"mode": "replace"}
+    )
+    assert status == 200 and outcome["lazy"], outcome
+    failed = await events.wait_for_action("restore_failed", snapshot_id=older["id"], timeout=60)
+    assert "put back as it was before the restore" in failed["message"], failed
+    assert await sock.value("x") == "2"
+    assert await sock.value("float(b.sum())") == repr(float(np.random.default_rng(1).random(1000).sum()))
+    expected = np.random.default_rng(0).random(2_000_000)
+    expected[::512] += 1
+    assert await sock.value("float(a.sum())") == repr(float(expected.sum()))
