@@ -318,3 +318,54 @@ async def test_a_restore_that_fails_puts_back_the_state_saved_as_what_changed(
     expected = np.random.default_rng(0).random(2_000_000)
     expected[::512] += 1
     assert await sock.value("float(a.sum())") == repr(float(expected.sum()))
+
+
+class TestIncrementalSnapshotsOff:
+    """CheckpointApp.incremental_snapshots = False: every snapshot is full."""
+
+    @pytest.fixture
+    def jp_server_config(self, store_root):
+        return {
+            "ServerApp": {"jpserver_extensions": {"jupyter_ckpt": True}},
+            "CheckpointApp": {"store_root": str(store_root), "incremental_snapshots": False},
+        }
+
+    @criu
+    async def test_every_snapshot_is_full(self, jp_fetch, start_kernel):
+        _, status = await api(jp_fetch, "GET", "api", "ckpt", "status")
+        assert status["dirty_tracking"] == "off"
+        kernel_id, sock = await start_kernel()
+        await sock.execute("x = 1")
+        first = await snapshot(jp_fetch, kernel_id)
+        second = await snapshot(jp_fetch, kernel_id)
+        assert first["changed_bytes"] is None and second["changed_bytes"] is None
+        assert second["memory_bytes"] > 0.9 * first["memory_bytes"]
+
+
+def test_a_process_holding_a_device_that_writes_memory_unseen_is_found(tmp_path, monkeypatch):
+    """untracked_writer looks through the whole tree; /dev/null stands in for a
+    GPU's device file here (a kernel holding one cannot be dumped on this machine)."""
+    from jupyter_ckpt import dirty_tracking
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run(['sh', '-c', 'exec sleep 60 </dev/null'])"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+        deadline = time.monotonic() + 10
+        while (
+            not children.read_text().split()
+            or os.readlink(f"/proc/{children.read_text().split()[0]}/fd/0") != "/dev/null"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        child = int(children.read_text().split()[0])
+        assert dirty_tracking.untracked_writer(parent.pid) is None
+        monkeypatch.setattr(dirty_tracking, "_UNTRACKED_WRITERS", ("/dev/null",))
+        assert dirty_tracking.untracked_writer(parent.pid) == f"process {child} holds /dev/null"
+    finally:
+        parent.kill()
+        parent.wait()
