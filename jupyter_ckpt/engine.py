@@ -414,6 +414,7 @@ class CriuEngine:
             tracking.take(pid, fd)
         if not data or not resp.success:
             raise pycriu.CRIUExceptionExternal(pycriu.rpc.DUMP, resp.type, resp.cr_errno)
+        tracking.prune(set(refusals.tree_pids(opts.pid)))  # the processes that exited since
 
     def remove_network_lock(self, dump_log: Path, pid: int | None = None) -> bool:
         """Lift the network lock of a dump whose criu died (see the function)."""

@@ -56,6 +56,11 @@ while True:
     if command == "digest":
         answer(digest())
         continue
+    if command == "end worker":
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        answer("done")
+        continue
     if command == "churn":  # mappings made, freed, grown
         extra = [np.full(50_000 * (i + 1), i, dtype=np.int64) for i in range(5)]
         del extra[2]
@@ -163,6 +168,19 @@ def test_a_dump_after_the_first_saves_only_what_was_written_and_restores_whole(t
     )
     assert restored.returncode == 0, (tmp_path / "3" / "restore.log").read_text()[-2000:]
     assert (target.command("digest"), target.command("digest", child=True)) == expected
+
+
+@criu
+def test_the_userfaultfd_of_a_process_that_exited_is_closed_at_the_next_dump(target, tmp_path):
+    engine = CriuEngine()
+    if engine.health().dirty_tracking != "userfaultfd":
+        pytest.fail("this machine's Linux has no userfaultfd write-protect (patches/criu/0004)")
+    tracking = DirtyTracking()
+    dump(engine, target, tmp_path / "1", tracking)
+    assert len(tracking.fds) == 2
+    target.command("end worker")
+    dump(engine, target, tmp_path / "2", tracking, parent=tmp_path / "1")
+    assert list(tracking.fds) == [target.pid]  # the worker's closed (DirtyTracking.prune)
 
 
 @criu
