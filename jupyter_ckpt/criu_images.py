@@ -226,10 +226,13 @@ def host_files(images_dir: Path) -> list[tuple[str, dict, str]]:
 
     regs = [e["reg"] for e in load("files.img") if e.get("type") == "REG" and e.get("reg")]
     # CRIU's link remap files (links it made to a deleted file during the dump)
-    # name no mount; they live where the file they stand for did.
+    # name no mount; they live where the file they stand for did. Only a LINKED
+    # remap's remap_id is a file's id: a GHOST one's is a ghost file's, another
+    # numbering, where it would name some other file.
     mount_of = {reg.get("id"): reg.get("mnt_id") for reg in regs}
     for remap in remaps:
-        mount_of[remap.get("remap_id")] = mount_of.get(remap.get("orig_id"))
+        if remap.get("remap_type", "LINKED") in ("LINKED", 0):
+            mount_of[remap.get("remap_id")] = mount_of.get(remap.get("orig_id"))
     return [
         (reg["name"], reg, roles.get(reg["id"]) or ("library" if "build_id" in reg else "file"))
         for reg in regs
