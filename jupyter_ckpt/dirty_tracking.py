@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .page_layout import PAGE, PE_PRESENT
+from .page_layout import PAGE, PE_PRESENT, read_pagemap, write_pagemap
 from .refusals import tree_pids
 
 PE_PARENT = 1 << 0  # CRIU's pagemap flag: the run's pages are in the parent images
@@ -105,80 +105,83 @@ class ParentMismatch(Exception):
 def flatten(images: Path, parent: Path) -> dict[str, np.ndarray]:
     """Make the incremental dump in ``images`` whole: each run CRIU left in the
     ``parent`` images (PE_PARENT) is copied from there, so that every pagemap
-    lists its pages as present, in address order, as a full dump does.
+    lists its pages as present, in address order, as a full dump does (runs
+    that meet with the same flags are one again).
 
     Returns, for each pages file it rewrote, which of its pages were copied
     from the parent's page at the same address (the store need not compare
     those). ``parent`` must be whole itself (kept images always are).
     ParentMismatch if it lacks a page."""
-    import pycriu
-
-    copied: dict[str, np.ndarray] = {}
+    copied = {}
     for pagemap in sorted(images.glob("pagemap-*.img")):
-        with open(pagemap, "rb") as f:
-            image = pycriu.images.load(f)
-        head, *entries = image["entries"]
-        if not any(int(e.get("flags", 0)) & PE_PARENT for e in entries):
-            continue
-        try:
-            with open(parent / pagemap.name, "rb") as f:
-                parent_head, *parent_entries = pycriu.images.load(f)["entries"]
-        except OSError as e:
-            raise ParentMismatch(f"{pagemap.name}: the parent images have no such pagemap ({e})") from None
-        new_pages = images / f"pages-{int(head['pages_id'])}.img"
-        old_pages = parent / f"pages-{int(parent_head['pages_id'])}.img"
-        runs = _ParentRuns(parent_entries)
-        whole = new_pages.with_suffix(".whole")
-        out_entries = []
-        from_parent = []  # (pages, copied from the parent) in file order
-        with open(new_pages, "rb") as new, open(old_pages, "rb") as old, open(whole, "wb") as out:
-            copy = _Copier(out.fileno())
-            at_new = 0
-            for e in entries:
-                start, n, flags = int(e["vaddr"]), int(e["nr_pages"]), int(e.get("flags", 0))
-                if flags & PE_PRESENT:
-                    copy(new.fileno(), at_new, n * PAGE)
-                    at_new += n * PAGE
-                    out_entries.append({**e, "flags": flags & ~PE_PARENT})
-                    from_parent.append((n, False))
-                elif flags & PE_PARENT:
-                    for piece_start, piece_n, offset, piece_flags in runs.cover(pagemap.name, start, n):
-                        copy(old.fileno(), offset, piece_n * PAGE)
-                        out_entries.append({**e, "vaddr": piece_start, "nr_pages": piece_n, "flags": piece_flags})
-                        from_parent.append((piece_n, True))
-                else:
-                    out_entries.append(e)
-            copy.flush()
-        image["entries"] = [head, *out_entries]
-        tmp = pagemap.with_suffix(".whole")
-        with open(tmp, "wb") as f:
-            pycriu.images.dump(image, f)
-        # Not a rename over the old file: ext4 would then start writing the new
-        # one out at once (auto_da_alloc), a second for a GiB.
-        new_pages.unlink()
-        os.rename(whole, new_pages)
-        os.replace(tmp, pagemap)
-        runs_of = np.array(from_parent, np.int64).reshape(-1, 2)  # pages, copied (0/1)
-        copied[new_pages.name] = np.repeat(runs_of[:, 1].astype(bool), runs_of[:, 0])
+        prefix, pages_id, entries = read_pagemap(pagemap)
+        if (entries[:, 2] & PE_PARENT).any():
+            new_pages = images / f"pages-{pages_id}.img"
+            copied[new_pages.name] = _flatten_pagemap(pagemap, prefix, pages_id, entries, parent)
     link = images / "parent"
     if link.is_symlink():
         link.unlink()
     return copied
 
 
+def _flatten_pagemap(pagemap: Path, prefix: bytes, pages_id: int, entries: np.ndarray, parent: Path) -> np.ndarray:
+    try:
+        _, parent_pages_id, parent_entries = read_pagemap(parent / pagemap.name)
+    except (OSError, ValueError) as e:
+        raise ParentMismatch(f"{pagemap.name}: the parent images have no such pagemap ({e})") from None
+    new_pages = pagemap.parent / f"pages-{pages_id}.img"
+    whole = new_pages.with_suffix(".whole")
+    runs = _ParentRuns(parent_entries.tolist())
+    out: list[list[int]] = []  # (address, pages, flags), runs that meet merged
+    from_parent: list[tuple[int, int]] = []  # (pages, copied from the parent) in file order
+
+    def emit(start: int, n: int, flags: int, copy_of_parent: bool) -> None:
+        if out and out[-1][2] == flags and out[-1][0] + out[-1][1] * PAGE == start:
+            out[-1][1] += n
+        else:
+            out.append([start, n, flags])
+        if flags & PE_PRESENT:
+            from_parent.append((n, copy_of_parent))
+
+    with (
+        open(new_pages, "rb") as new,
+        open(parent / f"pages-{parent_pages_id}.img", "rb") as old,
+        open(whole, "wb") as target,
+    ):
+        copy = _Copier(target.fileno())
+        at_new = 0
+        for start, n, flags in entries.tolist():
+            if flags & PE_PRESENT:
+                copy(new.fileno(), at_new, n * PAGE)
+                at_new += n * PAGE
+                emit(start, n, flags & ~PE_PARENT, False)
+            elif flags & PE_PARENT:
+                for piece_start, piece_n, offset, piece_flags in runs.cover(pagemap.name, start, n):
+                    copy(old.fileno(), offset, piece_n * PAGE)
+                    emit(piece_start, piece_n, piece_flags, True)
+            else:
+                emit(start, n, flags, False)
+        copy.flush()
+    # Not a rename over the old file: ext4 would then start writing the new one
+    # out at once (auto_da_alloc), a second for a GiB.
+    new_pages.unlink()
+    os.rename(whole, new_pages)
+    write_pagemap(pagemap, prefix, pages_id, [(v, n, f) for v, n, f in out])
+    marks = np.array(from_parent, np.int64).reshape(-1, 2)  # pages, copied (0/1)
+    return np.repeat(marks[:, 1].astype(bool), marks[:, 0])
+
+
 class _ParentRuns:
     """The parent pagemap's present runs, for looking up where a page is."""
 
-    def __init__(self, entries: list[dict]):
+    def __init__(self, entries: list[list[int]]):
         self.runs = []  # (start, pages, offset in the pages file, flags)
         offset = 0
-        for e in entries:
-            flags = int(e.get("flags", 0))
+        for start, n, flags in entries:
             if flags & PE_PARENT:
                 raise ParentMismatch("the parent images are incremental themselves")
             if flags & PE_PRESENT:
-                n = int(e["nr_pages"])
-                self.runs.append((int(e["vaddr"]), n, offset, flags))
+                self.runs.append((start, n, offset, flags))
                 offset += n * PAGE
         self.starts = [r[0] for r in self.runs]
 
