@@ -432,21 +432,36 @@ async def measure_repeated(bench: Bench, name: str, runs: int) -> dict:
     """The headline comparison on a noisy machine: ``runs`` rounds on one
     kernel, each a jupyter-ckpt snapshot (after changing one page in ten, as
     between two cells) then a dill.dump_session, and a restore of that
-    snapshot (its kept images). Medians."""
+    snapshot (its kept images). Then ``runs`` rounds of the same without the
+    restores (as auto-backup and %checkpoint take them: a restored kernel's
+    first snapshot is a full one, later ones copy what changed). Medians."""
     code, check, gib = WORKLOADS[name]
     kernel_id, client = await bench.start()
-    rounds = []
+    rounds, steady = [], []
+    session = bench.work / "dill-session.pkl"
+
+    async def snapshot_and_dill() -> dict:
+        await bench.run(client, "data.reshape(-1, 512)[::10, 0] += 1.0")
+        row = await bench.ckpt_snapshot(kernel_id)
+        row.update(await bench.dill_dump(client, session))
+        session.unlink()
+        return row
+
     try:
         await bench.run(client, code)
         for i in range(runs):
-            await bench.run(client, "data.reshape(-1, 512)[::10, 0] += 1.0")
-            row = await bench.ckpt_snapshot(kernel_id)
-            session = bench.work / "dill-session.pkl"
-            row.update(await bench.dill_dump(client, session))
-            session.unlink()
+            row = await snapshot_and_dill()
             row.update(await bench.ckpt_restore(row["snapshot_id"]))
             rounds.append(row)
             print(f"  round {i + 1}: " + json.dumps({k: v for k, v in row.items() if k.endswith("_s")}), flush=True)
+        await bench.ckpt_snapshot(kernel_id)  # the first after the last restore: a full one
+        for i in range(runs):
+            steady.append(await snapshot_and_dill())
+            print(
+                f"  without restores, round {i + 1}: "
+                + json.dumps({k: v for k, v in steady[-1].items() if k.endswith("_s")}),
+                flush=True,
+            )
     finally:
         await bench.stop(kernel_id, client)
     keys = (
@@ -459,7 +474,14 @@ async def measure_repeated(bench: Bench, name: str, runs: int) -> dict:
         "restore_save_previous_s",
         "restore_criu_s",
     )
-    return {"workload": name, "gib": gib, "runs": runs, **{k: median([r[k] for r in rounds]) for k in keys}}
+    steady_keys = ("freeze_s", "durable_s", "dill_dump_s", "dill_durable_s")
+    return {
+        "workload": name,
+        "gib": gib,
+        "runs": runs,
+        **{k: median([r[k] for r in rounds]) for k in keys},
+        **{f"steady_{k}": median([r[k] for r in steady]) for k in steady_keys},
+    }
 
 
 async def run_suite(args: argparse.Namespace, work: Path) -> dict:
@@ -572,7 +594,14 @@ def report(result: dict) -> str:
             f"({rep['dill_dump_s'] / rep['freeze_s']:.1f}x shorter stop of the kernel); durable {rep['durable_s']:.2f} s "
             f"against dill's {rep['dill_durable_s']:.2f} s; restore until it answers {rep['restore_s']:.2f} s "
             f"(checking its kept images {rep['restore_prepare_s']:.2f} s, saving the replaced state "
-            f"{rep['restore_save_previous_s']:.2f} s, CRIU {rep['restore_criu_s']:.2f} s)",
+            f"{rep['restore_save_previous_s']:.2f} s, CRIU {rep['restore_criu_s']:.2f} s). Each of these "
+            "snapshots is the first after a restore: a full one.",
+            "",
+            f"The same, {rep['runs']} rounds without the restores (as auto-backup and %checkpoint take them: "
+            f"each snapshot copies what changed since the one before), medians: freeze {rep['steady_freeze_s']:.3f} s "
+            f"against dill.dump_session {rep['steady_dill_dump_s']:.2f} s "
+            f"({rep['steady_dill_dump_s'] / rep['steady_freeze_s']:.1f}x shorter stop of the kernel); durable "
+            f"{rep['steady_durable_s']:.2f} s against dill's {rep['steady_dill_durable_s']:.2f} s",
         ]
     if result.get("hibernation"):
         lines += ["", hibernation_bench.report(result["hibernation"])]
