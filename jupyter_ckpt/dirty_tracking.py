@@ -21,6 +21,7 @@ sees it: the store, the kept images and every restore work on full dumps.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,26 +46,33 @@ class DirtyTracking:
     ``counted_from``: the snapshot whose dump the tracking counts from (its
     kept images are the next dump's parent), None when there is none to build
     on (the next dump is a full one). The userfaultfds, by host pid, exist only
-    where userfaultfd write-protect is the source."""
+    where userfaultfd write-protect is the source. Used from the dump's worker
+    thread and from the event loop (``end``): the fds are behind a lock."""
 
     counted_from: str | None = None
     fds: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def pass_back(self) -> dict[int, int]:
-        """The kept fds, for CRIU's inherit fds (``uffd-wp[<pid>]``)."""
-        return dict(self.fds)
+        """Copies of the kept fds, for CRIU's inherit fds (``uffd-wp[<pid>]``);
+        the caller closes them (an ``end`` meanwhile cannot close them under it)."""
+        with self.lock:
+            return {pid: os.dup(fd) for pid, fd in self.fds.items()}
 
     def take(self, pid: int, fd: int) -> None:
         """A userfaultfd CRIU handed over for ``pid`` (replacing a stale one)."""
-        old = self.fds.pop(pid, None)
+        with self.lock:
+            old = self.fds.pop(pid, None)
+            self.fds[pid] = fd
         if old is not None and old != fd:
             os.close(old)
-        self.fds[pid] = fd
 
     def prune(self, alive: set[int]) -> None:
         """Close the fds of processes that are gone."""
-        for pid in [p for p in self.fds if p not in alive]:
-            os.close(self.fds.pop(pid))
+        with self.lock:
+            gone = [self.fds.pop(pid) for pid in [p for p in self.fds if p not in alive]]
+        for fd in gone:
+            os.close(fd)
 
     def end(self) -> None:
         """The processes are replaced or gone: nothing to count from."""
@@ -81,13 +89,23 @@ class DirtyTracking:
 
 def untracked_writer(root_pid: int) -> str | None:
     """Why the memory of the tree under ``root_pid`` may change without a
-    page fault (a process holds io_uring or a device that writes memory by
-    DMA), or None."""
+    page fault, or None: a process holds io_uring or a device that writes
+    memory by DMA (open, or mapped after its fd was closed), or has pages
+    pinned (VmPin: RDMA, io_uring's fixed buffers, vfio)."""
     for pid in tree_pids(root_pid):
         try:
             names = os.listdir(f"/proc/{pid}/fd")
+            status = Path(f"/proc/{pid}/status").read_text()
+            maps = Path(f"/proc/{pid}/maps").read_text()
         except OSError:
             continue
+        pinned = next((line.split()[1] for line in status.splitlines() if line.startswith("VmPin:")), "0")
+        if pinned != "0":
+            return f"process {pid} has {pinned} kB of memory pinned"
+        for line in maps.splitlines():
+            mapped = line.split(maxsplit=5)[5:]
+            if mapped and mapped[0].startswith(_UNTRACKED_WRITERS):
+                return f"process {pid} maps {mapped[0]}"
         for name in names:
             try:
                 target = os.readlink(f"/proc/{pid}/fd/{name}")
@@ -112,25 +130,48 @@ def flatten(images: Path, parent: Path) -> dict[str, np.ndarray]:
     from the parent's page at the same address (the store need not compare
     those). ``parent`` must be whole itself (kept images always are).
     ParentMismatch if it lacks a page."""
+    _remove_strays(images)
     copied = {}
     for pagemap in sorted(images.glob("pagemap-*.img")):
         prefix, pages_id, entries = read_pagemap(pagemap)
         if (entries[:, 2] & PE_PARENT).any():
-            new_pages = images / f"pages-{pages_id}.img"
-            copied[new_pages.name] = _flatten_pagemap(pagemap, prefix, pages_id, entries, parent)
+            whole_id = max(_pages_ids(images)) + 1
+            copied[f"pages-{whole_id}.img"] = _flatten_pagemap(pagemap, prefix, pages_id, entries, parent, whole_id)
     link = images / "parent"
     if link.is_symlink():
         link.unlink()
     return copied
 
 
-def _flatten_pagemap(pagemap: Path, prefix: bytes, pages_id: int, entries: np.ndarray, parent: Path) -> np.ndarray:
+def _pages_ids(images: Path) -> list[int]:
+    return [int(p.name[len("pages-") : -len(".img")]) for p in images.glob("pages-*.img")] or [0]
+
+
+def _remove_strays(images: Path) -> None:
+    """What a flatten cut short left (run again, it starts over): unfinished
+    files, and a pages file no pagemap names (the whole one not yet named, or
+    the incremental one it replaced)."""
+    named = {f"pages-{read_pagemap(p)[1]}.img" for p in images.glob("pagemap-*.img")}
+    for stray in [*images.glob("*.part"), *images.glob("*.new")]:
+        stray.unlink()
+    for pages in images.glob("pages-*.img"):
+        if pages.name not in named:
+            pages.unlink()
+
+
+def _flatten_pagemap(
+    pagemap: Path, prefix: bytes, pages_id: int, entries: np.ndarray, parent: Path, whole_id: int
+) -> np.ndarray:
+    """One pagemap made whole, its pages into ``pages-<whole_id>.img``. The
+    order of the renames lets a flatten cut short be run again: the whole
+    pages file is complete before the pagemap names it, and the incremental
+    one is removed only after."""
     try:
         _, parent_pages_id, parent_entries = read_pagemap(parent / pagemap.name)
     except (OSError, ValueError) as e:
         raise ParentMismatch(f"{pagemap.name}: the parent images have no such pagemap ({e})") from None
     new_pages = pagemap.parent / f"pages-{pages_id}.img"
-    whole = new_pages.with_suffix(".whole")
+    whole = pagemap.parent / f"pages-{whole_id}.img.part"
     runs = _ParentRuns(parent_entries.tolist())
     out: list[list[int]] = []  # (address, pages, flags), runs that meet merged
     from_parent: list[tuple[int, int]] = []  # (pages, copied from the parent) in file order
@@ -162,11 +203,11 @@ def _flatten_pagemap(pagemap: Path, prefix: bytes, pages_id: int, entries: np.nd
             else:
                 emit(start, n, flags, False)
         copy.flush()
-    # Not a rename over the old file: ext4 would then start writing the new one
-    # out at once (auto_da_alloc), a second for a GiB.
+    # Renamed to a new name, not over the old file: ext4 would then start
+    # writing the new one out at once (auto_da_alloc), a second for a GiB.
+    os.rename(whole, pagemap.parent / f"pages-{whole_id}.img")
+    write_pagemap(pagemap, prefix, whole_id, [(v, n, f) for v, n, f in out])
     new_pages.unlink()
-    os.rename(whole, new_pages)
-    write_pagemap(pagemap, prefix, pages_id, [(v, n, f) for v, n, f in out])
     marks = np.array(from_parent, np.int64).reshape(-1, 2)  # pages, copied (0/1)
     return np.repeat(marks[:, 1].astype(bool), marks[:, 0])
 

@@ -24,6 +24,7 @@ from .criu_images import allow_resized_files, close_outside_connections, move_li
 from .dirty_tracking import DirtyTracking
 from .errors import CriuUnavailable, DumpFailed, RestoreFailed
 from .forknet import ForkNetwork
+from .page_layout import PAGE
 
 # Oldest CRIU known to work on current kernels: 3.17 cannot read the vDSO layout
 # of Linux >= 6.16 and 4.1 fails on every TCP socket there.
@@ -225,6 +226,8 @@ class CriuEngine:
             )
 
         dirty = "soft-dirty" if has("mem_dirty_track") else "userfaultfd" if has("uffd_wp_dirty_track") else "none"
+        if os.sysconf("SC_PAGE_SIZE") != PAGE:  # the store's page layout, and flatten's, are 4 KiB pages
+            dirty = "none"
         return CriuHealth(True, version, path, lazy_pages=has("uffd-noncoop"), dirty_tracking=dirty)
 
     # -- dump and restore -------------------------------------------------------
@@ -379,12 +382,12 @@ class CriuEngine:
         req = pycriu.rpc.criu_req(type=pycriu.rpc.DUMP)
         req.opts.MergeFrom(opts)
         req.opts.notify_scripts = True
-        kept = tracking.pass_back()
+        kept = tracking.pass_back()  # copies, closed below
         for pid, fd in kept.items():
             req.opts.inherit_fd.add(key=f"uffd-wp[{pid}]", fd=fd)
         ours, criu_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        handed: dict[int, int] = {}
-        with ours:
+        resp, data, swrk = pycriu.rpc.criu_resp(), b"", None
+        try:
             with criu_end:
                 swrk = subprocess.Popen(
                     [self.criu_path or "criu", "swrk", str(criu_end.fileno())],
@@ -393,25 +396,28 @@ class CriuEngine:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
-            try:
-                ours.send(req.SerializeToString())
-                while True:
-                    data, fds = _receive(ours)
-                    resp = pycriu.rpc.criu_resp()
-                    resp.ParseFromString(data)
-                    if resp.type != pycriu.rpc.NOTIFY:
-                        break
-                    if resp.notify.script == "dirty-track" and fds:
-                        handed[resp.notify.pid] = fds.pop(0)
-                    for fd in fds:
-                        os.close(fd)
-                    ours.send(pycriu.rpc.criu_req(type=pycriu.rpc.NOTIFY, notify_success=True).SerializeToString())
-            except OSError as e:
-                raise pycriu.CRIUExceptionInternal(pycriu.rpc.DUMP, str(e)) from None
-            finally:
+            ours.send(req.SerializeToString())
+            while True:
+                data, fds = _receive(ours)
+                resp = pycriu.rpc.criu_resp()
+                resp.ParseFromString(data)
+                if resp.type != pycriu.rpc.NOTIFY:
+                    break
+                if resp.notify.script == "dirty-track" and fds:
+                    tracking.take(resp.notify.pid, fds.pop(0))
+                for fd in fds:
+                    os.close(fd)
+                ours.send(pycriu.rpc.criu_req(type=pycriu.rpc.NOTIFY, notify_success=True).SerializeToString())
+        except OSError as e:
+            raise pycriu.CRIUExceptionInternal(pycriu.rpc.DUMP, str(e)) from None
+        finally:
+            # Closed before waiting: a criu still waiting for an answer (we
+            # failed half-way) then fails its dump, and lets the tree go on.
+            ours.close()
+            if swrk is not None:
                 swrk.wait()
-        for pid, fd in handed.items():
-            tracking.take(pid, fd)
+            for fd in kept.values():
+                os.close(fd)
         if not data or not resp.success:
             raise pycriu.CRIUExceptionExternal(pycriu.rpc.DUMP, resp.type, resp.cr_errno)
         tracking.prune(set(refusals.tree_pids(opts.pid)))  # the processes that exited since

@@ -98,17 +98,19 @@ class ImageCache:
 
     def link_all(self, kernel_id: str, snapshot_id: str, dest: Path) -> bool:
         """Hard-link every kept image of ``snapshot_id`` into ``dest``, if they
-        are the kernel's latest kept ones; False if not (or dropped meanwhile).
-        Nothing is checked: the caller reads them as they are."""
+        are the kernel's latest kept ones and each is as this process kept it
+        (its bytes are its manifest's: no digest to compute); False if not, or
+        dropped meanwhile."""
         kept = self.latest(kernel_id)
         if kept is None or kept[0] != snapshot_id:
             return False
         try:
-            for image in kept[1].iterdir():
-                unchanged = self.unchanged_since_kept(image)
+            images = list(kept[1].iterdir())
+            if not all(self.unchanged_since_kept(image) for image in images):
+                return False
+            for image in images:
                 os.link(image, dest / image.name)
-                if unchanged:  # a link changes only the file's change time
-                    self._as_kept[image] = _identity(image)
+                self._as_kept[image] = _identity(image)  # a link changes only the file's change time
         except OSError:
             return False
         return True

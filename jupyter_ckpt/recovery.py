@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .dirty_tracking import ParentMismatch, flatten
+from .dirty_tracking import flatten
 from .engine import CriuEngine
 from .errors import CheckpointError
 from .forknet import for_address
@@ -274,7 +274,7 @@ class PreviousRun:
         if (previous / "parent").is_symlink():  # saved as the pages written since a kept snapshot
             try:
                 flatten(previous, (previous / "parent").resolve())
-            except (OSError, ParentMismatch) as e:
+            except Exception as e:  # ParentMismatch, OSError, a pagemap that cannot be read
                 return {
                     "kernel_id": kernel_id,
                     "lost": True,

@@ -11,7 +11,7 @@ from typing import Any
 
 from .activity import ActivityTracker
 from .claims import Claim
-from .dirty_tracking import DirtyTracking, ParentMismatch, flatten, untracked_writer
+from .dirty_tracking import DirtyTracking, flatten, untracked_writer
 from .errors import CheckpointError, DumpFailed, InvalidRequest, KernelNotFound, OperationInProgress
 from .flow import Flow, FlowParts
 from .kernel_tree import KernelTree
@@ -184,7 +184,7 @@ class SnapshotFlow(Flow):
     def _make_whole(images: Path, parent: Path, tracking: DirtyTracking) -> dict[str, Any]:
         try:
             return flatten(images, parent)
-        except (OSError, ParentMismatch) as e:
+        except Exception as e:  # ParentMismatch, OSError, a pagemap that cannot be read
             tracking.end()  # the next dump is a full one
             raise DumpFailed(f"the unchanged memory could not be taken from the previous snapshot: {e}") from None
 

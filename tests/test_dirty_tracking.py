@@ -30,6 +30,7 @@ import numpy as np
 ask = sys.argv[1]
 data = np.ones((64 << 20) // 8)
 extra = []
+grown = bytearray(b"a" * 1_300_000)  # an mmap'd block of glibc's: realloc moves it with mremap()
 
 def answer(text):
     with open(ask + ".tmp", "w") as f:
@@ -38,8 +39,8 @@ def answer(text):
 
 def digest():
     h = hashlib.sha256(data.tobytes())
-    for e in extra:
-        h.update(e.tobytes())
+    for e in [*extra, grown]:
+        h.update(memoryview(e))
     return h.hexdigest()
 
 child = os.fork()
@@ -61,10 +62,12 @@ while True:
         os.waitpid(child, 0)
         answer("done")
         continue
-    if command == "churn":  # mappings made, freed, grown
+    if command == "churn":  # mappings made, freed, grown, moved
         extra = [np.full(50_000 * (i + 1), i, dtype=np.int64) for i in range(5)]
         del extra[2]
         extra[0] = np.resize(extra[0], 400_000)
+        for i in range(4):  # its pages of before move unwritten (see the Limits of the README)
+            grown.extend(bytes([98 + i]) * 1_000_000)
     else:
         data.reshape(-1, 512)[: int(command), 0] += 1  # that many pages written
     answer("done")
@@ -246,16 +249,57 @@ def test_flatten_takes_each_hole_from_the_parent_runs_that_hold_it(tmp_path):
     )
     (tmp_path / "new" / "parent").symlink_to("../old")
     copied = flatten(tmp_path / "new", tmp_path / "old")
-    assert copied["pages-7.img"].tolist() == [False, True, True, True, True, True, False, True, True]
+    assert copied["pages-8.img"].tolist() == [False, True, True, True, True, True, False, True, True]
     assert runs(tmp_path / "new" / "pagemap-1.img") == [
         (A, 4, lazy),  # page 0 and the parent's 1-3 meet: one run again
         (A + 4 * PAGE, 2, PE_PRESENT),
         (A + 6 * PAGE, 1, lazy),
         (A + 8 * PAGE, 2, lazy),
     ]
-    assert (tmp_path / "new" / "pages-7.img").read_bytes() == pages(20, 11, 12, 13, 14, 15, 26, 18, 19)
+    assert (tmp_path / "new" / "pages-8.img").read_bytes() == pages(20, 11, 12, 13, 14, 15, 26, 18, 19)
     assert not (tmp_path / "new" / "parent").is_symlink()
-    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["pagemap-1.img", "pages-7.img"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["pagemap-1.img", "pages-8.img"]
+
+
+def cut_short_setup(folder: Path) -> Path:
+    folder.mkdir()
+    write_pagemap(folder / "old", "pagemap-1.img", 1, [(A, 3, PE_PRESENT)], pages(1, 2, 3))
+    write_pagemap(folder / "new", "pagemap-1.img", 5, [(A, 1, PE_PARENT), (A + PAGE, 1, PE_PRESENT)], pages(9))
+    (folder / "new" / "parent").symlink_to("../old")
+    return folder / "new"
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("step", ["before the pagemap names the whole pages", "before the old pages go"])
+def test_a_flatten_cut_short_runs_again_to_the_same_end(tmp_path, monkeypatch, step):
+    """A server that stopped while it made a saved state whole makes it whole
+    at its next start (recovery), whichever step it stopped at."""
+    from jupyter_ckpt import dirty_tracking
+
+    expected = cut_short_setup(tmp_path / "clean")
+    flatten(expected, tmp_path / "clean" / "old")
+    images = cut_short_setup(tmp_path / "cut")
+    real_unlink = Path.unlink
+
+    def unlink_but_the_old_pages(self: Path, *args, **kwargs) -> None:
+        if self.name == "pages-5.img":
+            raise Stop(step)
+        real_unlink(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        if step.startswith("before the pagemap"):
+            m.setattr(dirty_tracking, "write_pagemap", lambda *a, **k: (_ for _ in ()).throw(Stop(step)))
+        else:
+            m.setattr(Path, "unlink", unlink_but_the_old_pages)
+        with pytest.raises(Stop):
+            flatten(images, tmp_path / "cut" / "old")
+    flatten(images, tmp_path / "cut" / "old")
+    assert runs(images / "pagemap-1.img") == runs(expected / "pagemap-1.img") == [(A, 2, PE_PRESENT)]
+    assert sorted(p.name for p in images.iterdir()) == sorted(p.name for p in expected.iterdir())
+    assert (images / "pages-6.img").read_bytes() == pages(1, 9)
 
 
 def test_flatten_refuses_a_parent_that_lacks_a_page(tmp_path):
@@ -386,3 +430,29 @@ def test_a_process_holding_a_device_that_writes_memory_unseen_is_found(tmp_path,
     finally:
         parent.kill()
         parent.wait()
+
+
+@criu
+def test_a_dump_whose_answers_fail_half_way_lets_the_processes_go_on(target, tmp_path, monkeypatch):
+    """An error of ours while CRIU waits for an answer (the tree frozen) must
+    end the dump, not leave CRIU and the kernel waiting on each other."""
+    from jupyter_ckpt import engine as engine_module
+
+    engine = CriuEngine()
+    real_receive, calls = engine_module._receive, []
+
+    def receive_then_fail(sock):
+        calls.append(1)
+        if len(calls) >= 3:  # from a notification in the middle of the dump on (the retry too)
+            raise ValueError("a bug of ours")
+        return real_receive(sock)
+
+    monkeypatch.setattr(engine_module, "_receive", receive_then_fail)
+    started = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - whatever the bug raised, the dump failed
+        dump(engine, target, tmp_path / "1", DirtyTracking())
+    assert time.monotonic() - started < 60
+    assert target.command("0") == "done"  # it runs
+    monkeypatch.setattr(engine_module, "_receive", real_receive)
+    tracking = DirtyTracking()
+    assert dump(engine, target, tmp_path / "2", tracking).memory_bytes > 72 << 20
