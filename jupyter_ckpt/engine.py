@@ -1,4 +1,6 @@
-"""CRIU, driven through pycriu's RPC (``criu swrk``).
+"""CRIU, driven through its RPC (``criu swrk``): pycriu's client, and a
+connection of our own for dumps with dirty tracking, whose notifications
+pycriu cannot answer.
 
 Knows processes and image directories, nothing of Jupyter: the CLI and the tests
 use it directly. Every call blocks; the server runs them in a worker thread.
