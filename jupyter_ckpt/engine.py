@@ -24,7 +24,7 @@ from typing import Any
 from . import refusals
 from .criu_images import allow_resized_files, close_outside_connections, move_listeners, prune_absent_mounts
 from .dirty_tracking import DirtyTracking
-from .errors import CriuUnavailable, DumpFailed, RestoreFailed
+from .errors import CriuUnavailable, DumpFailed, DumpRefused, RestoreFailed
 from .forknet import ForkNetwork
 from .page_layout import PAGE
 
@@ -277,16 +277,17 @@ class CriuEngine:
         would never see them close. To stop a tree, dump it, then kill it.
         """
         # CRIU's debug lines (one for every run of pages) are written while the
-        # tree is frozen: a dump logs at most CRIU's info level, and a refused
-        # one is run again with them, to explain it (a transient failure then
-        # passes). Some processes' tracking may have been reset by the first
-        # run and others not: the second is a full dump.
+        # tree is frozen: a dump logs at most CRIU's info level, and one CRIU
+        # refused is run again with them, to explain it (a transient refusal
+        # then passes). Not one whose criu died (killed, out of memory): that
+        # fails as it is. Some processes' tracking may have been reset by the
+        # first run and others not: the second is a full dump.
         quiet = min(self.log_level, DUMP_LOG_LEVEL)
         if tracking is not None:
             tracking.counted_from = None  # from now on it counts from this dump, which its caller names
         try:
             return self._dump(pid, images_dir, external, tracking, parent, quiet)
-        except DumpFailed:
+        except DumpRefused:
             if quiet >= self.log_level:
                 raise
         for image in images_dir.iterdir():
@@ -349,11 +350,13 @@ class CriuEngine:
                 if not isinstance(e, Exception):
                     raise
                 reason = errors_from_log(images_dir / DUMP_LOG)
+                failure: type[DumpFailed] = DumpFailed
                 if reason == NO_ERROR_LINE or not isinstance(e, pycriu.CRIUException):
                     reason = f"criu stopped during the dump without saying why (was it killed?): {type(e).__name__} {e}"
                 else:
                     # The tree runs on after a refused dump: the process that holds
                     # what CRIU refused can be named.
+                    failure = DumpRefused
                     log_text = (images_dir / DUMP_LOG).read_text(errors="replace")
                     explained = refusals.explain(log_text, pid)
                     if explained:
@@ -361,7 +364,8 @@ class CriuEngine:
                 if _nearly_full(images_dir):
                     # CRIU's own log is on that disk too: its words may be cut short.
                     reason = f"no space left on the disk of {images_dir} ({reason})"
-                raise DumpFailed(reason) from None
+                    failure = DumpFailed
+                raise failure(reason) from None
         allow_resized_files(images_dir, self.resizable_files)
         total = time.monotonic() - started
         stats = _load_stats(images_dir / "stats-dump", "dump")
@@ -420,7 +424,9 @@ class CriuEngine:
                 swrk.wait()
             for fd in kept.values():
                 os.close(fd)
-        if not data or not resp.success:
+        if not data:  # criu died (killed, out of memory) before it answered
+            raise pycriu.CRIUExceptionInternal(pycriu.rpc.DUMP, "criu closed its connection")
+        if not resp.success:
             raise pycriu.CRIUExceptionExternal(pycriu.rpc.DUMP, resp.type, resp.cr_errno)
         tracking.prune(set(refusals.tree_pids(opts.pid)))  # the processes that exited since
 

@@ -17,6 +17,10 @@ class DumpFailed(CheckpointError):
     """CRIU refused or failed to dump a kernel. The kernel keeps running."""
 
 
+class DumpRefused(DumpFailed):
+    """CRIU refused to dump a kernel, and its log says why."""
+
+
 class RestoreFailed(CheckpointError):
     """CRIU failed to restore a snapshot."""
 
