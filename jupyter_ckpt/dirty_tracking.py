@@ -20,6 +20,7 @@ sees it: the store, the kept images and every restore work on full dumps.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from dataclasses import dataclass, field
@@ -27,11 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .page_layout import PAGE, PE_PRESENT, read_pagemap, write_pagemap
+from .page_layout import PAGE, PE_PARENT, PE_PRESENT, read_pagemap, write_pagemap
 from .refusals import tree_pids
-
-PE_PARENT = 1 << 0  # CRIU's pagemap flag: the run's pages are in the parent images
-PE_LAZY = 1 << 1
 
 # Memory that devices or the kernel write through pinned pages (RDMA, io_uring's
 # fixed buffers, a GPU's DMA into registered host memory) changes without a
@@ -228,8 +226,6 @@ class _ParentRuns:
 
     def cover(self, name: str, start: int, n: int) -> list[tuple[int, int, int, int]]:
         """The pieces of the parent's runs that hold pages [start, start + n)."""
-        import bisect
-
         pieces = []
         at, end = start, start + n * PAGE
         i = bisect.bisect_right(self.starts, at) - 1

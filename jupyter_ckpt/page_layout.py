@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 
 PAGE = 4096
-PE_PRESENT = 1 << 2  # CRIU's pagemap flag: the run's pages are in the pages image
+# CRIU's pagemap flags (images/pagemap.proto)
+PE_PARENT = 1 << 0  # the run's pages are in the parent images (an incremental dump)
+PE_LAZY = 1 << 1  # the run's pages may come back lazily
+PE_PRESENT = 1 << 2  # the run's pages are in the pages image
 
 
 # CRIU's image magics (criu/include/magic.h): a pagemap image starts with the

@@ -40,9 +40,7 @@ from .criu_images import edit_image
 from .errors import SnapshotNotRestorable
 from .pack_format import PAGE_CHUNK, RAW_FRAME, StoredFile, chunk_hash
 from .pack_reader import FrameReader
-from .page_layout import PAGE, PE_PRESENT
-
-PE_LAZY = 1 << 1  # CRIU's pagemap flag (PE_PRESENT: page_layout)
+from .page_layout import PAGE, PE_LAZY, PE_PRESENT
 
 # struct page_server_iov { u32 cmd; u64 nr_pages; u64 vaddr; u64 dst_id; } (x86-64 padding)
 _IOV = struct.Struct("<I4xQQQ")

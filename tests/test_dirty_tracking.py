@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jupyter_ckpt.dirty_tracking import PE_LAZY, PE_PARENT, DirtyTracking, ParentMismatch, flatten
+from jupyter_ckpt.dirty_tracking import DirtyTracking, ParentMismatch, flatten
 from jupyter_ckpt.engine import CriuEngine
-from jupyter_ckpt.page_layout import PAGE, PE_PRESENT
+from jupyter_ckpt.page_layout import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT
 
 from .client import api, restore, snapshot
 
