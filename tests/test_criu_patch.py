@@ -1,10 +1,13 @@
 """Our patches to CRIU (patches/criu/). 0001: a root criu without CAP_SYS_RESOURCE (container runtimes
 drop it; this machine's root lacks it) dumps another user's process, reading its
-rlimits from /proc/<pid>/limits; the images carry the process's own limits."""
+rlimits from /proc/<pid>/limits; the images carry the process's own limits.
+0002, 0003: below. 0004: tests/test_dirty_tracking.py. 0005: the network lock of
+a dump is lifted before its tasks resume, its table deleted after."""
 
 from __future__ import annotations
 
 import os
+import re
 import resource
 import subprocess
 
@@ -176,3 +179,60 @@ def _wait_for_fd(pid: int, fd: int) -> None:
             pass
         time.sleep(0.01)
     raise TimeoutError("the sleeper did not start")
+
+
+ECHO = r"""
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+while True:
+    data = s.recv(64)
+    if not data:
+        break
+    s.sendall(data)
+"""
+
+
+def test_a_dump_opens_the_network_lock_before_the_tasks_resume_and_deletes_it_after(tmp_path):
+    """patches/criu/0005: deleting CRIU's nftables table waits for the kernel
+    (an RCU grace period, tens of ms), so it is no longer done while the tasks
+    are frozen: the lock is opened (accept rules) before they resume, the table
+    deleted once they run. Nothing of the lock is left, and the dumped
+    process's TCP connection carries data both ways right after."""
+    import socket
+    import sys
+
+    from jupyter_ckpt.engine import DUMP_LOG
+
+    server = socket.create_server(("127.0.0.1", 0))
+    script = tmp_path / "echo.py"
+    script.write_text(ECHO)
+    echo = subprocess.Popen(
+        [sys.executable, str(script), str(server.getsockname()[1])],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    images = tmp_path / "images"
+    images.mkdir()
+    try:
+        server.settimeout(30)
+        peer, _ = server.accept()
+        peer.settimeout(30)
+        peer.sendall(b"before")
+        assert peer.recv(64) == b"before"
+        CriuEngine().dump(echo.pid, images)
+        log = (images / DUMP_LOG).read_text()
+        opened = log.find("Unlock network (the lock table is deleted after the tasks resume)")
+        assert 0 <= opened < log.find("Unfreezing tasks"), log[-3000:]
+        assert "Could not" not in log, log[-3000:]
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+        run_id = re.findall(r"CRIU run id = ([0-9a-f-]{36})", log)[-1]
+        assert f"CRIU-{run_id[:20]}" not in tables
+        peer.sendall(b"after")
+        assert peer.recv(64) == b"after"
+        peer.close()
+    finally:
+        echo.kill()
+        echo.wait()
+        server.close()
