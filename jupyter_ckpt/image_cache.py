@@ -26,20 +26,24 @@ class ImageCache:
     def __init__(self, directory: Path, budget_bytes: int):
         self.dir = private_dir(directory)
         self.budget_bytes = budget_bytes
-        # Files kept by this process, as they were when kept: their bytes are
-        # the ones their manifest's digests were computed from.
-        self._as_kept: dict[Path, tuple[int, int, int, int]] = {}
+        # Files kept by this process, as they were when kept (inode, size,
+        # modification and change times), and their digest in the manifest,
+        # computed from those very bytes (None where not given).
+        self._as_kept: dict[Path, tuple[tuple[int, int, int, int], str | None]] = {}
 
     def _dir_of(self, record: SnapshotRecord) -> Path | None:
         if not KERNEL_ID.match(record.kernel_id or "") or not SNAPSHOT_ID.match(record.id or ""):
             return None  # not ids this server made: never a path
         return self.dir / record.kernel_id / record.id
 
-    def keep(self, record: SnapshotRecord, staging: Path) -> None:
+    def keep(self, record: SnapshotRecord, staging: Path, files: list[StoredFile] | None = None) -> None:
         """Keep a committed snapshot's staged images (a rename) in place of the
         kernel's previous ones, then drop the oldest kept images beyond the
         budget. The memory the previous copy held in the page cache serves the
-        next snapshot's dump."""
+        next snapshot's dump. ``files``: the manifest's entries for them, whose
+        digests were computed from these bytes (a restore then need not hash
+        them again while they stay as kept)."""
+        digests = {f.name: f.digest for f in files or []}
         target = self._dir_of(record)
         if target is None or self.budget_bytes <= 0 or _dir_bytes(staging) > self.budget_bytes:
             shutil.rmtree(staging, ignore_errors=True)
@@ -58,7 +62,7 @@ class ImageCache:
             shutil.rmtree(staging, ignore_errors=True)
             return
         for image in target.iterdir():
-            self._as_kept[image] = _identity(image)
+            self._as_kept[image] = (_identity(image), digests.get(image.name) or None)
         kept = sorted(self._all(), key=lambda d: d.name)
         sizes = [_dir_bytes(d) for d in kept]
         total = sum(sizes)
@@ -70,7 +74,8 @@ class ImageCache:
 
     def link(self, record: SnapshotRecord, files: list[StoredFile], dest: Path) -> bool:
         """Hard-link the kept images into ``dest`` if every file is there and
-        matches its digest. A restore may rewrite files in ``dest``, always by
+        matches its digest (computed, unless the file is as this process kept
+        it with that digest). A restore may rewrite files in ``dest``, always by
         replacing them: the kept copy stays as is. A copy that does not match
         is dropped; the caller uses the chunks."""
         kept = self._dir_of(record)
@@ -82,13 +87,13 @@ class ImageCache:
                 if (
                     not stored.digest
                     or path.stat().st_size != stored.size
-                    or file_digest(map_file(path)) != stored.digest
+                    or not (self.holds(path, stored.digest) or file_digest(map_file(path)) == stored.digest)
                 ):
                     raise ValueError(f"{path} does not match the snapshot's manifest")
             for stored in files:
                 os.link(kept / stored.name, dest / stored.name)
                 # A link changes the file's change time; its bytes were just checked.
-                self._as_kept[kept / stored.name] = _identity(kept / stored.name)
+                self._as_kept[kept / stored.name] = (_identity(kept / stored.name), stored.digest)
         except (OSError, ValueError):
             shutil.rmtree(kept, ignore_errors=True)
             for stored in files:
@@ -110,7 +115,8 @@ class ImageCache:
                 return False
             for image in images:
                 os.link(image, dest / image.name)
-                self._as_kept[image] = _identity(image)  # a link changes only the file's change time
+                # A link changes only the file's change time.
+                self._as_kept[image] = (_identity(image), self._as_kept.get(image, (None, None))[1])
         except OSError:
             return False
         return True
@@ -128,9 +134,15 @@ class ImageCache:
         it again to know it holds its manifest's bytes."""
         kept = self._as_kept.get(path)
         try:
-            return kept is not None and _identity(path) == kept
+            return kept is not None and _identity(path) == kept[0]
         except OSError:
             return False
+
+    def holds(self, path: Path, digest: str) -> bool:
+        """Whether ``path`` is unchanged since this process kept it, and was
+        kept with ``digest``: it holds the bytes that digest was computed from."""
+        kept = self._as_kept.get(path)
+        return bool(digest) and kept is not None and kept[1] == digest and self.unchanged_since_kept(path)
 
     def drop(self, snapshot_id: str) -> None:
         for kept in self.dir.glob(f"*/{snapshot_id}"):

@@ -207,7 +207,7 @@ class SnapshotStore:
             if started is not None:
                 done.total_seconds = round(time.monotonic() - started, 4)
             self._write_manifest(done, files)
-        self.kept_images.keep(done, staging)
+        self.kept_images.keep(done, staging, files)
         self._record_path(record.id).unlink(missing_ok=True)
         return done
 
@@ -240,7 +240,7 @@ class SnapshotStore:
         references = {}
         for stored in files:
             path = folder / stored.name
-            reference = Reference.of(path, stored, self.kept_images.unchanged_since_kept(path))
+            reference = Reference.of(path, stored, self.kept_images.holds(path, stored.digest))
             if reference is not None:
                 references[stored.name] = reference
         if images is None:

@@ -446,6 +446,60 @@ def test_kept_images_are_trusted_without_hashing_only_as_they_were_kept(tmp_path
     assert not ImageCache(tmp_path / "images", 1 << 30).unchanged_since_kept(folder / "pages-1.img")
 
 
+def test_a_restore_hashes_kept_images_only_if_not_as_kept_with_the_manifests_digest(tmp_path, monkeypatch):
+    """A kept image this process kept, unchanged since (same inode, size,
+    modification and change times), with the digest the manifest names, is
+    linked without hashing; one changed in place (its modification time set
+    back), a digest that differs, or a cache that kept nothing (a server started
+    again) are hashed, and a mismatch is not linked."""
+    from jupyter_ckpt import image_cache
+    from jupyter_ckpt.image_cache import ImageCache
+    from jupyter_ckpt.pack_format import StoredFile, file_digest
+
+    hashed = []
+    real_digest = image_cache.file_digest
+    monkeypatch.setattr(image_cache, "file_digest", lambda data: hashed.append(1) or real_digest(data))
+    cache = ImageCache(tmp_path / "images", 1 << 30)
+    record = SnapshotRecord(id=new_snapshot_id(), kernel_id=str(uuid.uuid4()), trigger="manual", status="complete")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    contents = {"pages-1.img": b"p" * 8192, "core-1.img": b"core"}
+    files = []
+    for name, data in contents.items():
+        (staging / name).write_bytes(data)
+        files.append(StoredFile(name, len(data), 4096, digest=file_digest(data)))
+    cache.keep(record, staging, files)
+
+    def link(into: str, cache: ImageCache = cache, manifest: list[StoredFile] = files) -> bool:
+        dest = tmp_path / into
+        dest.mkdir()
+        return cache.link(record, manifest, dest)
+
+    assert link("restore-1") and hashed == []
+    assert link("restore-2") and hashed == []  # linking changed the change time: noted
+    assert link("restore-3", ImageCache(tmp_path / "images", 1 << 30)) and len(hashed) == 2
+    hashed.clear()
+    other = [StoredFile(f.name, f.size, f.chunk_size, digest=f.digest[::-1]) for f in files]
+    assert not link("restore-4", manifest=other) and hashed == [1]  # dropped, as any mismatch
+    cache.keep(record, staging_again(tmp_path, contents), files)
+    _, folder = cache.latest(record.kernel_id)
+    pages = folder / "pages-1.img"
+    before = pages.stat()
+    with open(pages, "r+b") as f:  # changed in place, same size, same modification time
+        f.write(b"q")
+    os.utime(pages, ns=(before.st_atime_ns, before.st_mtime_ns))
+    hashed.clear()
+    assert not link("restore-5") and hashed == [1]
+
+
+def staging_again(tmp_path, contents: dict[str, bytes]):
+    staging = tmp_path / "staging-again"
+    staging.mkdir()
+    for name, data in contents.items():
+        (staging / name).write_bytes(data)
+    return staging
+
+
 def write_pagemap(path, pages_id: int, runs: list[tuple[int, int]]) -> None:
     """A CRIU pagemap image: its pages image's id, then runs of present pages."""
     import pycriu
