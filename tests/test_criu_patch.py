@@ -1,8 +1,8 @@
 """Our patches to CRIU (patches/criu/). 0001: a root criu without CAP_SYS_RESOURCE (container runtimes
 drop it; this machine's root lacks it) dumps another user's process, reading its
 rlimits from /proc/<pid>/limits; the images carry the process's own limits.
-0002, 0003: below. 0004: tests/test_dirty_tracking.py. 0005: the network lock of
-a dump is lifted before its tasks resume, its table deleted after."""
+0002, 0003: below. 0004 and 0006: tests/test_dirty_tracking.py. 0005: the network
+lock of a dump is lifted before its tasks resume, its table deleted after."""
 
 from __future__ import annotations
 
