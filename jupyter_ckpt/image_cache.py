@@ -13,6 +13,7 @@ import ctypes
 import functools
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,7 +51,6 @@ class ImageCache:
             return
         for image in staging.iterdir():
             image.chmod(0o600)  # CRIU writes them 0644 (in a private directory)
-            _start_writeback(image)
         for previous in target.parent.glob("*"):
             shutil.rmtree(previous, ignore_errors=True)
         for path in [p for p in self._as_kept if p.parent.parent == target.parent]:
@@ -63,6 +63,9 @@ class ImageCache:
             return
         for image in target.iterdir():
             self._as_kept[image] = (_identity(image), digests.get(image.name) or None)
+        # Submitting a GiB for writeback blocks for a few tenths of a second:
+        # not in the way of the snapshot's completion.
+        threading.Thread(target=_start_writeback, args=(list(target.iterdir()),), daemon=True).start()
         kept = sorted(self._all(), key=lambda d: d.name)
         sizes = [_dir_bytes(d) for d in kept]
         total = sum(sizes)
@@ -158,17 +161,21 @@ class ImageCache:
         return [d for d in self.dir.glob("*/*") if SNAPSHOT_ID.match(d.name)]
 
 
-def _start_writeback(path: Path) -> None:
-    """Have the kernel start writing a file's dirty pages to disk now, in the
+def _start_writeback(paths: list[Path]) -> None:
+    """Have the kernel start writing the files' dirty pages to disk now, in the
     background, rather than during the next snapshot's freeze, where the
     writeback competes with CRIU. The pages stay cached (sync_file_range)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _libc().sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
-    except (OSError, AttributeError):
-        pass  # not Linux's libc: the kernel writes them back in its own time
-    finally:
-        os.close(fd)
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # dropped meanwhile
+        try:
+            _libc().sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
+        except (OSError, AttributeError):
+            pass  # not Linux's libc: the kernel writes them back in its own time
+        finally:
+            os.close(fd)
 
 
 _SYNC_FILE_RANGE_WRITE = 2

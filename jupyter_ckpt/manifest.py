@@ -50,7 +50,7 @@ def encode(record: dict[str, Any], files: list[StoredFile], key: bytes) -> bytes
         },
         sort_keys=True,
     ).encode()
-    body = MAGIC + _LEN.pack(len(header)) + header + b"".join(h for f in files for h in f.chunks)
+    body = MAGIC + _LEN.pack(len(header)) + header + b"".join([b"".join(f.chunks) for f in files])
     return body + hmac.new(key, body, hashlib.sha256).digest()
 
 
