@@ -36,7 +36,7 @@ import zstandard
 from .chunk_index import ChunkIndex
 from .errors import SnapshotNotRestorable
 from .pack_format import FRAME_BYTES, PACK_BYTES, StoredFile, chunk_hash, chunk_size_for, file_digest, parse_idx
-from .pack_reader import IOV_MAX, FrameReader, map_file, write_all
+from .pack_reader import IOV_MAX, FileIdentity, FrameReader, file_identity, map_file, write_all
 from .pack_writer import FinishedPack, FrameCompressor, FrameSink
 from .private_files import fsync_dir, private_dir, private_opener, write_private_atomic
 
@@ -226,10 +226,15 @@ class ChunkStore:
         self.index.add_pack(pack.name, pack.index)
 
     def put_files(
-        self, directory: Path, references: dict[str, Reference] | None = None
+        self,
+        directory: Path,
+        references: dict[str, Reference] | None = None,
+        hashed: dict[str, FileIdentity] | None = None,
     ) -> tuple[list[StoredFile], PutStats]:
         """Store every file of ``directory``; returns them as chunk lists.
-        ``references``: files stored before, by name, to compare with."""
+        ``references``: files stored before, by name, to compare with.
+        ``hashed``: filled with the identity of each file that did not change
+        while it was read (its digest is of the bytes it held with it)."""
         stats = PutStats()
         files: list[StoredFile] = []
         sink = FrameSink(self.cache_dir, self._publish, FrameCompressor(self.zstd_level))
@@ -237,7 +242,10 @@ class ChunkStore:
         try:
             for path in sorted(p for p in directory.iterdir() if p.is_file()):
                 reference = (references or {}).get(path.name)
+                before = file_identity(path)
                 files.append(self._put_file(path, sink, stats, seen_here, reference))
+                if hashed is not None and file_identity(path) == before:
+                    hashed[path.name] = before
             sink.close()
         except BaseException as e:
             sink.abort()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .pack_format import StoredFile, file_digest
-from .pack_reader import map_file
+from .pack_reader import FileIdentity, file_identity, map_file
 from .private_files import private_dir
 from .records import KERNEL_ID, SNAPSHOT_ID, SnapshotRecord
 
@@ -27,34 +27,40 @@ class ImageCache:
     def __init__(self, directory: Path, budget_bytes: int):
         self.dir = private_dir(directory)
         self.budget_bytes = budget_bytes
-        # Files kept by this process, as they were when kept (inode, size,
-        # modification and change times), and their digest in the manifest,
-        # computed from those very bytes (None where not given).
-        self._as_kept: dict[Path, tuple[tuple[int, int, int, int], str | None]] = {}
+        # Files kept by this process, as they were when kept, and the digest
+        # their manifest names, if it was computed from those very bytes.
+        self._as_kept: dict[Path, tuple[FileIdentity, str | None]] = {}
+        self._lock = threading.Lock()  # _as_kept: snapshots and restores run in worker threads
 
     def _dir_of(self, record: SnapshotRecord) -> Path | None:
         if not KERNEL_ID.match(record.kernel_id or "") or not SNAPSHOT_ID.match(record.id or ""):
             return None  # not ids this server made: never a path
         return self.dir / record.kernel_id / record.id
 
-    def keep(self, record: SnapshotRecord, staging: Path, files: list[StoredFile] | None = None) -> None:
+    def keep(
+        self,
+        record: SnapshotRecord,
+        staging: Path,
+        files: list[StoredFile] | None = None,
+        hashed: dict[str, FileIdentity] | None = None,
+    ) -> None:
         """Keep a committed snapshot's staged images (a rename) in place of the
         kernel's previous ones, then drop the oldest kept images beyond the
         budget. The memory the previous copy held in the page cache serves the
-        next snapshot's dump. ``files``: the manifest's entries for them, whose
-        digests were computed from these bytes (a restore then need not hash
-        them again while they stay as kept)."""
+        next snapshot's dump. ``files``: the manifest's entries for them;
+        ``hashed``: each file's identity while its digest was computed
+        (chunks.put_files). A file still as it was then holds the bytes of its
+        digest: a restore need not hash it again."""
         digests = {f.name: f.digest for f in files or []}
         target = self._dir_of(record)
         if target is None or self.budget_bytes <= 0 or _dir_bytes(staging) > self.budget_bytes:
             shutil.rmtree(staging, ignore_errors=True)
             return
-        for image in staging.iterdir():
-            image.chmod(0o600)  # CRIU writes them 0644 (in a private directory)
         for previous in target.parent.glob("*"):
             shutil.rmtree(previous, ignore_errors=True)
-        for path in [p for p in self._as_kept if p.parent.parent == target.parent]:
-            del self._as_kept[path]
+        with self._lock:
+            for path in [p for p in self._as_kept if p.parent.parent == target.parent]:
+                del self._as_kept[path]
         target.parent.mkdir(mode=0o700, exist_ok=True)
         try:
             os.rename(staging, target)
@@ -62,10 +68,21 @@ class ImageCache:
             shutil.rmtree(staging, ignore_errors=True)
             return
         for image in target.iterdir():
-            self._as_kept[image] = (_identity(image), digests.get(image.name) or None)
-        # Submitting a GiB for writeback blocks for a few tenths of a second:
-        # not in the way of the snapshot's completion.
-        threading.Thread(target=_start_writeback, args=(list(target.iterdir()),), daemon=True).start()
+            now = _identity(image)
+            if hashed is None:  # as the caller knows them: its bytes, no digest
+                entry = (now, None)
+            elif hashed.get(image.name) == now:
+                entry = (now, digests.get(image.name) or None)
+            else:
+                continue  # changed since it was hashed, or never hashed: not trusted
+            with self._lock:
+                self._as_kept[image] = entry
+        try:
+            # Submitting a GiB for writeback blocks for a few tenths of a
+            # second: not in the way of the snapshot's completion.
+            threading.Thread(target=_start_writeback, args=(list(target.iterdir()),), daemon=True).start()
+        except RuntimeError:
+            pass  # no thread to be had: the kernel writes them back in its own time
         kept = sorted(self._all(), key=lambda d: d.name)
         sizes = [_dir_bytes(d) for d in kept]
         total = sum(sizes)
@@ -78,25 +95,25 @@ class ImageCache:
     def link(self, record: SnapshotRecord, files: list[StoredFile], dest: Path) -> bool:
         """Hard-link the kept images into ``dest`` if every file is there and
         matches its digest (computed, unless the file is as this process kept
-        it with that digest). A restore may rewrite files in ``dest``, always by
-        replacing them: the kept copy stays as is. A copy that does not match
-        is dropped; the caller uses the chunks."""
+        it with that digest) and did not change meanwhile. A restore may
+        rewrite files in ``dest``, always by replacing them: the kept copy
+        stays as is. A copy that does not match is dropped; the caller uses
+        the chunks."""
         kept = self._dir_of(record)
         if kept is None or not kept.is_dir():
             return False
         try:
             for stored in files:
                 path = kept / stored.name
+                seen = _identity(path)
                 if (
                     not stored.digest
-                    or path.stat().st_size != stored.size
-                    or not (self.holds(path, stored.digest) or file_digest(map_file(path)) == stored.digest)
+                    or seen[1] != stored.size
+                    or not (self._held(path, seen, stored.digest) or file_digest(map_file(path)) == stored.digest)
                 ):
                     raise ValueError(f"{path} does not match the snapshot's manifest")
-            for stored in files:
-                os.link(kept / stored.name, dest / stored.name)
-                # A link changes the file's change time; its bytes were just checked.
-                self._as_kept[kept / stored.name] = (_identity(kept / stored.name), stored.digest)
+                os.link(path, dest / stored.name)
+                self._linked(path, seen, stored.digest)
         except (OSError, ValueError):
             shutil.rmtree(kept, ignore_errors=True)
             for stored in files:
@@ -113,16 +130,29 @@ class ImageCache:
         if kept is None or kept[0] != snapshot_id:
             return False
         try:
-            images = list(kept[1].iterdir())
-            if not all(self.unchanged_since_kept(image) for image in images):
-                return False
-            for image in images:
+            for image in list(kept[1].iterdir()):
+                seen = _identity(image)
+                entry = self._as_kept.get(image)
+                if entry is None or entry[0] != seen:
+                    return False
                 os.link(image, dest / image.name)
-                # A link changes only the file's change time.
-                self._as_kept[image] = (_identity(image), self._as_kept.get(image, (None, None))[1])
-        except OSError:
+                self._linked(image, seen, entry[1])
+        except (OSError, ValueError):
             return False
         return True
+
+    def _linked(self, path: Path, seen: FileIdentity, digest: str | None) -> None:
+        """After a link to ``path`` checked as ``seen``: the link changed its
+        change time, nothing else may have changed (ValueError); noted as kept."""
+        now = _identity(path)
+        if now[:3] != seen[:3]:
+            raise ValueError(f"{path} changed while it was being linked")
+        with self._lock:
+            self._as_kept[path] = (now, digest)
+
+    def _held(self, path: Path, seen: FileIdentity, digest: str) -> bool:
+        entry = self._as_kept.get(path)
+        return bool(digest) and entry is not None and entry == (seen, digest)
 
     def latest(self, kernel_id: str) -> tuple[str, Path] | None:
         """The snapshot id and folder of the images kept for ``kernel_id``."""
@@ -133,19 +163,20 @@ class ImageCache:
 
     def unchanged_since_kept(self, path: Path) -> bool:
         """Whether ``path`` is a file this process kept, not changed since
-        (same inode, size, modification and change times): no need to hash
-        it again to know it holds its manifest's bytes."""
-        kept = self._as_kept.get(path)
+        (same inode, size, modification and change times)."""
+        entry = self._as_kept.get(path)
         try:
-            return kept is not None and _identity(path) == kept[0]
+            return entry is not None and _identity(path) == entry[0]
         except OSError:
             return False
 
     def holds(self, path: Path, digest: str) -> bool:
-        """Whether ``path`` is unchanged since this process kept it, and was
-        kept with ``digest``: it holds the bytes that digest was computed from."""
-        kept = self._as_kept.get(path)
-        return bool(digest) and kept is not None and kept[1] == digest and self.unchanged_since_kept(path)
+        """Whether ``path`` is unchanged since this process kept it, with
+        ``digest`` computed from the bytes it held then."""
+        try:
+            return self._held(path, _identity(path), digest)
+        except OSError:
+            return False
 
     def drop(self, snapshot_id: str) -> None:
         for kept in self.dir.glob(f"*/{snapshot_id}"):
@@ -186,9 +217,7 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    st = os.stat(path, follow_symlinks=False)
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+_identity = file_identity
 
 
 def _dir_bytes(directory: Path) -> int:

@@ -71,6 +71,16 @@ class FrameReader:
 IOV_MAX = 1024  # buffers per writev
 
 
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(path: Path) -> FileIdentity:
+    """Inode, size, modification and change times: a file whose identity did
+    not change still holds the same bytes (a write changes the times)."""
+    st = os.stat(path, follow_symlinks=False)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def map_file(path: Path) -> memoryview:
     """The file's bytes, mapped read-only (not copied)."""
     with open(path, "rb") as f:

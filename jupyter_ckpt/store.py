@@ -39,6 +39,7 @@ from . import manifest, store_page_server
 from .chunks import ChunkStore, Reference, StoredFile, is_local
 from .errors import CheckpointError, QuotaExceeded, SnapshotNotFound, SnapshotNotRestorable
 from .image_cache import ImageCache
+from .pack_reader import FileIdentity
 from .page_layout import page_addresses, same_addresses
 from .private_files import load_or_create_key, private_dir, write_private_atomic
 from .records import SNAPSHOT_ID, SnapshotRecord, check_snapshot_id
@@ -199,15 +200,20 @@ class SnapshotStore:
         ``copies``: a snapshot id and, by pages file, which pages were copied
         from that snapshot's kept images (dirty_tracking.flatten)."""
         staging = self.staging_dir(record.id)
+        for image in staging.iterdir():
+            image.chmod(
+                0o600
+            )  # CRIU writes them 0644 (in a private directory); before hashing: a chmod changes their identity
+        hashed: dict[str, FileIdentity] = {}
         with self.gate.shared():  # until the manifest refers to the chunks: gc would take them
             references = self._kept_references(record.kernel_id, staging, copies)
-            files, stats = self.chunks.put_files(staging, references)
+            files, stats = self.chunks.put_files(staging, references, hashed)
             done = SnapshotRecord.from_json({**record.to_json(), "status": "complete", "error": None})
             done.stored_bytes = stats.new_bytes
             if started is not None:
                 done.total_seconds = round(time.monotonic() - started, 4)
             self._write_manifest(done, files)
-        self.kept_images.keep(done, staging, files)
+        self.kept_images.keep(done, staging, files, hashed)
         self._record_path(record.id).unlink(missing_ok=True)
         return done
 

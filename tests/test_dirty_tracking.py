@@ -71,7 +71,8 @@ while True:
     else:
         # That many pages written, every third one: as many runs of pages
         # (CRIU writes a buffer's runs into the pages image at once: 0006).
-        data.reshape(-1, 512)[: 3 * int(command) : 3, 0] += 1
+        # Each page differently, so that pages out of order would show.
+        data.reshape(-1, 512)[: 3 * int(command) : 3, 0] += 1 + np.arange(int(command))
     answer("done")
 """
 

@@ -468,7 +468,7 @@ def test_a_restore_hashes_kept_images_only_if_not_as_kept_with_the_manifests_dig
     for name, data in contents.items():
         (staging / name).write_bytes(data)
         files.append(StoredFile(name, len(data), 4096, digest=file_digest(data)))
-    cache.keep(record, staging, files)
+    cache.keep(record, staging, files, as_hashed(staging))
 
     def link(into: str, cache: ImageCache = cache, manifest: list[StoredFile] = files) -> bool:
         dest = tmp_path / into
@@ -481,7 +481,8 @@ def test_a_restore_hashes_kept_images_only_if_not_as_kept_with_the_manifests_dig
     hashed.clear()
     other = [StoredFile(f.name, f.size, f.chunk_size, digest=f.digest[::-1]) for f in files]
     assert not link("restore-4", manifest=other) and hashed == [1]  # dropped, as any mismatch
-    cache.keep(record, staging_again(tmp_path, contents), files)
+    again = staging_again(tmp_path, contents)
+    cache.keep(record, again, files, as_hashed(again))
     _, folder = cache.latest(record.kernel_id)
     pages = folder / "pages-1.img"
     before = pages.stat()
@@ -490,6 +491,40 @@ def test_a_restore_hashes_kept_images_only_if_not_as_kept_with_the_manifests_dig
     os.utime(pages, ns=(before.st_atime_ns, before.st_mtime_ns))
     hashed.clear()
     assert not link("restore-5") and hashed == [1]
+
+
+def as_hashed(staging):
+    from jupyter_ckpt.pack_reader import file_identity
+
+    return {p.name: file_identity(p) for p in staging.iterdir()}
+
+
+def test_an_image_written_after_it_was_hashed_is_not_trusted_as_kept(store, monkeypatch):
+    """A staged image written (same size) after the store hashed it, before it
+    is kept: it is kept, but not as holding its manifest's digest, so a
+    restore hashes it and does not link it, and it is no parent either."""
+    record = SnapshotRecord(id=new_snapshot_id(), kernel_id=str(uuid.uuid4()), trigger="auto", status="dumping")
+    images = store.create(record)
+    (images / "pages-1.img").write_bytes(np.random.default_rng(2).bytes(16 * 4096))
+    (images / "inventory.img").write_bytes(b"inventory")
+    real_put_files = store.chunks.put_files
+
+    def put_files_then_write(directory, *args):
+        stored = real_put_files(directory, *args)
+        with open(directory / "pages-1.img", "r+b") as f:
+            f.write(b"X")
+        return stored
+
+    monkeypatch.setattr(store.chunks, "put_files", put_files_then_write)
+    done = store.commit(record)
+    _, kept = store.kept_images.latest(record.kernel_id)
+    _, files = store.read_manifest(done.id)
+    pages = next(f for f in files if f.name == "pages-1.img")
+    assert not store.kept_images.holds(kept / "pages-1.img", pages.digest)
+    assert store.kept_images.holds(kept / "inventory.img", next(f for f in files if f.name == "inventory.img").digest)
+    assert store.link_kept(record.kernel_id, done.id) is None
+    dest = store.new_scratch_dir("restore-")
+    assert not store.kept_images.link(done, files, dest)  # hashed: it does not match
 
 
 def staging_again(tmp_path, contents: dict[str, bytes]):
