@@ -68,7 +68,7 @@ class ImageCache:
             shutil.rmtree(staging, ignore_errors=True)
             return
         for image in target.iterdir():
-            now = _identity(image)
+            now = file_identity(image)
             if hashed is None:  # as the caller knows them: its bytes, no digest
                 entry = (now, None)
             elif hashed.get(image.name) == now:
@@ -105,7 +105,7 @@ class ImageCache:
         try:
             for stored in files:
                 path = kept / stored.name
-                seen = _identity(path)
+                seen = file_identity(path)
                 if (
                     not stored.digest
                     or seen[1] != stored.size
@@ -131,7 +131,7 @@ class ImageCache:
             return False
         try:
             for image in list(kept[1].iterdir()):
-                seen = _identity(image)
+                seen = file_identity(image)
                 entry = self._as_kept.get(image)
                 if entry is None or entry[0] != seen:
                     return False
@@ -144,7 +144,7 @@ class ImageCache:
     def _linked(self, path: Path, seen: FileIdentity, digest: str | None) -> None:
         """After a link to ``path`` checked as ``seen``: the link changed its
         change time, nothing else may have changed (ValueError); noted as kept."""
-        now = _identity(path)
+        now = file_identity(path)
         if now[:3] != seen[:3]:
             raise ValueError(f"{path} changed while it was being linked")
         with self._lock:
@@ -166,7 +166,7 @@ class ImageCache:
         (same inode, size, modification and change times)."""
         entry = self._as_kept.get(path)
         try:
-            return entry is not None and _identity(path) == entry[0]
+            return entry is not None and file_identity(path) == entry[0]
         except OSError:
             return False
 
@@ -174,7 +174,7 @@ class ImageCache:
         """Whether ``path`` is unchanged since this process kept it, with
         ``digest`` computed from the bytes it held then."""
         try:
-            return self._held(path, _identity(path), digest)
+            return self._held(path, file_identity(path), digest)
         except OSError:
             return False
 
@@ -215,9 +215,6 @@ _SYNC_FILE_RANGE_WRITE = 2
 @functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
-
-
-_identity = file_identity
 
 
 def _dir_bytes(directory: Path) -> int:

@@ -200,10 +200,10 @@ class SnapshotStore:
         ``copies``: a snapshot id and, by pages file, which pages were copied
         from that snapshot's kept images (dirty_tracking.flatten)."""
         staging = self.staging_dir(record.id)
+        # CRIU writes them 0644 (in a private directory). Before hashing: a
+        # chmod changes a file's identity (ImageCache.keep compares it).
         for image in staging.iterdir():
-            image.chmod(
-                0o600
-            )  # CRIU writes them 0644 (in a private directory); before hashing: a chmod changes their identity
+            image.chmod(0o600)
         hashed: dict[str, FileIdentity] = {}
         with self.gate.shared():  # until the manifest refers to the chunks: gc would take them
             references = self._kept_references(record.kernel_id, staging, copies)
