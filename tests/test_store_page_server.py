@@ -40,7 +40,9 @@ for i in range({MIB}):
 asked = 0
 while True:
     if (here / f"ask-{{asked}}").exists():
-        (here / f"digest-{{asked}}").write_text(hashlib.sha256(block).hexdigest())
+        # Renamed into place: the test reads it as soon as it is there.
+        (here / "digest.part").write_text(hashlib.sha256(block).hexdigest())
+        (here / "digest.part").rename(here / f"digest-{{asked}}")
         asked += 1
     time.sleep(0.01)
 """
