@@ -132,8 +132,8 @@ class ImageCache:
         try:
             for image in list(kept[1].iterdir()):
                 seen = file_identity(image)
-                entry = self._as_kept.get(image)
-                if entry is None or entry[0] != seen:
+                entry = self._entry(image, seen)
+                if entry is None:
                     return False
                 os.link(image, dest / image.name)
                 self._linked(image, seen, entry[1])
@@ -150,9 +150,15 @@ class ImageCache:
         with self._lock:
             self._as_kept[path] = (now, digest)
 
-    def _held(self, path: Path, seen: FileIdentity, digest: str) -> bool:
+    def _entry(self, path: Path, seen: FileIdentity) -> tuple[FileIdentity, str | None] | None:
+        """What this process noted when it kept ``path``, if ``path`` is still
+        as it was then (``seen``: its identity now)."""
         entry = self._as_kept.get(path)
-        return bool(digest) and entry is not None and entry == (seen, digest)
+        return entry if entry is not None and entry[0] == seen else None
+
+    def _held(self, path: Path, seen: FileIdentity, digest: str) -> bool:
+        entry = self._entry(path, seen)
+        return bool(digest) and entry is not None and entry[1] == digest
 
     def latest(self, kernel_id: str) -> tuple[str, Path] | None:
         """The snapshot id and folder of the images kept for ``kernel_id``."""
@@ -164,9 +170,8 @@ class ImageCache:
     def unchanged_since_kept(self, path: Path) -> bool:
         """Whether ``path`` is a file this process kept, not changed since
         (same inode, size, modification and change times)."""
-        entry = self._as_kept.get(path)
         try:
-            return entry is not None and file_identity(path) == entry[0]
+            return self._entry(path, file_identity(path)) is not None
         except OSError:
             return False
 
