@@ -25,7 +25,7 @@ import functools
 import os
 import shutil
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,38 @@ class Reference:
         ]
 
 
+@dataclass
+class Assembled:
+    """A file stored before it is written (an incremental dump's whole pages
+    file: dirty_tracking.WholePages). For each of its chunks, in order: the
+    index of the ``reference`` chunk it is a copy of, or -1 for the next
+    chunk of ``source``."""
+
+    from_reference: np.ndarray
+    source: Path
+    reference: Reference
+
+
+class _Frame:
+    """New chunks of one file, in file order, handed to the sink a frame at a time."""
+
+    def __init__(self, sink: FrameSink):
+        self.sink = sink
+        self.chunks: list[tuple[bytes, memoryview]] = []
+        self.bytes = 0
+
+    def add(self, h: bytes, piece: memoryview) -> None:
+        self.chunks.append((h, piece))
+        self.bytes += len(piece)
+        if self.bytes >= FRAME_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.chunks:
+            self.sink.put(self.chunks)
+            self.chunks, self.bytes = [], 0
+
+
 def _row_tuples(rows: np.ndarray) -> list[tuple[int, int, int, int, int]]:
     """Rows of chunk_index as (pack, offset, length, start, size)."""
     return list(zip(*(rows[f].tolist() for f in ("pack", "offset", "length", "start", "size")), strict=True))
@@ -230,22 +262,36 @@ class ChunkStore:
         directory: Path,
         references: dict[str, Reference] | None = None,
         hashed: dict[str, FileIdentity] | None = None,
+        assembled: dict[str, Assembled] | None = None,
     ) -> tuple[list[StoredFile], PutStats]:
         """Store every file of ``directory``; returns them as chunk lists.
         ``references``: files stored before, by name, to compare with.
         ``hashed``: filled with the identity of each file that did not change
-        while it was read (its digest is of the bytes it held with it)."""
+        while it was read (its digest is of the bytes it held with it).
+        ``assembled``: files not written yet, by name, stored from their
+        pieces instead of the files those are taken from (no digest)."""
         stats = PutStats()
         files: list[StoredFile] = []
         sink = FrameSink(self.cache_dir, self._publish, FrameCompressor(self.zstd_level))
         seen_here: set[bytes] = set()  # new chunks already queued in this call
+        assembled = assembled or {}
+        sources = {a.source for a in assembled.values()}
         try:
-            for path in sorted(p for p in directory.iterdir() if p.is_file()):
-                reference = (references or {}).get(path.name)
+            paths = {p.name: p for p in directory.iterdir() if p.is_file() and p not in sources}
+            for name in sorted({*paths, *assembled}):
+                if name in assembled:
+                    piece = assembled[name]
+                    before = file_identity(piece.source)
+                    files.append(self._put_assembled(name, piece, sink, stats, seen_here))
+                    if hashed is not None and file_identity(piece.source) == before:
+                        hashed[piece.source.name] = before
+                    continue
+                path = paths[name]
+                reference = (references or {}).get(name)
                 before = file_identity(path)
                 files.append(self._put_file(path, sink, stats, seen_here, reference))
                 if hashed is not None and file_identity(path) == before:
-                    hashed[path.name] = before
+                    hashed[name] = before
             sink.close()
         except BaseException as e:
             sink.abort()
@@ -262,8 +308,7 @@ class ChunkStore:
     ) -> StoredFile:
         stored = StoredFile(path.name, path.stat().st_size, chunk_size_for(path.name))
         step = stored.chunk_size
-        pending: list[tuple[bytes, memoryview]] = []  # new chunks of the next frame, in file order
-        pending_bytes = 0
+        frame = _Frame(sink)
         # Chunks are views of the mapped file: copying 4 KiB pages one by one
         # costs as much as hashing them. The mapping lives as long as the last
         # view the frame sink still holds.
@@ -286,25 +331,62 @@ class ChunkStore:
                 hashed = range(len(starts))
             stored.chunks += hashes
             stats.chunks += len(starts)
-            stats.hashed_chunks += len(hashed)
-            looked_up = [hashes[k] for k in hashed]
-            known, _ = self.index.locate(looked_up)  # a block at a time: one lookup
-            for k, h, old in zip(hashed, looked_up, known.tolist(), strict=True):
-                if old or h in seen_here:
-                    continue
-                seen_here.add(h)
-                piece = data[starts[k] : starts[k] + step]
-                pending.append((h, piece))
-                pending_bytes += len(piece)
-                stats.new_chunks += 1
-                if pending_bytes >= FRAME_BYTES:
-                    sink.put(pending)
-                    pending, pending_bytes = [], 0
+            self._add_new([hashes[k] for k in hashed], [starts[k] for k in hashed], data, step, frame, stats, seen_here)
         stats.raw_bytes += len(data)
         stored.digest = file_digest(data)
-        if pending:  # a frame holds one file's chunks
-            sink.put(pending)
+        frame.flush()  # a frame holds one file's chunks
         return stored
+
+    def _put_assembled(
+        self, name: str, assembled: Assembled, sink: FrameSink, stats: PutStats, seen_here: set[bytes]
+    ) -> StoredFile:
+        """Store a file that is not written yet: its reference's chunks by
+        their hashes, without reading them, and the source's in order."""
+        step = chunk_size_for(name)
+        taken = assembled.from_reference
+        known_chunks = assembled.reference.stored.chunks
+        if step != assembled.reference.stored.chunk_size or (len(taken) and int(taken.max()) >= len(known_chunks)):
+            raise ValueError(f"{name}: its reference has no such chunks")
+        data = map_file(assembled.source)
+        own = np.flatnonzero(taken < 0)
+        if len(own) * step != len(data):
+            raise ValueError(f"{name}: {assembled.source.name} holds {len(data)} bytes, {len(own) * step} expected")
+        stored = StoredFile(name, len(taken) * step, step)
+        hashes = [known_chunks[j] if j >= 0 else b"" for j in taken.tolist()]
+        frame = _Frame(sink)
+        per_block = _READ_BYTES // step
+        for first in range(0, len(own), per_block):
+            places = own[first : first + per_block].tolist()
+            starts = range(first * step, (first + len(places)) * step, step)
+            fresh = [chunk_hash(data[i : i + step]) for i in starts]
+            for k, h in zip(places, fresh, strict=True):
+                hashes[k] = h
+            self._add_new(fresh, starts, data, step, frame, stats, seen_here)
+        stored.chunks = hashes
+        stats.chunks += len(taken)
+        stats.raw_bytes += stored.size
+        frame.flush()
+        return stored
+
+    def _add_new(
+        self,
+        hashes: list[bytes],
+        starts: Sequence[int],
+        data: memoryview,
+        step: int,
+        frame: _Frame,
+        stats: PutStats,
+        seen_here: set[bytes],
+    ) -> None:
+        """Queue the chunks of ``data`` at ``starts`` (hashed as ``hashes``) the store does not hold yet."""
+        stats.hashed_chunks += len(hashes)
+        known, _ = self.index.locate(hashes)  # a block at a time: one lookup
+        for h, start, old in zip(hashes, starts, known.tolist(), strict=True):
+            if old or h in seen_here:
+                continue
+            seen_here.add(h)
+            stats.new_chunks += 1
+            frame.add(h, data[start : start + step])
 
     # -- read -------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ class Claim:
         self.claims, self.kernel_id = claims, kernel_id
         self.handed_over = False
         self.released = False
+        self.released_by_task = False
 
     def release(self) -> None:
         if not self.released:
@@ -33,12 +34,14 @@ class Claim:
         return self
 
     def release_after(self, task: asyncio.Task) -> None:
-        """Hold the kernel until ``task`` ends (snapshots and restores of it wait for it)."""
+        """Hold the kernel until ``task`` ends (snapshots and restores of it
+        wait for it), not until the end of a ``with`` that holds the claim."""
         self.hand_over()
-        self.claims._memory_loads[self.kernel_id] = task
+        self.released_by_task = True
+        self.claims._holding_tasks[self.kernel_id] = task
 
         def done(_: asyncio.Task) -> None:
-            self.claims._memory_loads.pop(self.kernel_id, None)
+            self.claims._holding_tasks.pop(self.kernel_id, None)
             self.release()
 
         task.add_done_callback(done)
@@ -47,13 +50,16 @@ class Claim:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        if not self.released_by_task:
+            self.release()
 
 
 class KernelClaims:
     def __init__(self) -> None:
         self._held: set[str] = set()
-        self._memory_loads: dict[str, asyncio.Task] = {}  # lazily restored kernels, until their memory is back
+        # Kernels held by a task after their operation: a lazy restore until
+        # the memory is back, a snapshot until its images are kept.
+        self._holding_tasks: dict[str, asyncio.Task] = {}
         self._reconnecting: set[str] = set()  # restored kernels whose clients are not back yet
         self.lineage: dict[str, str] = {}  # kernel id -> snapshot it last came from or saved
 
@@ -64,11 +70,13 @@ class KernelClaims:
     async def hold(self, kernel_id: str) -> AsyncIterator[Claim]:
         """Claim a kernel for one operation, or raise OperationInProgress.
 
-        A kernel whose memory is still coming back after a lazy restore is
-        waited for, not refused: CRIU cannot dump it before."""
-        loading = self._memory_loads.get(kernel_id)
-        if loading is not None:
-            await asyncio.shield(loading)
+        A kernel still held by a task after its operation is waited for, not
+        refused: CRIU cannot dump a kernel whose memory is still coming back
+        after a lazy restore, and a snapshot's images are kept a little after
+        it is complete."""
+        holding = self._holding_tasks.get(kernel_id)
+        if holding is not None:
+            await asyncio.shield(holding)
         if kernel_id in self._held:
             raise OperationInProgress(f"a snapshot or restore of kernel {kernel_id} is already running")
         self._held.add(kernel_id)
@@ -79,10 +87,10 @@ class KernelClaims:
             if not claim.handed_over:
                 claim.release()
 
-    async def memory_loads_done(self) -> None:
-        """Wait for every lazy restore's memory transfer (never cut one short)."""
-        if self._memory_loads:
-            await asyncio.gather(*self._memory_loads.values(), return_exceptions=True)
+    async def holding_tasks_done(self) -> None:
+        """Wait for every task that holds a kernel (never cut a lazy restore's memory transfer short)."""
+        if self._holding_tasks:
+            await asyncio.gather(*self._holding_tasks.values(), return_exceptions=True)
 
     # -- restored kernels waiting for their clients ---------------------------------
 

@@ -14,13 +14,14 @@ lives as long as a userfaultfd that CRIU makes in each process and hands over
 and passes them back; closing them ends the tracking, and every page reads as
 written again (a full dump, never a wrong one).
 
-An incremental dump is made whole again (``flatten``) before anything else
-sees it: the store, the kept images and every restore work on full dumps.
+An incremental dump is made whole again: the kept images and every restore
+work on full dumps. The store takes the whole pages files' chunks from the
+plan (``plan_whole``) before they are written: the pages copied from the
+parent are the parent's chunks, not read again; ``flatten`` then writes them.
 """
 
 from __future__ import annotations
 
-import bisect
 import os
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .page_layout import PAGE, PE_PARENT, PE_PRESENT, read_pagemap, write_pagemap
+from .private_files import private_opener
 from .refusals import tree_pids
 
 # Memory that devices or the kernel write through pinned pages (RDMA, io_uring's
@@ -118,27 +120,111 @@ class ParentMismatch(Exception):
     """The parent images lack pages an incremental dump refers to them for."""
 
 
+@dataclass
+class WholePages:
+    """How one pagemap of an incremental dump is made whole (``plan_whole``).
+
+    The whole pages file ``name`` holds, in file order, the runs of ``runs``:
+    (from the parent: 1, else 0; byte offset in the parent's pages file
+    ``parent_pages`` or in the dump's own ``pages``; pages). ``entries`` is
+    the whole pagemap: every run present, in address order, as a full dump
+    lists it (runs that meet with the same flags are one again)."""
+
+    pagemap: str
+    prefix: bytes
+    pages: str
+    parent_pages: str
+    whole_id: int
+    entries: list[tuple[int, int, int]]
+    runs: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return f"pages-{self.whole_id}.img"
+
+    @property
+    def size(self) -> int:
+        return int(self.runs[:, 2].sum()) * PAGE
+
+    def copied(self) -> np.ndarray:
+        """For each page of the whole file, whether it comes from the parent's page at the same address."""
+        return np.repeat(self.runs[:, 0].astype(bool), self.runs[:, 2])
+
+    def parent_chunks(self) -> np.ndarray:
+        """For each page of the whole file, which page of the parent's pages
+        file it is a copy of (its chunk there), or -1: one of the dump's own."""
+        firsts = np.where(self.runs[:, 0] == 1, self.runs[:, 1] // PAGE, -1)
+        starts = np.repeat(firsts, self.runs[:, 2])
+        within = np.arange(len(starts)) - np.repeat(np.cumsum(self.runs[:, 2]) - self.runs[:, 2], self.runs[:, 2])
+        return np.where(starts >= 0, starts + within, -1)
+
+
+@dataclass
+class IncrementalDump:
+    """A dump of the pages written since snapshot ``parent_id``, whose kept
+    images (linked at ``parent``) hold the others; ``plans``: how each of its
+    pagemaps with holes is made whole (``plan_whole``)."""
+
+    parent_id: str
+    parent: Path
+    plans: list[WholePages]
+
+
 def flatten(images: Path, parent: Path) -> dict[str, np.ndarray]:
     """Make the incremental dump in ``images`` whole: each run CRIU left in the
     ``parent`` images (PE_PARENT) is copied from there, so that every pagemap
-    lists its pages as present, in address order, as a full dump does (runs
-    that meet with the same flags are one again).
+    lists its pages as present, in address order, as a full dump does.
 
     Returns, for each pages file it rewrote, which of its pages were copied
     from the parent's page at the same address (the store need not compare
     those). ``parent`` must be whole itself (kept images always are).
-    ParentMismatch if it lacks a page."""
+    ParentMismatch if it lacks a page. Run again after being cut short, it
+    starts over: the whole pages file is complete before the pagemap names
+    it, and the incremental one is removed only after."""
     _remove_strays(images)
-    copied = {}
-    for pagemap in sorted(images.glob("pagemap-*.img")):
-        prefix, pages_id, entries = read_pagemap(pagemap)
-        if (entries[:, 2] & PE_PARENT).any():
-            whole_id = max(_pages_ids(images)) + 1
-            copied[f"pages-{whole_id}.img"] = _flatten_pagemap(pagemap, prefix, pages_id, entries, parent, whole_id)
+    plans = plan_whole(images, parent)
+    for plan in plans:
+        write_whole_pages(images, parent, plan)
+        write_whole_pagemap(images, plan)
+        (images / plan.pages).unlink()
     link = images / "parent"
     if link.is_symlink():
         link.unlink()
-    return copied
+    return {plan.name: plan.copied() for plan in plans}
+
+
+def plan_whole(images: Path, parent: Path) -> list[WholePages]:
+    """How each pagemap of ``images`` that has holes would be made whole from
+    ``parent`` (reading pagemaps only). ParentMismatch if the parent lacks a page."""
+    plans = []
+    whole_id = max(_pages_ids(images))
+    for pagemap in sorted(images.glob("pagemap-*.img")):
+        prefix, pages_id, entries = read_pagemap(pagemap)
+        if (entries[:, 2] & PE_PARENT).any():
+            whole_id += 1
+            plans.append(_plan_pagemap(pagemap, prefix, pages_id, entries, parent, whole_id))
+    return plans
+
+
+def write_whole_pages(images: Path, parent: Path, plan: WholePages) -> None:
+    """The whole pages file of ``plan``, copied together from the dump's pages and the parent's."""
+    whole = images / f"{plan.name}.part"
+    with (
+        open(images / plan.pages, "rb") as new,
+        open(parent / plan.parent_pages, "rb") as old,
+        open(whole, "wb", opener=private_opener) as target,
+    ):
+        copy = _Copier(target.fileno())
+        for from_parent, offset, n in plan.runs.tolist():
+            copy(old.fileno() if from_parent else new.fileno(), offset, n * PAGE)
+        copy.flush()
+    # Renamed to a new name, not over the old file: ext4 would then start
+    # writing the new one out at once (auto_da_alloc), a second for a GiB.
+    os.rename(whole, images / plan.name)
+
+
+def write_whole_pagemap(images: Path, plan: WholePages) -> None:
+    write_pagemap(images / plan.pagemap, plan.prefix, plan.whole_id, plan.entries)
 
 
 def _pages_ids(images: Path) -> list[int]:
@@ -157,90 +243,85 @@ def _remove_strays(images: Path) -> None:
             pages.unlink()
 
 
-def _flatten_pagemap(
+def _plan_pagemap(
     pagemap: Path, prefix: bytes, pages_id: int, entries: np.ndarray, parent: Path, whole_id: int
-) -> np.ndarray:
-    """One pagemap made whole, its pages into ``pages-<whole_id>.img``. The
-    order of the renames lets a flatten cut short be run again: the whole
-    pages file is complete before the pagemap names it, and the incremental
-    one is removed only after."""
+) -> WholePages:
+    """One pagemap's plan, computed on whole arrays of runs: a scattered
+    change is tens of thousands of them."""
     try:
         _, parent_pages_id, parent_entries = read_pagemap(parent / pagemap.name)
     except (OSError, ValueError) as e:
         raise ParentMismatch(f"{pagemap.name}: the parent images have no such pagemap ({e})") from None
-    new_pages = pagemap.parent / f"pages-{pages_id}.img"
-    whole = pagemap.parent / f"pages-{whole_id}.img.part"
-    runs = _ParentRuns(parent_entries.tolist())
-    out: list[list[int]] = []  # (address, pages, flags), runs that meet merged
-    from_parent: list[tuple[int, int]] = []  # (pages, copied from the parent) in file order
+    held = parent_entries.astype(np.int64)
+    if (held[:, 2] & PE_PARENT).any():
+        raise ParentMismatch("the parent images are incremental themselves")
+    held = held[(held[:, 2] & PE_PRESENT) != 0]
+    held_start, held_n = held[:, 0], held[:, 1]
+    held_end = held_start + held_n * PAGE
+    held_offset = (np.cumsum(held_n) - held_n) * PAGE
 
-    def emit(start: int, n: int, flags: int, copy_of_parent: bool) -> None:
-        if out and out[-1][2] == flags and out[-1][0] + out[-1][1] * PAGE == start:
-            out[-1][1] += n
-        else:
-            out.append([start, n, flags])
-        if flags & PE_PRESENT:
-            from_parent.append((n, copy_of_parent))
+    start, n, flags = entries.astype(np.int64).T
+    present = (flags & PE_PRESENT) != 0
+    in_parent = ~present & ((flags & PE_PARENT) != 0)
+    own = np.where(present, n, 0)
+    # Rows of the whole pagemap before merging: (address, pages, flags, from
+    # the parent, offset in its source), each entry one row, or one per
+    # parent run it takes pages from.
+    rows = np.column_stack([start, n, flags & ~PE_PARENT, np.zeros_like(n), (np.cumsum(own) - own) * PAGE])
+    which = np.flatnonzero(in_parent)
+    if len(which):
+        first, last = start[which], start[which] + n[which] * PAGE
+        lo = np.searchsorted(held_start, first, "right") - 1
+        hi = np.searchsorted(held_start, last, "left") - 1
+        gaps = np.concatenate([[0], np.cumsum(held_end[:-1] != held_start[1:])])
+        bad = (lo < 0) | (hi < lo) | (first >= held_end[np.maximum(lo, 0)]) | (last > held_end[np.maximum(hi, 0)])
+        bad |= ~bad & (gaps[np.maximum(hi, 0)] != gaps[np.maximum(lo, 0)])
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            at = _first_missing(held_start, held_end, int(first[j]), int(last[j]))
+            raise ParentMismatch(f"{pagemap.name}: the parent images lack the page at {at:#x}")
+        counts = hi - lo + 1
+        k = np.repeat(lo, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        piece_first = np.maximum(np.repeat(first, counts), held_start[k])
+        piece_last = np.minimum(np.repeat(last, counts), held_end[k])
+        pieces = np.column_stack(
+            [
+                piece_first,
+                (piece_last - piece_first) // PAGE,
+                held[k, 2] | PE_PRESENT,
+                np.ones_like(k),
+                held_offset[k] + piece_first - held_start[k],
+            ]
+        )
+        order = np.argsort(np.concatenate([np.flatnonzero(~in_parent), np.repeat(which, counts)]), kind="stable")
+        rows = np.concatenate([rows[~in_parent], pieces])[order]
+    address, pages, row_flags, from_parent, offset = rows.T
+    # Runs that meet with the same flags are one again, as a full dump lists them.
+    meets = (row_flags[1:] == row_flags[:-1]) & (address[1:] == address[:-1] + pages[:-1] * PAGE)
+    heads = np.flatnonzero(np.concatenate([[True], ~meets]))
+    merged = np.column_stack([address[heads], np.add.reduceat(pages, heads), row_flags[heads]])
+    # The whole file's pages, by source: consecutive pages of one source are one run.
+    filed = rows[(row_flags & PE_PRESENT) != 0][:, [3, 4, 1]]
+    follows = (filed[1:, 0] == filed[:-1, 0]) & (filed[1:, 1] == filed[:-1, 1] + filed[:-1, 2] * PAGE)
+    heads = np.flatnonzero(np.concatenate([[True], ~follows]))
+    runs = np.column_stack([filed[heads, 0], filed[heads, 1], np.add.reduceat(filed[:, 2], heads)])
+    return WholePages(
+        pagemap.name,
+        prefix,
+        f"pages-{pages_id}.img",
+        f"pages-{parent_pages_id}.img",
+        whole_id,
+        [(int(v), int(c), int(f)) for v, c, f in merged.tolist()],
+        runs.reshape(-1, 3),
+    )
 
-    with (
-        open(new_pages, "rb") as new,
-        open(parent / f"pages-{parent_pages_id}.img", "rb") as old,
-        open(whole, "wb") as target,
-    ):
-        copy = _Copier(target.fileno())
-        at_new = 0
-        for start, n, flags in entries.tolist():
-            if flags & PE_PRESENT:
-                copy(new.fileno(), at_new, n * PAGE)
-                at_new += n * PAGE
-                emit(start, n, flags & ~PE_PARENT, False)
-            elif flags & PE_PARENT:
-                for piece_start, piece_n, offset, piece_flags in runs.cover(pagemap.name, start, n):
-                    copy(old.fileno(), offset, piece_n * PAGE)
-                    emit(piece_start, piece_n, piece_flags, True)
-            else:
-                emit(start, n, flags, False)
-        copy.flush()
-    # Renamed to a new name, not over the old file: ext4 would then start
-    # writing the new one out at once (auto_da_alloc), a second for a GiB.
-    os.rename(whole, pagemap.parent / f"pages-{whole_id}.img")
-    write_pagemap(pagemap, prefix, whole_id, [(v, n, f) for v, n, f in out])
-    new_pages.unlink()
-    marks = np.array(from_parent, np.int64).reshape(-1, 2)  # pages, copied (0/1)
-    return np.repeat(marks[:, 1].astype(bool), marks[:, 0])
 
-
-class _ParentRuns:
-    """The parent pagemap's present runs, for looking up where a page is."""
-
-    def __init__(self, entries: list[list[int]]):
-        self.runs = []  # (start, pages, offset in the pages file, flags)
-        offset = 0
-        for start, n, flags in entries:
-            if flags & PE_PARENT:
-                raise ParentMismatch("the parent images are incremental themselves")
-            if flags & PE_PRESENT:
-                self.runs.append((start, n, offset, flags))
-                offset += n * PAGE
-        self.starts = [r[0] for r in self.runs]
-
-    def cover(self, name: str, start: int, n: int) -> list[tuple[int, int, int, int]]:
-        """The pieces of the parent's runs that hold pages [start, start + n)."""
-        pieces = []
-        at, end = start, start + n * PAGE
-        i = bisect.bisect_right(self.starts, at) - 1
-        while at < end:
-            if i < 0 or i >= len(self.runs):
-                raise ParentMismatch(f"{name}: the parent images lack the page at {at:#x}")
-            run_start, run_n, run_offset, flags = self.runs[i]
-            run_end = run_start + run_n * PAGE
-            if not run_start <= at < run_end:
-                raise ParentMismatch(f"{name}: the parent images lack the page at {at:#x}")
-            piece_end = min(end, run_end)
-            pieces.append((at, (piece_end - at) // PAGE, run_offset + (at - run_start), flags | PE_PRESENT))
-            at = piece_end
-            i += 1
-        return pieces
+def _first_missing(held_start: np.ndarray, held_end: np.ndarray, first: int, last: int) -> int:
+    """The first address of [first, last) that no run of the parent holds."""
+    at, i = first, int(np.searchsorted(held_start, first, "right")) - 1
+    while at < last and 0 <= i < len(held_start) and held_start[i] <= at < held_end[i]:
+        at, i = int(held_end[i]), i + 1
+    return at
 
 
 class _Copier:

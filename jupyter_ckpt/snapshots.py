@@ -11,7 +11,7 @@ from typing import Any
 
 from .activity import ActivityTracker
 from .claims import Claim
-from .dirty_tracking import DirtyTracking, flatten, untracked_writer
+from .dirty_tracking import DirtyTracking, IncrementalDump, WholePages, plan_whole, untracked_writer
 from .errors import CheckpointError, DumpFailed, InvalidRequest, KernelNotFound, OperationInProgress
 from .flow import Flow, FlowParts
 from .kernel_tree import KernelTree
@@ -121,9 +121,10 @@ class SnapshotFlow(Flow):
                     raise DumpFailed(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}") from None
                 # The kernel runs again: chunking, hashing, compressing and storing
                 # happen while it does, not while it is frozen.
-                copies = None
+                incremental = None
                 if parent is not None:
-                    copies = counted_from, await asyncio.to_thread(self._make_whole, images, parent, tracking)
+                    plans = await asyncio.to_thread(self._plan_whole, images, parent, tracking)
+                    incremental = IncrementalDump(counted_from, parent, plans)  # type: ignore[arg-type]
                 record.memory_bytes = result.memory_bytes + result.parent_bytes
                 # None for a full dump (also one made instead: CriuEngine.dump)
                 record.changed_bytes = result.memory_bytes if result.parent_bytes else None
@@ -135,16 +136,21 @@ class SnapshotFlow(Flow):
                 await asyncio.to_thread(self.store.save, record)
                 self.events.snapshot("storing", record)
                 try:
-                    done = await asyncio.to_thread(self.store.commit, record, started, copies)
+                    done = await asyncio.to_thread(self.store.commit, record, started, incremental)
                 except Exception as e:
                     raise DumpFailed(f"storing the snapshot failed: {e}") from None
                 self.claims.lineage[kernel_id] = done.id
-                if tracking is not None:  # the next dump builds on this one's kept images, if kept
-                    kept = await asyncio.to_thread(self.store.kept_images.latest, kernel_id)
-                    tracking.counted_from = done.id if kept and kept[0] == done.id else None
-                # Free the kernel before telling anyone the snapshot is complete.
                 self.running.pop(record.id, None)
-                claim.release()
+                if self.store.waiting_to_keep(done.id):
+                    # Stored; its whole pages files are written now, while the
+                    # next snapshot or restore of the kernel waits for them.
+                    claim.release_after(asyncio.ensure_future(self._keep_whole(done, tracking, parent)))
+                    parent = None  # the task removes the links
+                else:
+                    if tracking is not None:  # the next dump builds on this one's kept images, if kept
+                        await self._count_from_kept(done, tracking)
+                    # Free the kernel before telling anyone the snapshot is complete.
+                    claim.release()
                 self.log.info(
                     "jupyter_ckpt: snapshot %s of kernel %s: %.1f MiB, frozen %.3f s, stored %.1f MiB in %.2f s",
                     done.id,
@@ -163,7 +169,24 @@ class SnapshotFlow(Flow):
             finally:
                 self.running.pop(record.id, None)
                 if parent is not None:
-                    shutil.rmtree(parent, ignore_errors=True)
+                    # Off the event loop: the links may be the last ones to a GiB.
+                    await asyncio.to_thread(shutil.rmtree, parent, True)
+
+    async def _keep_whole(self, done: SnapshotRecord, tracking: DirtyTracking | None, parent: Path) -> None:
+        """Write a stored incremental snapshot's whole pages files and keep its images."""
+        try:
+            if not await asyncio.to_thread(self.store.keep_whole, done):
+                self.log.warning("jupyter_ckpt: snapshot %s is stored, its images not kept", done.id)
+        except Exception as e:  # the snapshot is complete all the same: the next one is a full one
+            self.log.warning("jupyter_ckpt: snapshot %s is stored, keeping its images failed: %s", done.id, e)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, parent, True)
+            if tracking is not None:
+                await self._count_from_kept(done, tracking)
+
+    async def _count_from_kept(self, done: SnapshotRecord, tracking: DirtyTracking) -> None:
+        kept = await asyncio.to_thread(self.store.kept_images.latest, done.kernel_id)
+        tracking.counted_from = done.id if kept and kept[0] == done.id else None
 
     def _dump_base(self, kernel_id: str, tree: KernelTree) -> tuple[DirtyTracking | None, Path | None, str | None]:
         """The tracking to dump with, the images of the dump it counts from
@@ -181,9 +204,9 @@ class SnapshotFlow(Flow):
         return tree.dirty, parent, counted_from
 
     @staticmethod
-    def _make_whole(images: Path, parent: Path, tracking: DirtyTracking) -> dict[str, Any]:
+    def _plan_whole(images: Path, parent: Path, tracking: DirtyTracking) -> list[WholePages]:
         try:
-            return flatten(images, parent)
+            return plan_whole(images, parent)
         except Exception as e:  # ParentMismatch, OSError, a pagemap that cannot be read
             tracking.end()  # the next dump is a full one
             raise DumpFailed(f"the unchanged memory could not be taken from the previous snapshot: {e}") from None

@@ -22,6 +22,7 @@ on a directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,10 +37,12 @@ from typing import Any
 import fsspec
 
 from . import manifest, store_page_server
-from .chunks import ChunkStore, Reference, StoredFile, is_local
+from .chunks import Assembled, ChunkStore, Reference, StoredFile, is_local
+from .dirty_tracking import IncrementalDump, write_whole_pagemap, write_whole_pages
 from .errors import CheckpointError, QuotaExceeded, SnapshotNotFound, SnapshotNotRestorable
 from .image_cache import ImageCache
-from .pack_reader import FileIdentity
+from .pack_format import file_digest
+from .pack_reader import FileIdentity, file_identity, map_file
 from .page_layout import page_addresses, same_addresses
 from .private_files import load_or_create_key, private_dir, write_private_atomic
 from .records import SNAPSHOT_ID, SnapshotRecord, check_snapshot_id
@@ -136,6 +139,13 @@ class SnapshotStore:
         # Within this process, gc never runs while chunks are stored or read.
         # (Another process's gc on the same store is not excluded: see gc.)
         self.gate = SharedExclusive()
+        # A manifest read, changed and written again (a label, digests) is not
+        # written over by another such change, nor brought back after a delete.
+        self._manifest_edit = threading.Lock()
+        # Snapshots stored from their incremental dump's plan, whose whole
+        # pages files are not written yet (keep_whole): their files, the
+        # identities of what was hashed, and the dump.
+        self._unkept: dict[str, tuple[list[StoredFile], dict[str, FileIdentity], IncrementalDump]] = {}
 
     @property
     def backend(self) -> str:
@@ -190,32 +200,124 @@ class SnapshotStore:
         return b"".join(bytes(chunk) for chunk in self.read_chunks(stored))
 
     def commit(
-        self, record: SnapshotRecord, started: float | None = None, copies: tuple[str, dict[str, Any]] | None = None
+        self, record: SnapshotRecord, started: float | None = None, incremental: IncrementalDump | None = None
     ) -> SnapshotRecord:
         """Chunk, compress and store the staged images, then write the manifest.
 
         Returns the complete record; ``record`` itself is left as it was, so
         nobody sees "complete" before the manifest is durably written.
         ``started`` (time.monotonic()) sets the record's total_seconds.
-        ``copies``: a snapshot id and, by pages file, which pages were copied
-        from that snapshot's kept images (dirty_tracking.flatten)."""
+        ``incremental``: the staged images hold only the pages written since
+        the kernel's kept snapshot. Where that snapshot's pages files are as
+        this process kept them, the whole pages files are stored from the plan
+        (the unchanged pages are the kept snapshot's chunks, not read again)
+        and written after the manifest, by ``keep_whole``, which the caller
+        then runs (the kernel need not wait for it); otherwise they are made
+        whole first."""
         staging = self.staging_dir(record.id)
-        # CRIU writes them 0644 (in a private directory). Before hashing: a
-        # chmod changes a file's identity (ImageCache.keep compares it).
-        for image in staging.iterdir():
-            image.chmod(0o600)
         hashed: dict[str, FileIdentity] = {}
+        assembled: dict[str, Assembled] = {}
+        copies = None
         with self.gate.shared():  # until the manifest refers to the chunks: gc would take them
-            references = self._kept_references(record.kernel_id, staging, copies)
-            files, stats = self.chunks.put_files(staging, references, hashed)
+            if incremental is not None:
+                assembled = self._assembled(record.kernel_id, staging, incremental)
+                copies = (incremental.parent_id, self._make_whole(staging, incremental, assembled))
+            # CRIU writes them 0644 (in a private directory). Before hashing: a
+            # chmod changes a file's identity (ImageCache.keep compares it).
+            for image in staging.iterdir():
+                image.chmod(0o600)
+            unstored = frozenset(a.source.name for a in assembled.values())
+            references = self._kept_references(record.kernel_id, staging, copies, unstored)
+            files, stats = self.chunks.put_files(staging, references, hashed, assembled)
             done = SnapshotRecord.from_json({**record.to_json(), "status": "complete", "error": None})
             done.stored_bytes = stats.new_bytes
             if started is not None:
                 done.total_seconds = round(time.monotonic() - started, 4)
             self._write_manifest(done, files)
-        self.kept_images.keep(done, staging, files, hashed)
+        if assembled:
+            self._unkept[done.id] = (files, hashed, incremental)  # type: ignore[assignment]
+        else:
+            self.kept_images.keep(done, staging, files, hashed)
         self._record_path(record.id).unlink(missing_ok=True)
         return done
+
+    def _assembled(self, kernel_id: str, staging: Path, incremental: IncrementalDump) -> dict[str, Assembled]:
+        """The whole pages files of ``incremental``, to be stored from their
+        pieces: only if each parent pages file is the kernel's latest kept one,
+        as this process kept it with its manifest's digest (its chunks' hashes
+        are then those of its bytes). Else none (they are made whole first)."""
+        kept = self.kept_images.latest(kernel_id)
+        if kept is None or kept[0] != incremental.parent_id:
+            return {}
+        try:
+            _, files = self.read_manifest(incremental.parent_id)
+        except CheckpointError:
+            return {}
+        by_name = {f.name: f for f in files}
+        assembled = {}
+        for plan in incremental.plans:
+            stored = by_name.get(plan.parent_pages)
+            path = kept[1] / plan.parent_pages
+            if stored is None or not self.kept_images.holds(path, stored.digest):
+                return {}
+            reference = Reference(memoryview(b""), stored)  # its chunks' hashes only
+            assembled[plan.name] = Assembled(plan.parent_chunks(), staging / plan.pages, reference)
+        return assembled
+
+    @staticmethod
+    def _make_whole(staging: Path, incremental: IncrementalDump, assembled: dict[str, Assembled]) -> dict[str, Any]:
+        """Before storing: the whole pagemaps, and the whole pages files not
+        stored from their pieces. Returns which pages of those were copied."""
+        copies = {}
+        for plan in incremental.plans:
+            if plan.name not in assembled:
+                write_whole_pages(staging, incremental.parent, plan)
+                copies[plan.name] = plan.copied()
+            write_whole_pagemap(staging, plan)
+            if plan.name not in assembled:
+                (staging / plan.pages).unlink()
+        (staging / "parent").unlink(missing_ok=True)
+        return copies
+
+    def waiting_to_keep(self, snapshot_id: str) -> bool:
+        """Whether ``keep_whole`` is still to run for this snapshot."""
+        return snapshot_id in self._unkept
+
+    def keep_whole(self, done: SnapshotRecord) -> bool:
+        """After ``commit`` stored an incremental dump's pages from its plan:
+        write the whole pages files, add their digests to the manifest (a
+        restore then checks a kept copy, or one assembled from the chunks, as
+        a whole) and keep the images. False, with the staged images dropped,
+        if the snapshot was deleted meanwhile or a file it is made of changed
+        since it was stored; the snapshot stays complete either way."""
+        files, hashed, incremental = self._unkept.pop(done.id)
+        staging = self.staging_dir(done.id)
+        try:
+            kept = self.kept_images.latest(done.kernel_id)
+            if kept is None or kept[0] != incremental.parent_id:
+                raise ValueError("the kept images it builds on were dropped")
+            for plan in incremental.plans:
+                if file_identity(staging / plan.pages) != hashed.get(plan.pages):
+                    raise ValueError(f"{plan.pages} changed since it was stored")
+                write_whole_pages(staging, incremental.parent, plan)
+                if not self.kept_images.unchanged_since_kept(kept[1] / plan.parent_pages):
+                    raise ValueError(f"{plan.parent_pages} changed while it was copied")
+                (staging / plan.pages).unlink()
+            digests = {}
+            for plan in incremental.plans:
+                before = file_identity(staging / plan.name)
+                digests[plan.name] = file_digest(map_file(staging / plan.name))
+                if file_identity(staging / plan.name) == before:
+                    hashed[plan.name] = before
+            files = [dataclasses.replace(f, digest=digests.get(f.name, f.digest)) for f in files]
+            with self._manifest_edit:
+                record, _ = self.read_manifest(done.id)  # relabelled meanwhile: that label
+                self._write_manifest(record, files)
+        except (OSError, ValueError, CheckpointError):
+            shutil.rmtree(staging, ignore_errors=True)
+            return False
+        self.kept_images.keep(done, staging, files, hashed)
+        return True
 
     def link_kept(self, kernel_id: str, snapshot_id: str) -> Path | None:
         """Hard links to the kept images of ``snapshot_id``, if they are the
@@ -228,13 +330,18 @@ class SnapshotStore:
         return links
 
     def _kept_references(
-        self, kernel_id: str, images: Path | None = None, copies: tuple[str, dict[str, Any]] | None = None
+        self,
+        kernel_id: str,
+        images: Path | None = None,
+        copies: tuple[str, dict[str, Any]] | None = None,
+        unstored: frozenset[str] = frozenset(),
     ) -> dict[str, Reference]:
         """The kernel's kept images of its previous snapshot, each checked
         against that snapshot's (verified) manifest, by file name: what the
         files of ``images`` are compared with before anything is hashed. A
         memory image is compared page by page with the pages at the same
-        addresses in the kept one (page_layout), wherever they are in it."""
+        addresses in the kept one (page_layout), wherever they are in it.
+        ``unstored``: files of ``images`` that are not stored as they are."""
         kept = self.kept_images.latest(kernel_id)
         if kept is None:
             return {}
@@ -243,21 +350,30 @@ class SnapshotStore:
             _, files = self.read_manifest(snapshot_id)
         except CheckpointError:  # deleted meanwhile, or damaged: hash everything
             return {}
-        references = {}
-        for stored in files:
-            path = folder / stored.name
-            reference = Reference.of(path, stored, self.kept_images.holds(path, stored.digest))
-            if reference is not None:
-                references[stored.name] = reference
+        references: dict[str, Reference] = {}
+
+        def reference(name: str) -> Reference | None:
+            if name not in references and name in stored_files:
+                path, stored = folder / name, stored_files[name]
+                found = Reference.of(path, stored, self.kept_images.holds(path, stored.digest))
+                if found is not None:
+                    references[name] = found
+            return references.get(name)
+
+        stored_files = {stored.name: stored for stored in files}
         if images is None:
-            return references
+            return {name: r for name in stored_files if (r := reference(name)) is not None}
+        # Only what the staged files are compared with is mapped (and checked).
+        for staged in images.iterdir():
+            if staged.name not in unstored:
+                reference(staged.name)
         old_layout = {pagemap: (name, at) for name, (pagemap, at) in page_addresses(folder).items()}
         copied = copies[1] if copies is not None and copies[0] == snapshot_id else {}
         by_address = {}
         for name, (pagemap, addresses) in page_addresses(images).items():
             old_name, old_addresses = old_layout.get(pagemap, ("", None))
-            if old_addresses is not None and old_name in references:
-                old = references[old_name]
+            old = reference(old_name) if old_addresses is not None else None
+            if old is not None:
                 marks = copied.get(name)
                 by_address[name] = Reference(
                     old.data,
@@ -289,11 +405,12 @@ class SnapshotStore:
 
     def relabel(self, snapshot_id: str, label: str) -> SnapshotRecord:
         """Change a snapshot's label; a damaged one is refused (nothing written)."""
-        if self.fs.exists(self._manifest_path(snapshot_id)):
-            record, files = self.read_manifest(snapshot_id)
-            record.label = label
-            self._write_manifest(record, files)
-            return record
+        with self._manifest_edit:
+            if self.fs.exists(self._manifest_path(snapshot_id)):
+                record, files = self.read_manifest(snapshot_id)
+                record.label = label
+                self._write_manifest(record, files)
+                return record
         path = self._record_path(snapshot_id)
         if not path.exists():
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
@@ -378,12 +495,13 @@ class SnapshotStore:
     def delete(self, snapshot_id: str) -> None:
         found = False
         path = self._manifest_path(snapshot_id)
-        if self.fs.exists(path):
-            if self.fs.isdir(path):
-                self.fs.rm(path, recursive=True)
-            else:
-                self.fs.rm_file(path)
-            found = True
+        with self._manifest_edit:
+            if self.fs.exists(path):
+                if self.fs.isdir(path):
+                    self.fs.rm(path, recursive=True)
+                else:
+                    self.fs.rm_file(path)
+                found = True
         record = self._record_path(snapshot_id)
         if record.exists() or record.is_symlink():
             if record.is_dir() and not record.is_symlink():

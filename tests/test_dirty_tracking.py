@@ -19,6 +19,7 @@ from jupyter_ckpt.engine import CriuEngine
 from jupyter_ckpt.page_layout import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT
 
 from .client import api, restore, snapshot
+from .test_store import note_put_stats
 
 # A process holding 64 MiB of numpy data and a forked child holding 8 MiB of
 # its own; it obeys commands written to a file and answers in another (no
@@ -326,6 +327,104 @@ def test_flatten_leaves_a_full_dump_as_it_is(tmp_path):
 
 
 # -- through the server ---------------------------------------------------------------
+
+# -- an incremental dump stored before it is made whole (no CRIU) ----------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    from jupyter_ckpt.store import SnapshotStore
+
+    s = SnapshotStore(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def stored_incrementally(store, kernel_id: str = "6e1b2f0e-0b7a-4c57-9a39-0f7c1f9d2a11"):
+    """A kernel's full snapshot (pages 1-6 at A), kept; then a dump of the
+    pages written since (pages 2 and 5 changed, one page mapped below A),
+    committed with its plan. Returns the store's records and the whole pages
+    file's expected bytes."""
+    from jupyter_ckpt.dirty_tracking import IncrementalDump, plan_whole
+    from jupyter_ckpt.records import SnapshotRecord, new_snapshot_id
+
+    first = SnapshotRecord(id=new_snapshot_id(), kernel_id=kernel_id, trigger="auto", status="dumping")
+    write_pagemap(store.create(first), "pagemap-1.img", 1, [(A, 6, PE_PRESENT)], pages(1, 2, 3, 4, 5, 6))
+    store.commit(first)
+    second = SnapshotRecord(id=new_snapshot_id(), kernel_id=kernel_id, trigger="auto", status="dumping")
+    images = store.create(second)
+    dumped = [(A - PAGE, 1, PE_PRESENT), (A, 1, PE_PARENT), (A + PAGE, 1, PE_PRESENT), (A + 2 * PAGE, 2, PE_PARENT)]
+    dumped += [(A + 4 * PAGE, 1, PE_PRESENT), (A + 5 * PAGE, 1, PE_PARENT)]
+    write_pagemap(images, "pagemap-1.img", 2, dumped, pages(9, 12, 15))
+    parent = store.link_kept(kernel_id, first.id)
+    assert parent is not None
+    done = store.commit(second, incremental=IncrementalDump(first.id, parent, plan_whole(images, parent)))
+    return first, done, parent, pages(9, 1, 12, 3, 4, 15, 6)
+
+
+def test_an_incremental_dump_is_stored_from_its_plan_before_its_whole_pages_are_written(store):
+    """Durable before the copy: the manifest names the whole file's chunks,
+    the unchanged pages' taken from the kept snapshot's manifest unread;
+    keep_whole then writes the file, adds its digest and keeps it."""
+    import blake3
+
+    put_stats = note_put_stats(store)
+    first, done, parent, whole = stored_incrementally(store)
+    staging = store.staging_dir(done.id)
+    assert not (staging / "pages-3.img").exists()  # complete, not yet written
+    assert store.waiting_to_keep(done.id)
+    _, files = store.read_manifest(done.id)
+    stored = {f.name: f for f in files}
+    assert "pages-2.img" not in stored  # the dump's own pages are not a file of the snapshot
+    assert stored["pages-3.img"].size == len(whole) and not stored["pages-3.img"].digest
+    assert stored["pages-3.img"].chunks == [
+        blake3.blake3(whole[i : i + PAGE]).digest() for i in range(0, 7 * PAGE, PAGE)
+    ]
+    assert put_stats[-1].hashed_chunks == 3 + 1  # the three written pages, the whole pagemap
+    assert runs(staging / "pagemap-1.img") == [(A - PAGE, 7, PE_PRESENT)]
+
+    assert store.keep_whole(done)
+    assert not store.waiting_to_keep(done.id)
+    _, files = store.read_manifest(done.id)
+    assert {f.name: f.digest for f in files}["pages-3.img"] == blake3.blake3(whole).hexdigest()
+    kept = store.kept_images.latest(done.kernel_id)
+    assert kept is not None and kept[0] == done.id
+    assert (kept[1] / "pages-3.img").read_bytes() == whole
+    assert sorted(p.name for p in kept[1].iterdir()) == ["pagemap-1.img", "pages-3.img"]
+    assert store.kept_images.link(done, files, store.new_scratch_dir())  # as kept: no hashing needed
+
+
+def test_an_incremental_snapshot_whose_pieces_changed_before_they_were_copied_is_not_kept(store):
+    """The dump's own pages changed after they were stored: the whole file is
+    not written from them, the manifest gains no digest, nothing is kept;
+    the snapshot restores from the store's chunks all the same."""
+    _, done, _, whole = stored_incrementally(store)
+    with open(store.staging_dir(done.id) / "pages-2.img", "r+b") as f:
+        f.write(b"x")
+    assert not store.keep_whole(done)
+    assert store.kept_images.latest(done.kernel_id)[0] != done.id
+    assert not store.staging_dir(done.id).exists()
+    _, files = store.read_manifest(done.id)
+    assert not {f.name: f.digest for f in files}["pages-3.img"]
+    dest = store.new_scratch_dir()
+    store.materialize(done.id, dest)
+    assert (dest / "pages-3.img").read_bytes() == whole
+
+
+def test_a_snapshot_relabelled_or_deleted_before_its_images_are_kept(store):
+    """keep_whole rewrites the manifest with the label it has by then, and
+    never brings back one deleted meanwhile."""
+    _, done, _, _ = stored_incrementally(store)
+    store.relabel(done.id, "renamed")
+    assert store.keep_whole(done)
+    record, _ = store.read_manifest(done.id)
+    assert record.label == "renamed"
+
+    _, deleted, _, _ = stored_incrementally(store, kernel_id="0c5a3a6e-51b5-4c43-8a57-2d3cb1a7f0d2")
+    store.delete(deleted.id)
+    assert not store.keep_whole(deleted)
+    assert not store.exists(deleted.id)
+
 
 GROW = "import numpy as np\ndata = np.ones((256 << 20) // 8)\n"
 
