@@ -102,14 +102,16 @@ class ImageCache:
         kept = self._dir_of(record)
         if kept is None or not kept.is_dir():
             return False
+        if not all(stored.digest for stored in files):
+            # Read before the digests were added (SnapshotStore.keep_whole): not
+            # checkable as a whole, and no reason to drop the copy.
+            return False
         try:
             for stored in files:
                 path = kept / stored.name
                 seen = file_identity(path)
-                if (
-                    not stored.digest
-                    or seen[1] != stored.size
-                    or not (self._held(path, seen, stored.digest) or file_digest(map_file(path)) == stored.digest)
+                if seen[1] != stored.size or not (
+                    self._held(path, seen, stored.digest) or file_digest(map_file(path)) == stored.digest
                 ):
                     raise ValueError(f"{path} does not match the snapshot's manifest")
                 os.link(path, dest / stored.name)
