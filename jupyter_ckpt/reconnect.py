@@ -15,9 +15,23 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import zmq
 from jupyter_client.session import Session
 
 from .provisioner import ZMQ_PORTS
+
+# ZMQ retries a lost connection every 100 ms by default: a restored kernel's
+# clients would come back up to that long after it listens again. A kernel's
+# ports are closed only while it is being restored or is gone (its clients are
+# then closed), so retrying every 20 ms costs nothing.
+RECONNECT_IVL_MS = 20
+
+
+def reconnect_quickly(context: Any) -> None:
+    """The sockets ``context`` makes from now on (the server's clients of its
+    kernels) retry a lost connection every RECONNECT_IVL_MS."""
+    if isinstance(context, zmq.Context):
+        context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
 
 
 async def wait_until_answering(
@@ -33,45 +47,49 @@ async def wait_until_answering(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     ports = list(before)
-    try:
-        while loop.time() < deadline:
-            now = client_connections(km.ip, ports)
-            if all(now[p] >= before[p] for p in ports):
-                break
-            await asyncio.sleep(0.02)
-        else:
-            log.warning(
-                "jupyter_ckpt: not every client of a restored kernel reconnected within %.0f s "
-                "(connections per port: %s before, %s now)",
-                timeout,
-                before,
-                now,
-            )
-        await asyncio.sleep(0.05)  # their SUBSCRIBE and identity, sent right after connecting
-    finally:
-        reconnected()
     # A fresh subscriber seeing an answer also tells that IOPub publishes
-    # again. A session of its own: km.client() would share the kernel
-    # manager's ZMQ identity with other clients and take over their route.
-    client = km.client(session=Session(config=km.session.config, key=km.session.key))
-    client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
-    probe_end = loop.time() + 2.0
+    # again. It connects while the others come back (counted among this
+    # server's connections). A session of its own: km.client() would share
+    # the kernel manager's ZMQ identity with other clients and take over their route.
+    probe = km.client(session=Session(config=km.session.config, key=km.session.key))
+    probe.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+    expected = {p: before[p] + (p in (km.shell_port, km.iopub_port)) for p in ports}
     try:
+        try:
+            while loop.time() < deadline:
+                now = client_connections(km.ip, ports)
+                if all(now[p] >= expected[p] for p in ports):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                log.warning(
+                    "jupyter_ckpt: not every client of a restored kernel reconnected within %.0f s "
+                    "(connections per port: %s before, %s now)",
+                    timeout,
+                    before,
+                    now,
+                )
+            await asyncio.sleep(0.02)  # their SUBSCRIBE and identity, sent right after connecting
+        finally:
+            reconnected()
+        probe_end = loop.time() + 2.0
+        wait = 0.05  # a request sent before the probe's own subscription took is not seen: ask again, later each time
         while loop.time() < probe_end:
             # Not kernel_info: IPython's banner draws a random "tip" from the
             # user's global `random`, which would change the restored state.
-            msg_id = client.comm_info()
-            round_end = min(probe_end, loop.time() + 0.2)
+            msg_id = probe.comm_info()
+            round_end = min(probe_end, loop.time() + wait)
+            wait = min(2 * wait, 0.4)
             while loop.time() < round_end:
                 try:
-                    msg = await client.get_iopub_msg(timeout=max(0.01, round_end - loop.time()))
+                    msg = await probe.get_iopub_msg(timeout=max(0.01, round_end - loop.time()))
                 except Exception:  # queue.Empty: this round's request went unseen
                     break
                 if msg.get("parent_header", {}).get("msg_id") == msg_id:
                     return
         # Busy running the cell it was restored in: it will answer after.
     finally:
-        client.stop_channels()
+        probe.stop_channels()
 
 
 def client_connections(address: str, ports: list[int]) -> dict[int, int]:
@@ -116,7 +134,11 @@ def _socket_inodes() -> set[str]:
 
 
 def kernel_ports(km: Any) -> list[int]:
-    """The ports the kernel's clients connect to (the heartbeat reconnects on its own)."""
+    """The ports whose clients lose what the kernel sends before they are
+    back: IOPub's subscribers its output and status, shell's and stdin's
+    their replies and prompts. Not control (nothing comes on it unasked; its
+    clients were seen to reconnect up to 0.15 s after the others) nor the
+    heartbeat (it reconnects on its own)."""
     if getattr(km, "transport", "tcp") != "tcp":
         return []
-    return [port for name in ZMQ_PORTS if name != "hb_port" and (port := getattr(km, name))]
+    return [port for name in ZMQ_PORTS if name not in ("control_port", "hb_port") and (port := getattr(km, name))]
