@@ -143,12 +143,12 @@ class Reference:
 class Assembled:
     """A file stored before it is written (an incremental dump's whole pages
     file: dirty_tracking.WholePages). For each of its chunks, in order: the
-    index of the ``reference`` chunk it is a copy of, or -1 for the next
-    chunk of ``source``."""
+    index of the chunk of ``base`` (a file stored before) it is a copy of,
+    or -1 for the next chunk of ``source``."""
 
-    from_reference: np.ndarray
+    from_base: np.ndarray
     source: Path
-    reference: Reference
+    base: StoredFile
 
 
 class _Frame:
@@ -340,13 +340,13 @@ class ChunkStore:
     def _put_assembled(
         self, name: str, assembled: Assembled, sink: FrameSink, stats: PutStats, seen_here: set[bytes]
     ) -> StoredFile:
-        """Store a file that is not written yet: its reference's chunks by
-        their hashes, without reading them, and the source's in order."""
+        """Store a file that is not written yet: its base's chunks by their
+        hashes, without reading them, and the source's in order."""
         step = chunk_size_for(name)
-        taken = assembled.from_reference
-        known_chunks = assembled.reference.stored.chunks
-        if step != assembled.reference.stored.chunk_size or (len(taken) and int(taken.max()) >= len(known_chunks)):
-            raise ValueError(f"{name}: its reference has no such chunks")
+        taken = assembled.from_base
+        known_chunks = assembled.base.chunks
+        if step != assembled.base.chunk_size or (len(taken) and int(taken.max()) >= len(known_chunks)):
+            raise ValueError(f"{name}: {assembled.base.name} has no such chunks")
         data = map_file(assembled.source)
         own = np.flatnonzero(taken < 0)
         if len(own) * step != len(data):

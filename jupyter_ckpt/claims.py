@@ -15,13 +15,16 @@ from .errors import OperationInProgress
 class Claim:
     """One operation's hold on one kernel. Released at the end of the
     ``async with`` that took it, unless handed over to a task that outlives
-    it (a snapshot being stored, a lazy restore's memory transfer)."""
+    it (a snapshot being stored), which releases it at the end of its own
+    ``with claim``, or on ``release_after`` when a task after it holds the
+    kernel on (a lazy restore's memory transfer, a stored snapshot's images
+    being kept)."""
 
     def __init__(self, claims: KernelClaims, kernel_id: str):
         self.claims, self.kernel_id = claims, kernel_id
         self.handed_over = False
         self.released = False
-        self.released_by_task = False
+        self.held_by_task = False
 
     def release(self) -> None:
         if not self.released:
@@ -37,7 +40,7 @@ class Claim:
         """Hold the kernel until ``task`` ends (snapshots and restores of it
         wait for it), not until the end of a ``with`` that holds the claim."""
         self.hand_over()
-        self.released_by_task = True
+        self.held_by_task = True
         self.claims._holding_tasks[self.kernel_id] = task
 
         def done(_: asyncio.Task) -> None:
@@ -50,7 +53,7 @@ class Claim:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self.released_by_task:
+        if not self.held_by_task:
             self.release()
 
 
@@ -76,7 +79,7 @@ class KernelClaims:
         it is complete."""
         holding = self._holding_tasks.get(kernel_id)
         if holding is not None:
-            await asyncio.shield(holding)
+            await asyncio.wait({holding})  # its end, not its outcome (that is its own to report)
         if kernel_id in self._held:
             raise OperationInProgress(f"a snapshot or restore of kernel {kernel_id} is already running")
         self._held.add(kernel_id)

@@ -15,9 +15,10 @@ and passes them back; closing them ends the tracking, and every page reads as
 written again (a full dump, never a wrong one).
 
 An incremental dump is made whole again: the kept images and every restore
-work on full dumps. The store takes the whole pages files' chunks from the
-plan (``plan_whole``) before they are written: the pages copied from the
-parent are the parent's chunks, not read again; ``flatten`` then writes them.
+work on full dumps. ``plan_whole`` says where each page of a whole pages file
+comes from; the store takes the chunks of the pages from the parent from the
+parent's manifest, not reading them again, and writes the whole file after
+(``write_whole_pages``). ``flatten`` does it all at once (recovery).
 """
 
 from __future__ import annotations
@@ -161,11 +162,12 @@ class WholePages:
 
 @dataclass
 class IncrementalDump:
-    """A dump of the pages written since snapshot ``parent_id``, whose kept
-    images (linked at ``parent``) hold the others; ``plans``: how each of its
-    pagemaps with holes is made whole (``plan_whole``)."""
+    """A dump of the pages written since snapshot ``base_id`` (the dump the
+    tracking counts from), whose kept images (linked at ``parent``: CRIU's
+    parent images) hold the others; ``plans``: how each of its pagemaps with
+    holes is made whole (``plan_whole``)."""
 
-    parent_id: str
+    base_id: str
     parent: Path
     plans: list[WholePages]
 
@@ -176,8 +178,7 @@ def flatten(images: Path, parent: Path) -> dict[str, np.ndarray]:
     lists its pages as present, in address order, as a full dump does.
 
     Returns, for each pages file it rewrote, which of its pages were copied
-    from the parent's page at the same address (the store need not compare
-    those). ``parent`` must be whole itself (kept images always are).
+    from the parent's page at the same address (chunks.Reference.copies). ``parent`` must be whole itself (kept images always are).
     ParentMismatch if it lacks a page. Run again after being cut short, it
     starts over: the whole pages file is complete before the pagemap names
     it, and the incremental one is removed only after."""
@@ -256,6 +257,8 @@ def _plan_pagemap(
     if (held[:, 2] & PE_PARENT).any():
         raise ParentMismatch("the parent images are incremental themselves")
     held = held[(held[:, 2] & PE_PRESENT) != 0]
+    if not len(held):
+        raise ParentMismatch(f"{pagemap.name}: the parent images hold no pages")
     held_start, held_n = held[:, 0], held[:, 1]
     held_end = held_start + held_n * PAGE
     held_offset = (np.cumsum(held_n) - held_n) * PAGE

@@ -456,8 +456,8 @@ class CheckpointManager:
     async def stop(self) -> None:
         """Stop background snapshots (they are recorded failed) and release resources."""
         self.stopping = True
+        await self.snapshots.stop()  # a snapshot stored meanwhile may start keeping its images
         await self.claims.holding_tasks_done()  # a kernel's memory is never left half back
-        await self.snapshots.stop()
         if self._gc_task is not None:
             self._gc_wanted = False
             await asyncio.gather(self._gc_task, return_exceptions=True)

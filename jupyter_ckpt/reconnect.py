@@ -22,8 +22,9 @@ from .provisioner import ZMQ_PORTS
 
 # ZMQ retries a lost connection every 100 ms by default: a restored kernel's
 # clients would come back up to that long after it listens again. A kernel's
-# ports are closed only while it is being restored or is gone (its clients are
-# then closed), so retrying every 20 ms costs nothing.
+# ports are closed only while it is being restored or is gone; the clients of
+# one that died retry 50 times a second until they are closed, each a refused
+# local connect of a few microseconds.
 RECONNECT_IVL_MS = 20
 
 
@@ -69,15 +70,16 @@ async def wait_until_answering(
                     before,
                     now,
                 )
-            await asyncio.sleep(0.02)  # their SUBSCRIBE and identity, sent right after connecting
+            await asyncio.sleep(0.05)  # their SUBSCRIBE and identity, sent right after connecting
         finally:
             reconnected()
         probe_end = loop.time() + 2.0
         wait = 0.05  # a request sent before the probe's own subscription took is not seen: ask again, later each time
+        asked: set[str] = set()
         while loop.time() < probe_end:
             # Not kernel_info: IPython's banner draws a random "tip" from the
             # user's global `random`, which would change the restored state.
-            msg_id = probe.comm_info()
+            asked.add(probe.comm_info())
             round_end = min(probe_end, loop.time() + wait)
             wait = min(2 * wait, 0.4)
             while loop.time() < round_end:
@@ -85,7 +87,7 @@ async def wait_until_answering(
                     msg = await probe.get_iopub_msg(timeout=max(0.01, round_end - loop.time()))
                 except Exception:  # queue.Empty: this round's request went unseen
                     break
-                if msg.get("parent_header", {}).get("msg_id") == msg_id:
+                if msg.get("parent_header", {}).get("msg_id") in asked:  # a slow answer to an earlier one counts
                     return
         # Busy running the cell it was restored in: it will answer after.
     finally:

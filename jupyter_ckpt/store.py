@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,12 @@ import fsspec
 
 from . import manifest, store_page_server
 from .chunks import Assembled, ChunkStore, Reference, StoredFile, is_local
-from .dirty_tracking import IncrementalDump, write_whole_pagemap, write_whole_pages
+from .dirty_tracking import IncrementalDump, WholePages, write_whole_pagemap, write_whole_pages
 from .errors import CheckpointError, QuotaExceeded, SnapshotNotFound, SnapshotNotRestorable
 from .image_cache import ImageCache
 from .pack_format import file_digest
 from .pack_reader import FileIdentity, file_identity, map_file
-from .page_layout import page_addresses, same_addresses
+from .page_layout import PAGE, page_addresses, same_addresses
 from .private_files import load_or_create_key, private_dir, write_private_atomic
 from .records import SNAPSHOT_ID, SnapshotRecord, check_snapshot_id
 from .store_page_server import ServingMemory
@@ -54,6 +55,19 @@ DEFAULT_IMAGE_CACHE_BYTES = 8 << 30
 # deduplicated, signed and carried by bundles like them); never given to CRIU.
 NOTEBOOK_FILE = "notebook.ipynb"
 MAX_NOTEBOOK_BYTES = 64 << 20  # held in memory when read: bounded
+
+
+@dataclass
+class _Unkept:
+    """A snapshot stored from its incremental dump's plan, whose whole pages
+    files are not written yet (SnapshotStore.keep_whole)."""
+
+    files: list[StoredFile]
+    hashed: dict[str, FileIdentity]  # what was hashed (the dump's own pages too), as it was then
+    incremental: IncrementalDump
+    # The parent pages files' links (inode, size, modification time), when
+    # their chunks' hashes were taken as theirs.
+    parents: dict[str, tuple[int, int, int]]
 
 
 class SharedExclusive:
@@ -142,10 +156,7 @@ class SnapshotStore:
         # A manifest read, changed and written again (a label, digests) is not
         # written over by another such change, nor brought back after a delete.
         self._manifest_edit = threading.Lock()
-        # Snapshots stored from their incremental dump's plan, whose whole
-        # pages files are not written yet (keep_whole): their files, the
-        # identities of what was hashed, and the dump.
-        self._unkept: dict[str, tuple[list[StoredFile], dict[str, FileIdentity], IncrementalDump]] = {}
+        self._unkept: dict[str, _Unkept] = {}  # by snapshot id, until keep_whole
 
     @property
     def backend(self) -> str:
@@ -217,11 +228,12 @@ class SnapshotStore:
         staging = self.staging_dir(record.id)
         hashed: dict[str, FileIdentity] = {}
         assembled: dict[str, Assembled] = {}
+        parents: dict[str, tuple[int, int, int]] = {}
         copies = None
         with self.gate.shared():  # until the manifest refers to the chunks: gc would take them
             if incremental is not None:
-                assembled = self._assembled(record.kernel_id, staging, incremental)
-                copies = (incremental.parent_id, self._make_whole(staging, incremental, assembled))
+                assembled = self._assembled(record.kernel_id, staging, incremental, parents)
+                copies = (incremental.base_id, self._make_whole(staging, incremental, assembled))
             # CRIU writes them 0644 (in a private directory). Before hashing: a
             # chmod changes a file's identity (ImageCache.keep compares it).
             for image in staging.iterdir():
@@ -234,34 +246,44 @@ class SnapshotStore:
             if started is not None:
                 done.total_seconds = round(time.monotonic() - started, 4)
             self._write_manifest(done, files)
-        if assembled:
-            self._unkept[done.id] = (files, hashed, incremental)  # type: ignore[assignment]
+        if incremental is not None and assembled:
+            self._unkept[done.id] = _Unkept(files, hashed, incremental, parents)
         else:
             self.kept_images.keep(done, staging, files, hashed)
         self._record_path(record.id).unlink(missing_ok=True)
         return done
 
-    def _assembled(self, kernel_id: str, staging: Path, incremental: IncrementalDump) -> dict[str, Assembled]:
+    def _assembled(
+        self, kernel_id: str, staging: Path, incremental: IncrementalDump, parents: dict[str, tuple[int, int, int]]
+    ) -> dict[str, Assembled]:
         """The whole pages files of ``incremental``, to be stored from their
         pieces: only if each parent pages file is the kernel's latest kept one,
         as this process kept it with its manifest's digest (its chunks' hashes
-        are then those of its bytes). Else none (they are made whole first)."""
+        are then those of its bytes), and its link in ``incremental.parent`` is
+        that very file (noted in ``parents``). Else none (they are made whole
+        first)."""
         kept = self.kept_images.latest(kernel_id)
-        if kept is None or kept[0] != incremental.parent_id:
+        if kept is None or kept[0] != incremental.base_id:
             return {}
         try:
-            _, files = self.read_manifest(incremental.parent_id)
+            _, files = self.read_manifest(incremental.base_id)
         except CheckpointError:
             return {}
         by_name = {f.name: f for f in files}
         assembled = {}
         for plan in incremental.plans:
             stored = by_name.get(plan.parent_pages)
-            path = kept[1] / plan.parent_pages
-            if stored is None or not self.kept_images.holds(path, stored.digest):
+            path, link = kept[1] / plan.parent_pages, incremental.parent / plan.parent_pages
+            try:
+                if stored is None or stored.chunk_size != PAGE or not self.kept_images.holds(path, stored.digest):
+                    return {}
+                parents[plan.parent_pages] = file_identity(link)[:3]
+                if parents[plan.parent_pages] != file_identity(path)[:3]:
+                    return {}
+            except OSError:
                 return {}
-            reference = Reference(memoryview(b""), stored)  # its chunks' hashes only
-            assembled[plan.name] = Assembled(plan.parent_chunks(), staging / plan.pages, reference)
+            # parent_chunks() counts pages: chunks of pages files are pages.
+            assembled[plan.name] = Assembled(plan.parent_chunks(), staging / plan.pages, stored)
         return assembled
 
     @staticmethod
@@ -287,21 +309,29 @@ class SnapshotStore:
         """After ``commit`` stored an incremental dump's pages from its plan:
         write the whole pages files, add their digests to the manifest (a
         restore then checks a kept copy, or one assembled from the chunks, as
-        a whole) and keep the images. False, with the staged images dropped,
-        if the snapshot was deleted meanwhile or a file it is made of changed
-        since it was stored; the snapshot stays complete either way."""
-        files, hashed, incremental = self._unkept.pop(done.id)
-        staging = self.staging_dir(done.id)
+        a whole) and keep the images. The dump's pages must be as they were
+        when hashed, and the parent's as when their hashes were taken, before
+        and after the copy. False, with the staged images dropped, if not, or
+        if the snapshot was deleted meanwhile; the snapshot stays complete
+        (restorable from its chunks) either way."""
+        unkept = self._unkept.pop(done.id, None)
+        if unkept is None:
+            return False
+        staging, incremental, hashed = self.staging_dir(done.id), unkept.incremental, unkept.hashed
+
+        def unchanged(plan: WholePages) -> bool:
+            own = file_identity(staging / plan.pages) == hashed.get(plan.pages)
+            return (
+                own and file_identity(incremental.parent / plan.parent_pages)[:3] == unkept.parents[plan.parent_pages]
+            )
+
         try:
-            kept = self.kept_images.latest(done.kernel_id)
-            if kept is None or kept[0] != incremental.parent_id:
-                raise ValueError("the kept images it builds on were dropped")
             for plan in incremental.plans:
-                if file_identity(staging / plan.pages) != hashed.get(plan.pages):
-                    raise ValueError(f"{plan.pages} changed since it was stored")
+                if not unchanged(plan):
+                    raise ValueError(f"{plan.pages} or {plan.parent_pages} changed since the snapshot was stored")
                 write_whole_pages(staging, incremental.parent, plan)
-                if not self.kept_images.unchanged_since_kept(kept[1] / plan.parent_pages):
-                    raise ValueError(f"{plan.parent_pages} changed while it was copied")
+                if not unchanged(plan):
+                    raise ValueError(f"{plan.pages} or {plan.parent_pages} changed while they were copied")
                 (staging / plan.pages).unlink()
             digests = {}
             for plan in incremental.plans:
@@ -309,7 +339,7 @@ class SnapshotStore:
                 digests[plan.name] = file_digest(map_file(staging / plan.name))
                 if file_identity(staging / plan.name) == before:
                     hashed[plan.name] = before
-            files = [dataclasses.replace(f, digest=digests.get(f.name, f.digest)) for f in files]
+            files = [dataclasses.replace(f, digest=digests.get(f.name, f.digest)) for f in unkept.files]
             with self._manifest_edit:
                 record, _ = self.read_manifest(done.id)  # relabelled meanwhile: that label
                 self._write_manifest(record, files)
@@ -399,6 +429,7 @@ class SnapshotStore:
 
     def fail(self, record: SnapshotRecord, reason: str) -> None:
         """Keep the record with its reason; drop whatever images were written."""
+        self._unkept.pop(record.id, None)
         shutil.rmtree(self.staging_dir(record.id), ignore_errors=True)
         record.status, record.error = "failed", reason
         self.save(record)

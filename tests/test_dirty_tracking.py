@@ -314,6 +314,9 @@ def test_flatten_refuses_a_parent_that_lacks_a_page(tmp_path):
     write_pagemap(tmp_path / "chain", "pagemap-1.img", 1, [(A, 1, PE_PARENT), (A + PAGE, 1, PE_PRESENT)], pages(2))
     with pytest.raises(ParentMismatch, match="incremental themselves"):
         flatten(tmp_path / "new", tmp_path / "chain")
+    write_pagemap(tmp_path / "empty", "pagemap-1.img", 1, [], b"")
+    with pytest.raises(ParentMismatch, match="hold no pages"):
+        flatten(tmp_path / "new", tmp_path / "empty")
     shutil.rmtree(tmp_path / "old")
     with pytest.raises(ParentMismatch, match="no such pagemap"):
         flatten(tmp_path / "new", tmp_path / "old")
@@ -397,12 +400,15 @@ def test_an_incremental_dump_is_stored_from_its_plan_before_its_whole_pages_are_
     assert store.kept_images.link(done, files, store.new_scratch_dir())  # as kept: no hashing needed
 
 
-def test_an_incremental_snapshot_whose_pieces_changed_before_they_were_copied_is_not_kept(store):
-    """The dump's own pages changed after they were stored: the whole file is
-    not written from them, the manifest gains no digest, nothing is kept;
-    the snapshot restores from the store's chunks all the same."""
-    _, done, _, whole = stored_incrementally(store)
-    with open(store.staging_dir(done.id) / "pages-2.img", "r+b") as f:
+@pytest.mark.parametrize("changed", ["the dump's own pages", "the parent's pages"])
+def test_an_incremental_snapshot_whose_pieces_changed_before_they_were_copied_is_not_kept(store, changed):
+    """The pages it is made of changed after their hashes went into the
+    manifest: the whole file is not written from them, the manifest gains no
+    digest, nothing is kept; the snapshot restores from the store's chunks
+    all the same."""
+    _, done, parent, whole = stored_incrementally(store)
+    piece = store.staging_dir(done.id) / "pages-2.img" if changed == "the dump's own pages" else parent / "pages-1.img"
+    with open(piece, "r+b") as f:
         f.write(b"x")
     assert not store.keep_whole(done)
     assert store.kept_images.latest(done.kernel_id)[0] != done.id
@@ -412,6 +418,18 @@ def test_an_incremental_snapshot_whose_pieces_changed_before_they_were_copied_is
     dest = store.new_scratch_dir()
     store.materialize(done.id, dest)
     assert (dest / "pages-3.img").read_bytes() == whole
+
+
+def test_an_incremental_snapshot_is_kept_when_the_one_it_builds_on_went_meanwhile(store):
+    """Auto-backup's retention may delete the previous snapshot (and its kept
+    images) as soon as the new one is complete: the copy takes the parent's
+    pages from the links the dump was given."""
+    first, done, _, whole = stored_incrementally(store)
+    store.delete(first.id)
+    assert store.keep_whole(done)
+    kept = store.kept_images.latest(done.kernel_id)
+    assert kept is not None and kept[0] == done.id
+    assert (kept[1] / "pages-3.img").read_bytes() == whole
 
 
 def test_a_snapshot_relabelled_or_deleted_before_its_images_are_kept(store):
