@@ -185,7 +185,10 @@ class Bench:
 
     async def stop(self, kernel_id: str, client: Any) -> None:
         client.stop_channels()
-        await self.kernels.shutdown_kernel(kernel_id, now=True)
+        try:
+            await self.kernels.shutdown_kernel(kernel_id, now=True)
+        except Exception as e:  # reported; not in place of what stopped a workload early
+            print(f"  shutting kernel {kernel_id} down failed: {type(e).__name__}: {e}", flush=True)
 
     def init_pid(self, kernel_id: str) -> int:
         return self.kernels.get_kernel(kernel_id).provisioner.tree.init_pid
