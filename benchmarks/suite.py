@@ -168,9 +168,7 @@ class Bench:
 
     async def start(self) -> tuple[str, Any]:
         kernel_id = await self.kernels.start_kernel(kernel_name="python3")
-        # With the kernel manager's ZMQ context, as the server's websocket
-        # channels (a notebook's connection to its kernel) are made.
-        client = self.kernels.get_kernel(kernel_id).client(context=self.kernels.context)
+        client = self.kernels.get_kernel(kernel_id).client()
         client.start_channels()
         await client.wait_for_ready(timeout=60)
         self.manager.activity.watch(kernel_id)

@@ -36,7 +36,6 @@ from .forknet import in_fork_network
 from .hibernation import Hibernation, tree_memory_bytes
 from .kernels import ServerKernels, connection_info
 from .provisioner import ZMQ_PORTS, CheckpointableProvisioner
-from .reconnect import reconnect_quickly
 from .records import SnapshotRecord
 from .recovery import OperationJournal, PreviousRun, RunningKernels, start_time
 from .restore import RestoreInPlace, RestoreOutcome
@@ -68,7 +67,6 @@ class CheckpointManager:
         self.lazy_restore = lazy_restore
         self.log = log or logging.getLogger(__name__)
         self.kernels = ServerKernels(kernel_manager, session_manager, contents_manager, self.log, live_documents)
-        reconnect_quickly(getattr(kernel_manager, "context", None))
         self.activity = ActivityTracker(kernel_manager, self.log)
         self.claims = KernelClaims()
         self.events = SnapshotEvents(emit, self.log)

@@ -15,24 +15,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import zmq
 from jupyter_client.session import Session
 
 from .provisioner import ZMQ_PORTS
-
-# ZMQ retries a lost connection every 100 ms by default: a restored kernel's
-# clients would come back up to that long after it listens again. A kernel's
-# ports are closed only while it is being restored or is gone; the clients of
-# one that died retry 50 times a second until they are closed, each a refused
-# local connect of a few microseconds.
-RECONNECT_IVL_MS = 20
-
-
-def reconnect_quickly(context: Any) -> None:
-    """The sockets ``context`` makes from now on (the server's clients of its
-    kernels) retry a lost connection every RECONNECT_IVL_MS."""
-    if isinstance(context, zmq.Context):
-        context.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
 
 
 async def wait_until_answering(
