@@ -143,10 +143,6 @@ class WholePages:
     def name(self) -> str:
         return f"pages-{self.whole_id}.img"
 
-    @property
-    def size(self) -> int:
-        return int(self.runs[:, 2].sum()) * PAGE
-
     def copied(self) -> np.ndarray:
         """For each page of the whole file, whether it comes from the parent's page at the same address."""
         return np.repeat(self.runs[:, 0].astype(bool), self.runs[:, 2])
